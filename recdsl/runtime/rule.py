@@ -1,0 +1,83 @@
+"""``Rule``: a compiled rule, callable on tensors. It binds and checks the call, picks a
+backend and returns ``(outputs, final_state)`` in the contract's form."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import BackendError, RecdslError
+from ..grammar.parser import parse
+from ..ir.checked import CheckedRule
+from ..ir.checker import check
+from . import backends
+from .call import BoundCall
+
+
+class Rule:
+    """A checked rule. Call it with tensors (see README, "The call contract")."""
+
+    def __init__(self, checked: CheckedRule):
+        self.ir = checked
+        self.name = checked.name
+        self.family = None  # filled in by the analysis: "diagonal", "delta" or "recurrent"
+
+    # names, in declaration order
+    @property
+    def dims(self):
+        return self.ir.dims
+
+    @property
+    def inputs(self):
+        return self.ir.inputs
+
+    @property
+    def params(self):
+        return self.ir.params
+
+    @property
+    def states(self):
+        return self.ir.states
+
+    @property
+    def outputs(self):
+        return self.ir.outputs
+
+    @property
+    def consts(self):
+        return dict(self.ir.consts)
+
+    def backends(self) -> list:
+        """The backends that can run this rule here, best first."""
+        return backends.available(self)
+
+    def bind(self, *inputs, initial_state=None, cu_seqlens=None, **named) -> BoundCall:
+        return BoundCall(self.ir, inputs, named, initial_state, cu_seqlens)
+
+    def __call__(self, *inputs, initial_state=None, output_final_state=False, backend="auto",
+                 cu_seqlens=None, **named):
+        call = self.bind(*inputs, initial_state=initial_state, cu_seqlens=cu_seqlens, **named)
+        run = backends.resolve(self, backend, call)
+        outputs, finals = run(self, call)
+        outputs = tuple(o.to(call.output_dtype) for o in outputs)
+        out = outputs[0] if len(outputs) == 1 else outputs
+        final = None
+        if output_final_state:
+            final = finals[0] if len(finals) == 1 else tuple(finals)
+        return out, final
+
+    def __repr__(self):
+        return f"<recdsl.Rule {self.name} ({self.ir.filename})>"
+
+
+def compile_text(text: str, filename: str = "<rule>", consts: dict | None = None) -> Rule:
+    return Rule(check(parse(text, filename), consts))
+
+
+def load_file(path, consts: dict | None = None) -> Rule:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as err:
+        raise RecdslError(f"cannot read rule file {path}: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise RecdslError(f"rule file {path} is not UTF-8 text") from None
+    return compile_text(text, str(path), consts)
