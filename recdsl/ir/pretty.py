@@ -84,7 +84,37 @@ def unparse_body(body, indent: str = "    ") -> str:
 
 
 def shape_text(shape) -> str:
-    """A checked shape as brackets: ``[K, V]``, ``[]`` for a scalar, ``diag[K]``."""
+    """A checked shape: ``[K, V]``, ``scalar``, ``diag[K]``."""
     if isinstance(shape, Diag):
         return f"diag[{shape.dim}]"
+    if shape == ():
+        return "scalar"
     return "[" + ", ".join(shape) + "]"
+
+
+def _declared(var) -> str:
+    return var.name + (f"[{', '.join(var.dims)}]" if var.dims else "")
+
+
+def summary(rule) -> str:
+    """One screen about a checked rule: its declarations, then each statement per token with
+    its line number and the shape of its value."""
+    def listing(values):
+        return ", ".join(values) or "none"
+
+    head = [
+        f"rule {rule.name} ({rule.filename})",
+        f"  dims     {listing(rule.dims)}",
+        f"  states   {listing(_declared(v) for v in rule.states)}",
+        f"  inputs   {listing(_declared(v) for v in rule.inputs)}",
+        f"  params   {listing(_declared(v) for v in rule.params)}",
+        f"  consts   {listing(f'{k} = {v:g}' for k, v in rule.consts.items())}",
+        f"  outputs  {listing(_declared(v) for v in rule.outputs)}",
+        "  per token:",
+    ]
+    rows = [(stmt.pos.line, "    " * depth + describe(stmt),
+             "" if isinstance(stmt, ast.For) else shape_text(stmt.value.shape))
+            for depth, stmt in lines(rule.body)]
+    width = max(len(text) for _, text, _ in rows)
+    body = [f"  {line:4d}  {text:<{width}}  {shape}".rstrip() for line, text, shape in rows]
+    return "\n".join(head + body)

@@ -116,7 +116,7 @@ def test_describe_statements():
 
 def test_shape_text():
     from recdsl.ir.shapes import Diag
-    assert pretty.shape_text(()) == "[]"
+    assert pretty.shape_text(()) == "scalar"
     assert pretty.shape_text(("K", "V")) == "[K, V]"
     assert pretty.shape_text(Diag("K")) == "diag[K]"
 

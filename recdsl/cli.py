@@ -1,0 +1,221 @@
+"""The ``recdsl`` command line.
+
+Each subcommand is one ``_add_<name>`` function that adds its parser and sets ``handler`` to
+a function ``(args) -> exit code``; ``COMMANDS`` lists them in the order ``--help`` shows.
+A ``RecdslError`` is printed as its message (positioned for rule text), never as a traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+from . import __version__, load
+from .errors import RecdslError, SpecError
+from .ir import pretty
+from .runtime import sample
+
+# ---------------------------------------------------------------- shared pieces
+
+
+def _report(err: RecdslError) -> None:
+    # a SpecError already reads "file:line:col: error: ..."
+    print(str(err) if isinstance(err, SpecError) else f"error: {err}", file=sys.stderr)
+
+
+def _number(text: str):
+    try:
+        return int(text)
+    except ValueError:
+        return float(text)
+
+
+def _assignments(convert, what):
+    """An argparse type for ``NAME=VALUE[,NAME=VALUE...]``; a bad string is a usage error."""
+    def parse(text: str) -> dict:
+        out = {}
+        for part in text.split(","):
+            name, sep, value = part.partition("=")
+            name, value = name.strip(), value.strip()
+            try:
+                if not (sep and name.isidentifier()):
+                    raise ValueError
+                out[name] = convert(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(
+                    f"expected NAME={what}[,NAME={what}...], got {text!r}") from None
+        return out
+    return parse
+
+
+def _size(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        return _size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+
+
+def _merged(dicts) -> dict:
+    out = {}
+    for d in dicts or ():
+        out.update(d)
+    return out
+
+
+def _add_const_option(parser):
+    parser.add_argument("--const", action="append", metavar="NAME=VALUE",
+                        type=_assignments(_number, "NUMBER"),
+                        help="override a const of the rule, e.g. --const topk=4 (repeatable)")
+
+
+# ---------------------------------------------------------------- recdsl check
+
+
+def _add_check(sub):
+    p = sub.add_parser("check", help="parse and check rule files, and summarise each",
+                       description="Parse and check each rule file and print a summary: its "
+                       "declarations, then every per-token statement with its line and the "
+                       "shape of its value. Exits 1 if any file has an error.")
+    p.add_argument("files", nargs="+", metavar="FILE", help="a .rec rule file")
+    _add_const_option(p)
+    p.set_defaults(handler=_check)
+
+
+def _check(args) -> int:
+    failed = shown = 0
+    for path in args.files:
+        try:
+            rule = load(path, **_merged(args.const))
+        except RecdslError as err:
+            _report(err)
+            failed += 1
+            continue
+        print(("\n" if shown else "") + pretty.summary(rule.ir))
+        shown += 1
+    return 1 if failed else 0
+
+
+# ---------------------------------------------------------------- recdsl run
+
+
+def _add_run(sub):
+    p = sub.add_parser("run", help="run a rule's naive loop on random inputs",
+                       description="Run a rule's naive loop forward on random inputs (see "
+                       "recdsl.runtime.sample for how they are chosen), then a backward pass "
+                       "of the sum of its outputs, and print statistics of the outputs, final "
+                       "states and gradients. Exits 1 if any of them is not finite.")
+    p.add_argument("file", metavar="FILE", help="a .rec rule file")
+    p.add_argument("--dims", action="append", metavar="K=64,V=64",
+                   type=_assignments(_size, "SIZE"),
+                   help="dim sizes (default 32, or 2 for a dim a 'for' loop runs over)")
+    p.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
+    p.add_argument("--time", type=_positive_int, default=64, help="sequence length (default 64)")
+    p.add_argument("--heads", type=_positive_int, default=2, help="heads (default 2)")
+    _add_const_option(p)
+    p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the inputs (default float32)")
+    p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    p.set_defaults(handler=_run)
+
+
+def _stats_row(name, what, t):
+    t = t.detach().double()
+    finite = bool(torch.isfinite(t).all())
+    shape = "[" + ", ".join(map(str, t.shape)) + "]"
+    numbers = (t.mean(), t.std(correction=0), t.min(), t.max())
+    return [name, what, shape, *(f"{x.item():.4g}" for x in numbers), "yes" if finite else "NO"]
+
+
+def _table(rows) -> str:
+    header = ["name", "what", "shape", "mean", "std", "min", "max", "finite"]
+    rows = [header] + rows
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    # names and shapes to the left, numbers to the right
+    align = ["<", "<", "<", ">", ">", ">", ">", ">"]
+    return "\n".join("  ".join(f"{c:{a}{w}}" for c, a, w in zip(r, align, widths)).rstrip()
+                     for r in rows)
+
+
+def _run(args) -> int:
+    rule = load(args.file, **_merged(args.const))
+    dims = _merged(args.dims)
+    dtype = getattr(torch, args.dtype)
+    inputs = sample.sample_inputs(rule, batch=args.batch, time=args.time, heads=args.heads,
+                                  dims=dims, dtype=dtype, seed=args.seed)
+    sizes = sample.dim_sizes(rule, dims)
+    kinds = sample.value_kinds(rule)
+    print(f"rule {rule.name} ({args.file}): naive loop, {args.dtype}, seed {args.seed}")
+    print(f"  B={args.batch} T={args.time} H={args.heads}  "
+          + " ".join(f"{d}={n}" for d, n in sizes.items()))
+    by_kind = {}
+    for name, kind in kinds.items():
+        by_kind.setdefault(kind, []).append(name)
+    print("  inputs: " + "; ".join(f"{kind}: {', '.join(names)}" for kind, names in by_kind.items()))
+    for t in inputs.values():
+        t.requires_grad_(True)
+
+    start = time.perf_counter()
+    outputs, finals = rule(**inputs, output_final_state=True, backend="naive")
+    forward = time.perf_counter() - start
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    finals = finals if isinstance(finals, tuple) else (finals,)
+    start = time.perf_counter()
+    sum(o.sum() for o in outputs).backward()
+    backward = time.perf_counter() - start
+
+    rows = [_stats_row(v.name, "output", o) for v, o in zip(rule.outputs, outputs)]
+    rows += [_stats_row(v.name, "final state", s) for v, s in zip(rule.states, finals)]
+    rows += [_stats_row(n, "gradient", t.grad) for n, t in inputs.items() if t.grad is not None]
+    print()
+    print(_table(rows))
+    print()
+    print(f"elapsed: forward {forward:.3f} s, backward {backward:.3f} s")
+    bad = [f"{r[0]} ({r[1]})" for r in rows if r[-1] != "yes"]
+    if bad:
+        print("error: not finite: " + ", ".join(bad), file=sys.stderr)
+        return 1
+    return 0
+
+
+# ---------------------------------------------------------------- the parser and main
+
+COMMANDS = (_add_check, _add_run)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recdsl", description="Recurrent update rules as text files, lowered to kernels.")
+    parser.add_argument("--version", action="version", version=f"recdsl {__version__}")
+    sub = parser.add_subparsers(metavar="COMMAND", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
+
+
+def main(argv=None) -> int:
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as done:  # --help, --version or a usage error, already printed
+        return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
+    try:
+        return args.handler(args)
+    except RecdslError as err:
+        _report(err)
+        return 1
+    except BrokenPipeError:  # the reader stopped early (recdsl check ... | head): not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
