@@ -3,14 +3,25 @@ shape, and enforce the rules of LANGUAGE.md. Every violation is a positioned Spe
 from __future__ import annotations
 
 import difflib
+import math
 
-from ..errors import RecdslError, SpecError
+from ..errors import RecdslError, SpecError, source_lines
 from ..grammar import ast
 from . import builtins, shapes
 from .checked import CheckedRule, Var
 from .shapes import Diag
 
 _VERBS = {"+": "add", "-": "subtract", "*": "multiply", "/": "divide"}
+
+# The keyword arguments of a rule call (Rule.__call__, Rule.bind): an input or param of one
+# of these names could not be passed by name.
+CALL_KEYWORDS = ("self", "initial_state", "output_final_state", "backend", "cu_seqlens")
+
+
+def _a(kind: str) -> str:
+    """'an input', 'a state', 'a loop variable': a kind of name with its article."""
+    word = "loop variable" if kind == "loop" else kind
+    return ("an " if word[0] in "aeiou" else "a ") + word
 
 
 class _Scope:
@@ -47,6 +58,7 @@ class Checker:
         self.outputs: list = []
         self.updated: set = set()
         self.loops: dict = {}  # loop variable -> dim, for enclosing loops
+        self.block_lets: dict = {}  # name -> line of its 'for', for lets of finished blocks
 
     # ------------------------------------------------------------ errors
 
@@ -64,11 +76,10 @@ class Checker:
         previous = scope.lookup(name)
         if previous is not None:
             kind0, _, pos0 = previous
-            what = {"let": "a let", "output": "an output", "loop": "a loop variable"}.get(kind0, f"a {kind0}")
             if kind == "let" and kind0 in ("input", "param", "const", "state", "dim"):
-                message = f"'{name}' is already declared as {what} (line {pos0.line}); {kind0}s cannot be re-bound"
+                message = f"'{name}' is already declared as {_a(kind0)} (line {pos0.line}); {kind0}s cannot be re-bound"
             else:
-                message = f"'{name}' is already bound as {what} on line {pos0.line}"
+                message = f"'{name}' is already bound as {_a(kind0)} on line {pos0.line}"
             raise self.error(message, pos, "a name may be bound once; choose a new name")
         scope.names[name] = (kind, shape, pos)
 
@@ -83,11 +94,15 @@ class Checker:
                     if dim not in self.dims:
                         found = self.global_scope.lookup(dim)
                         hint = (f"declare it first: 'dims {dim}'" if found is None
-                                else f"'{dim}' is a {found[0]}, not a dim")
+                                else f"'{dim}' is {_a(found[0])}, not a dim")
                         raise self.error(f"unknown dim '{dim}' in the shape of {item.kind} '{var.name}'", pos, hint)
                 if len(var.dims) > 2:
                     raise self.error(f"{item.kind} '{var.name}' has rank {len(var.dims)}; "
                                      f"ranks 0 to 2 are supported", var.pos)
+                if item.kind in ("input", "param") and var.name in CALL_KEYWORDS:
+                    raise self.error(f"{item.kind} '{var.name}' has the name of a keyword argument of "
+                                     f"the rule call, so it could not be passed by name", var.pos,
+                                     "rename it; the call's own arguments are " + ", ".join(CALL_KEYWORDS[1:]))
                 self.bind(self.global_scope, var.name, item.kind, tuple(var.dims), var.pos)
                 self.vars[item.kind].append(Var(var.name, tuple(var.dims), item.kind, var.pos))
         elif isinstance(item, ast.ConstDecl):
@@ -129,6 +144,10 @@ class Checker:
         if found is None:
             if e.id in builtins.ALL:
                 raise self.error(f"'{e.id}' is a function; call it with arguments: {e.id}(...)", e.pos)
+            if e.id in self.block_lets:
+                raise self.error(f"'{e.id}' is not visible here: it is bound inside the 'for' block of "
+                                 f"line {self.block_lets[e.id]}, and a let in a block lives for one step",
+                                 e.pos, "compute the value after the block, or accumulate it in a state")
             raise self.error(f"unknown name '{e.id}'", e.pos, self._suggest(e.id, scope.all_names()))
         kind, shape, _ = found
         if kind == "loop":
@@ -154,14 +173,14 @@ class Checker:
                              f"leading dim is {dim} can be", e.pos,
                              f"declare it as 'input {target.id}[{dim}, ...]'")
         target.kind, target.shape = kind, shape
-        idx.kind = "loop"
+        idx.kind, idx.shape = "loop", ()
         return shape[1:]
 
     def call(self, e: ast.Call, scope):
         if e.fn not in builtins.ALL:
             found = scope.lookup(e.fn)
             if found is not None:
-                raise self.error(f"'{e.fn}' is a {found[0]}, not a function", e.pos)
+                raise self.error(f"'{e.fn}' is {_a(found[0])}, not a function", e.pos)
             raise self.error(f"unknown function '{e.fn}'", e.pos,
                              self._suggest(e.fn, builtins.ALL) or "the built-ins are " + ", ".join(builtins.ALL))
         arity = builtins.ARITY[e.fn]
@@ -192,7 +211,7 @@ class Checker:
         self.expr(e, scope)
         if not any(isinstance(n, ast.Name) and scope.lookup(n.id)[0] == "dim" for n in _walk(e)):
             value = evaluate_constant(e, self.consts, {})
-            if value != int(value) or value < 1:
+            if not math.isfinite(value) or value != int(value) or value < 1:
                 raise self.error(f"the count of keep_topk must be a positive whole number, not {value:g}",
                                  ast.expr_span(e))
         return ()
@@ -233,12 +252,20 @@ class Checker:
     def _matmul_problem(a, b):
         if a == () or b == ():
             return f"'@' needs vectors or matrices, not {shapes.show(a)} and {shapes.show(b)}"
+        if isinstance(a, Diag) and isinstance(b, Diag):
+            return "cannot multiply two diag() factors"
         return f"cannot multiply {shapes.show(a)} @ {shapes.show(b)}: the inner dims do not match"
 
     @staticmethod
     def _matmul_hint(a, b):
         if a == () or b == ():
             return "use '*' to scale by a scalar"
+        if isinstance(a, Diag) and isinstance(b, Diag):
+            return "write diag(x * y) for the product of diag(x) and diag(y)"
+        if isinstance(a, Diag):
+            return f"diag(x) @ S scales the rows of S: x must be [{b[0]}], the first dim of S"
+        if isinstance(b, Diag):
+            return f"S @ diag(x) scales the columns of S: x must be [{a[-1]}], the last dim of S"
         return "x @ S contracts x with the first axis of S; S @ x contracts with its last"
 
     # ------------------------------------------------------------ statements
@@ -263,13 +290,18 @@ class Checker:
                 self.outputs.append(Var(item.name, shape, "output", item.name_pos))
             elif isinstance(item, ast.For):
                 if item.dim not in self.dims:
-                    raise self.error(f"'{item.dim}' is not a dim; a 'for' loop runs over a dim", item.dim_pos,
-                                     f"declare it: 'dims ..., {item.dim}'")
+                    found = scope.lookup(item.dim)
+                    hint = (f"declare it: 'dims ..., {item.dim}'" if found is None else
+                            f"'{item.dim}' is {_a(found[0])}; declare a dim (e.g. 'dims NH') and loop over it")
+                    raise self.error(f"'{item.dim}' is not a dim; a 'for' loop runs over a dim", item.dim_pos, hint)
                 inner = _Scope(scope)
                 self.bind(inner, item.var, "loop", (), item.var_pos)
                 self.loops[item.var] = item.dim
                 self.statements(item.body, inner, in_loop=True)
                 del self.loops[item.var]
+                for name, (kind, _, _) in inner.names.items():
+                    if kind == "let":
+                        self.block_lets.setdefault(name, item.pos.line)
             else:
                 raise AssertionError(item)
             body.append(item)
@@ -312,7 +344,7 @@ class Checker:
                 raise self.error(f"state '{var.name}' is never updated", var.pos,
                                  f"add an update such as '{var.name} = ...', or make it an input")
         if not self.outputs:
-            last = len(self.tree.source.rstrip("\n").splitlines()) or 1
+            last = len(source_lines(self.tree.source.rstrip("\n"))) or 1
             raise self.error(f"rule '{self.tree.name}' has no output", ast.Pos(last, 1),
                              "add e.g. 'output o = q @ S'")
         return CheckedRule(
@@ -356,9 +388,23 @@ def evaluate_constant(e, consts: dict, dim_sizes: dict) -> float:
         return -evaluate_constant(e.operand, consts, dim_sizes)
     if isinstance(e, ast.BinOp):
         a, b = evaluate_constant(e.left, consts, dim_sizes), evaluate_constant(e.right, consts, dim_sizes)
-        return {"+": a + b, "-": a - b, "*": a * b, "/": a / b if b else float("inf"),
-                "**": a ** b if a or b >= 0 else float("inf")}[e.op]
+        return _arithmetic(e.op, a, b)
     raise AssertionError(e)
+
+
+def _arithmetic(op: str, a: float, b: float) -> float:
+    """``a op b`` in floats, never raising: an undefined result is nan, an overflow inf
+    (Python's own ``**`` raises on overflow and returns complex numbers for (-8) ** 0.5)."""
+    try:
+        if op == "/":
+            return a / b if b else (math.copysign(math.inf, a) if a else math.nan)
+        if op == "**":
+            return math.pow(a, b)
+        return {"+": a + b, "-": a - b, "*": a * b}[op]
+    except OverflowError:
+        return math.inf
+    except (ValueError, ZeroDivisionError):
+        return math.nan
 
 
 def check(tree: ast.RuleFile, consts: dict | None = None) -> CheckedRule:
