@@ -138,6 +138,7 @@ class _Lowering:
 
     # values and leaves
     def new_val(self, hint, shape):
+        # the counter after the last '_' makes every id unique, whatever the rule's names are
         return Val(f"{hint}_{next(self.ids)}", tuple(shape))
 
     def leaf_term(self, val: Val, shape=None, axes=None) -> _Term:
@@ -172,8 +173,7 @@ class _Lowering:
 
     def source(self, kind, name, shape, index=None):
         prefix = {"input": "in", "param": "par", "state": "st"}[kind]
-        vid = f"{prefix}_{name}" + (f"_{index}" if index is not None else "")
-        out = Val(vid, tuple(shape))
+        out = self.new_val(f"{prefix}_{name}" + (f"_j{index}" if index is not None else ""), shape)
         self.ops.append(Source(out, kind, name, index))
         return out
 

@@ -1,0 +1,342 @@
+"""The fused recurrent kernels: one Triton program per (sequence, head) walks the tokens one
+at a time with the states held on chip.
+
+Forward: loads the token's inputs, runs the token's ssa program (``triton_ops``), stores the
+outputs, and every ``CKPT`` tokens stores the states entering the token (a checkpoint).
+Backward: walks the checkpoint segments last to first; inside a segment it recomputes the
+states entering each token into a scratch buffer of ``CKPT`` states, then walks the segment
+backwards running the token's adjoint program. Memory: O(T / CKPT) checkpoints plus CKPT
+scratch states per program, never O(T) states.
+
+The kernels are specialised to the dim sizes (loops over dims like NH are unrolled, blocks
+are sized per dim). ``KernelSpec`` records everything a launcher needs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import triton
+
+from ..ir.checked import CheckedRule
+from ..ir.ssa import Program, lower
+from ..ir.vjp import adjoint
+from .triton_ops import TOPK_HELPER, block, emit_ops, mask_of, zeros
+
+
+@dataclass
+class KernelSpec:
+    """The generated source and the argument lists of its two kernels."""
+    rule_name: str
+    source: str
+    dim_sizes: dict
+    blocks: dict  # dim -> block size
+    forward_args: list = field(default_factory=list)  # pointer / scalar argument names, in order
+    backward_args: list = field(default_factory=list)
+    constexprs: tuple = ("USE_INITIAL", "STORE_FINAL", "IS_VARLEN", "CKPT")
+    grad_inputs: dict = field(default_factory=dict)  # input name -> has a gradient
+    grad_params: dict = field(default_factory=dict)
+    grad_states: dict = field(default_factory=dict)
+
+    @property
+    def forward_name(self):
+        return f"{_ident(self.rule_name)}_recurrent_fwd"
+
+    @property
+    def backward_name(self):
+        return f"{_ident(self.rule_name)}_recurrent_bwd"
+
+
+def _ident(name: str) -> str:
+    return "rule_" + name  # a validated identifier; the prefix keeps it clear of Python names
+
+
+def _numel(dims, sizes) -> str:
+    n = 1
+    for d in dims:
+        n *= sizes[d]
+    return str(n)
+
+
+def _inner_offsets(dims: tuple, sizes: dict) -> str:
+    """Offsets of a [*dims] row-major block relative to its start."""
+    if len(dims) == 0:
+        return "0"
+    if len(dims) == 1:
+        return f"o_{dims[0]}"
+    return f"o_{dims[0]}[:, None] * {sizes[dims[1]]} + o_{dims[1]}[None, :]"
+
+
+class _Emitter:
+    def __init__(self):
+        self.lines = []
+        self.depth = 0
+
+    def __call__(self, line=""):
+        self.lines.append("    " * self.depth + line if line else "")
+
+    def block(self, lines):
+        for line in lines:
+            self(line)
+
+
+class _RecurrentGenerator:
+    def __init__(self, rule: CheckedRule, dim_sizes: dict):
+        self.rule = rule
+        self.sizes = dict(dim_sizes)
+        self.blocks = {d: triton.next_power_of_2(n) for d, n in self.sizes.items()}
+        self.forward = lower(rule, self.sizes)
+        self.adjoint = adjoint(self.forward)  # its first ops are the forward's own: same names
+
+    # ------------------------------------------------------------ shared pieces
+
+    def prologue(self, e: _Emitter):
+        """Program ids, sequence bounds, lanes and masks of every dim."""
+        e("i_nh = tl.program_id(0)")
+        e("i_n = i_nh // H")
+        e("i_h = i_nh % H")
+        e("if IS_VARLEN:")
+        e("    bos = tl.load(cu_seqlens + i_n).to(tl.int64)")
+        e("    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)")
+        e("else:")
+        e("    bos = tl.cast(i_n, tl.int64) * T")
+        e("    eos = bos + T")
+        for d in self.rule.dims:
+            e(f"o_{d} = tl.arange(0, {block(d)})")
+            e(f"m_{d} = o_{d} < {self.sizes[d]}")
+
+    def load_token(self, e: _Emitter, program: Program, token="tok"):
+        for (name, index), val in program.inputs.items():
+            var = self.rule.var(name)
+            dims = var.dims if index is None else var.dims[1:]
+            base = f"p_in_{name} + ({token} * H + i_h) * {_numel(var.dims, self.sizes)}"
+            if index is not None:
+                base += f" + {index * int(_numel(dims, self.sizes))}"
+            e(self._load(val.id, base, dims))
+
+    def _load(self, target, base, dims):
+        if not dims:
+            return f"{target} = tl.load({base}).to(tl.float32)"
+        return (f"{target} = tl.load({base} + {_inner_offsets(dims, self.sizes)}, "
+                f"mask={mask_of(dims)}, other=0.0).to(tl.float32)")
+
+    def _store(self, base, dims, value, cast=""):
+        value = f"{value}{cast}"
+        if not dims:
+            return f"tl.store({base}, {value})"
+        return f"tl.store({base} + {_inner_offsets(dims, self.sizes)}, {value}, mask={mask_of(dims)})"
+
+    def load_params(self, e: _Emitter, program: Program):
+        for name, val in program.params.items():
+            var = self.rule.var(name)
+            e(self._load(val.id, f"p_par_{name} + i_h * {_numel(var.dims, self.sizes)}", var.dims))
+
+    def state_base(self, kind, name, extra=""):
+        var = self.rule.var(name)
+        return f"p_{kind}_{name} + {extra}i_nh * {_numel(var.dims, self.sizes)}"
+
+    def ckpt_base(self, name, slot):
+        var = self.rule.var(name)
+        n = _numel(var.dims, self.sizes)
+        return f"p_ckpt_{name} + (i_nh * NCKPT + {slot}) * {n}"
+
+    def scratch_base(self, name, slot):
+        var = self.rule.var(name)
+        n = _numel(var.dims, self.sizes)
+        return f"p_scratch_{name} + (i_nh * CKPT + {slot}) * {n}"
+
+    def keep_padding_zero(self, name, value):
+        dims = self.rule.var(name).dims
+        return f"tl.where({mask_of(dims)}, {value}, 0.0)" if dims else value
+
+    # ------------------------------------------------------------ forward kernel
+
+    def forward_kernel(self):
+        rule, prog = self.rule, self.forward
+        args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
+                + [f"p_h0_{s.name}" for s in rule.states] + [f"p_out_{o.name}" for o in rule.outputs]
+                + [f"p_ht_{s.name}" for s in rule.states] + [f"p_ckpt_{s.name}" for s in rule.states]
+                + ["cu_seqlens", "T", "H", "NCKPT"])
+        e = _Emitter()
+        e("@triton.jit")
+        e(f"def {_ident(rule.name)}_recurrent_fwd({', '.join(args)}, USE_INITIAL: tl.constexpr, "
+          "STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, CKPT: tl.constexpr):")
+        e.depth = 1
+        self.prologue(e)
+        self.load_params(e, prog)
+        for s in rule.states:
+            val = prog.states_in[s.name]
+            e("if USE_INITIAL:")
+            e("    " + self._load(val.id, self.state_base("h0", s.name), s.dims))
+            e("else:")
+            e("    " + (f"{val.id} = {zeros(s.dims)}" if s.dims else f"{val.id} = tl.zeros([], tl.float32)"))
+        e("for t in range(0, eos - bos):")
+        e.depth = 2
+        e("tok = bos + t")
+        e("if CKPT > 0:")
+        e("    if t % CKPT == 0:")
+        for s in rule.states:
+            e("        " + self._store(self.ckpt_base(s.name, "t // CKPT"), s.dims, prog.states_in[s.name].id))
+        self.load_token(e, prog)
+        e.block(emit_ops(prog.ops, self.sizes))
+        for o in rule.outputs:
+            base = f"p_out_{o.name} + (tok * H + i_h) * {_numel(o.dims, self.sizes)}"
+            e(self._store(base, o.dims, prog.outputs[o.name].id, f".to(p_out_{o.name}.dtype.element_ty)"))
+        for s in rule.states:  # carry the states to the next token
+            e(f"{prog.states_in[s.name].id} = {self.keep_padding_zero(s.name, prog.states_out[s.name].id)}")
+        e.depth = 1
+        e("if STORE_FINAL:")
+        for s in rule.states:
+            e("    " + self._store(self.state_base("ht", s.name), s.dims, prog.states_in[s.name].id))
+        return args, e.lines
+
+    # ------------------------------------------------------------ backward kernel
+
+    def backward_kernel(self):
+        rule, adj = self.rule, self.adjoint
+        prog, fwd = adj.program, self.forward
+        args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
+                + [f"p_ckpt_{s.name}" for s in rule.states] + [f"p_scratch_{s.name}" for s in rule.states]
+                + [f"p_do_{o.name}" for o in rule.outputs] + [f"p_dht_{s.name}" for s in rule.states]
+                + [f"p_din_{v.name}" for v in rule.inputs] + [f"p_dpar_{v.name}" for v in rule.params]
+                + [f"p_dh0_{s.name}" for s in rule.states] + ["cu_seqlens", "T", "H", "NCKPT"])
+        e = _Emitter()
+        e("@triton.jit")
+        e(f"def {_ident(rule.name)}_recurrent_bwd({', '.join(args)}, USE_FINAL_GRAD: tl.constexpr, "
+          "IS_VARLEN: tl.constexpr, CKPT: tl.constexpr):")
+        e.depth = 1
+        self.prologue(e)
+        self.load_params(e, fwd)
+        # gradient accumulators of params (summed over the sequence in the program)
+        for name in prog.params:
+            dims = rule.var(name).dims
+            e(f"acc_{name} = {zeros(dims) if dims else 'tl.zeros([], tl.float32)'}")
+        # the state gradient walked backwards: dS after the last token
+        for s in rule.states:
+            seed = adj.grad_states_out[s.name].id
+            e("if USE_FINAL_GRAD:")
+            e("    " + self._load(seed, self.state_base("dht", s.name), s.dims))
+            e("else:")
+            e("    " + (f"{seed} = {zeros(s.dims)}" if s.dims else f"{seed} = tl.zeros([], tl.float32)"))
+        e("length = eos - bos")
+        e("n_seg = (length + CKPT - 1) // CKPT")
+        e("for i_seg in range(0, n_seg):")
+        e.depth = 2
+        e("seg = n_seg - 1 - i_seg")
+        e("start = seg * CKPT")
+        e("stop = tl.minimum(start + CKPT, length)")
+        # recompute the states entering each token of the segment into the scratch buffer
+        for s in rule.states:
+            e(self._load(fwd.states_in[s.name].id, self.ckpt_base(s.name, "seg"), s.dims))
+        e("for t in range(start, stop):")
+        e.depth = 3
+        e("tok = bos + t")
+        for s in rule.states:
+            e(self._store(self.scratch_base(s.name, "t - start"), s.dims, fwd.states_in[s.name].id))
+        self.load_token(e, fwd)
+        e.block(emit_ops(_state_ops(fwd), self.sizes, prefix="r"))
+        for s in rule.states:
+            e(f"{fwd.states_in[s.name].id} = {self.keep_padding_zero(s.name, fwd.states_out[s.name].id)}")
+        e.depth = 2
+        e("tl.debug_barrier()")
+        # walk the segment backwards
+        e("for i_t in range(0, stop - start):")
+        e.depth = 3
+        e("t = stop - 1 - i_t")
+        e("tok = bos + t")
+        for s in rule.states:
+            e(self._load(prog.states_in[s.name].id, self.scratch_base(s.name, "t - start"), s.dims))
+        self.load_token(e, prog)
+        for o in rule.outputs:
+            base = f"p_do_{o.name} + (tok * H + i_h) * {_numel(o.dims, self.sizes)}"
+            e(self._load(adj.grad_outputs[o.name].id, base, o.dims))
+        e.block(emit_ops(prog.ops, self.sizes, prefix="b"))
+        # input gradients of this token; an input used whole and as slices k[j] gets the
+        # whole part stored first and the slices added to it
+        entries = sorted(prog.inputs.items(), key=lambda item: item[0][1] is not None)
+        for (name, index), val in entries:
+            grad = adj.grad_inputs.get((name, index))
+            if grad is None:
+                continue  # the gradient buffers start at zero
+            var = rule.var(name)
+            dims = var.dims if index is None else var.dims[1:]
+            base = f"p_din_{name} + (tok * H + i_h) * {_numel(var.dims, self.sizes)}"
+            if index is not None:
+                base += f" + {index * int(_numel(dims, self.sizes))}"
+            whole_too = index is not None and adj.grad_inputs.get((name, None)) is not None
+            e(self._accumulate(base, dims, grad.id) if whole_too else self._store(base, dims, grad.id))
+        for name in prog.params:
+            grad = adj.grad_params.get(name)
+            if grad is not None:
+                e(f"acc_{name} += {grad.id}")
+        # carry the state gradient to the previous token
+        for s in rule.states:
+            grad = adj.grad_states_in.get(s.name)
+            seed = adj.grad_states_out[s.name].id
+            value = self.keep_padding_zero(s.name, grad.id) if grad is not None else (
+                zeros(s.dims) if s.dims else "tl.zeros([], tl.float32)")
+            e(f"{seed} = {value}")
+        e.depth = 2
+        e("tl.debug_barrier()")
+        e.depth = 1
+        for s in rule.states:
+            e(self._store(self.state_base("dh0", s.name), s.dims, adj.grad_states_out[s.name].id))
+        for name in prog.params:
+            var = rule.var(name)
+            e(self._store(f"p_dpar_{name} + i_nh * {_numel(var.dims, self.sizes)}", var.dims, f"acc_{name}"))
+        return args, e.lines
+
+    def _accumulate(self, base, dims, value):
+        if not dims:
+            return f"tl.store({base}, tl.load({base}) + {value})"
+        offs = _inner_offsets(dims, self.sizes)
+        m = mask_of(dims)
+        return f"tl.store({base} + {offs}, tl.load({base} + {offs}, mask={m}, other=0.0) + {value}, mask={m})"
+
+    def generate(self) -> KernelSpec:
+        fwd_args, fwd_lines = self.forward_kernel()
+        bwd_args, bwd_lines = self.backward_kernel()
+        adj = self.adjoint
+        header = [
+            f'"""Fused recurrent kernels for rule {self.rule.name}, generated by recdsl.',
+            f"Dims: {', '.join(f'{d}={n}' for d, n in self.sizes.items())}.",
+            '"""',
+            "import triton",
+            "import triton.language as tl",
+            "",
+        ]
+        blocks = [f"{block(d)}: tl.constexpr = {b}" for d, b in self.blocks.items()]
+        source = "\n".join(header + blocks + [TOPK_HELPER, ""] + fwd_lines + ["", ""] + bwd_lines) + "\n"
+        return KernelSpec(
+            rule_name=self.rule.name, source=source, dim_sizes=self.sizes, blocks=self.blocks,
+            forward_args=fwd_args, backward_args=bwd_args,
+            grad_inputs={name: any(adj.grad_inputs.get(k) is not None for k in adj.program.inputs if k[0] == name)
+                         for name in (v.name for v in self.rule.inputs)},
+            grad_params={name: adj.grad_params.get(name) is not None for name in adj.program.params},
+            grad_states={name: adj.grad_states_in.get(name) is not None for name in adj.program.states_in})
+
+
+def _state_ops(program: Program):
+    """The ops a state update needs (no outputs): for recomputing states in the backward."""
+    needed = set(program.states_out.values())
+    keep = []
+    for op in reversed(program.ops):
+        outs = op.outs if hasattr(op, "outs") else [op.out]
+        if any(o in needed for o in outs):
+            keep.append(op)
+            for v in _operands(op):
+                needed.add(v)
+    return list(reversed(keep))
+
+
+def _operands(op):
+    if hasattr(op, "leaves"):
+        return [leaf.val for leaf in op.leaves]
+    if hasattr(op, "arg"):
+        return [op.arg]
+    if hasattr(op, "a"):
+        return [op.a, op.b]
+    return []
+
+
+def generate(rule: CheckedRule, dim_sizes: dict) -> KernelSpec:
+    return _RecurrentGenerator(rule, dim_sizes).generate()
