@@ -34,7 +34,7 @@ class BoundCall:
         self.time = self.sizes[_TIME][0]
         self.heads = self.sizes[_HEADS][0]
         if self.time < 1:
-            raise InputError(f"the sequences are empty (T = 0); pass at least one token")
+            raise InputError("the sequences are empty (T = 0); pass at least one token")
         self.dim_sizes = {d: self.sizes[d][0] for d in rule.dims}
         self.device = self._device_source[0]
         self.cu_seqlens = self._check_cu_seqlens(cu_seqlens)
@@ -56,8 +56,11 @@ class BoundCall:
     def _collect(self, args, named) -> dict:
         rule = self.rule
         if len(args) > len(rule.inputs):
+            params = f"; pass params by name ({', '.join(p.name + '=...' for p in rule.params)})" \
+                if rule.params else ""
             raise InputError(f"rule '{rule.name}' takes {len(rule.inputs)} token inputs "
-                             f"({', '.join(v.name for v in rule.inputs)}) positionally; {len(args)} were given")
+                             f"({', '.join(v.name for v in rule.inputs)}) positionally; {len(args)} were given"
+                             + params)
         tensors = {v.name: a for v, a in zip(rule.inputs, args)}
         known = {v.name for v in rule.inputs + rule.params}
         for name, value in named.items():
@@ -82,9 +85,10 @@ class BoundCall:
                 f"{name} = {known} (from {source}); here {name} = {size}")
         self.sizes.setdefault(key, (size, who))
 
-    def _check_device_dtype(self, who, t):
+    def _check_device_dtype(self, who, t, layout):
         if not isinstance(t, torch.Tensor):
-            raise InputError(f"{who} must be a torch.Tensor, not {type(t).__name__}")
+            raise InputError(f"{who} must be a torch.Tensor of shape [{', '.join(layout)}], "
+                             f"not {type(t).__name__}")
         if t.dtype not in FLOAT_DTYPES:
             raise InputError(f"{who} has dtype {t.dtype}; expected a floating dtype "
                              f"(float16, bfloat16, float32 or float64)")
@@ -97,8 +101,8 @@ class BoundCall:
 
     def _check_tensor(self, name, t, var: Var):
         who = f"{var.kind} '{name}'"
-        self._check_device_dtype(who, t)
         layout = var.layout()
+        self._check_device_dtype(who, t, layout)
         if var.kind == "param" and var.rank == 0 and t.dim() == 0:
             raise InputError(f"param '{name}' has shape []; expected [H] (one value per head)")
         if t.dim() != len(layout):
@@ -111,9 +115,13 @@ class BoundCall:
     def _check_cu_seqlens(self, cu):
         if cu is None:
             return None
-        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64) \
+                or cu.is_meta:
+            given = (f"a tensor of dtype {str(cu.dtype).replace('torch.', '')} and shape {_shape(cu)}"
+                     + (" on meta" if cu.is_meta else "")
+                     if isinstance(cu, torch.Tensor) else type(cu).__name__)
             raise InputError("cu_seqlens must be a 1-d int32 or int64 tensor of sequence boundaries, "
-                             "e.g. [0, 5, 12]")
+                             f"e.g. torch.tensor([0, 5, 12]); got {given}")
         if self.batch != 1:
             raise InputError(f"with cu_seqlens the batch size must be 1 (sequences packed along T); "
                              f"got B = {self.batch}")
@@ -127,21 +135,29 @@ class BoundCall:
         states = self.rule.states
         if initial_state is None:
             return {}
-        if isinstance(initial_state, torch.Tensor):
+        if isinstance(initial_state, torch.Tensor) and len(states) == 1:
             initial_state = (initial_state,)
         if not isinstance(initial_state, (tuple, list)) or len(initial_state) != len(states):
-            raise InputError(f"initial_state must be {'a tensor' if len(states) == 1 else 'a tuple of'} "
-                             f"{len(states)} state{'s' if len(states) > 1 else ''} "
-                             f"({', '.join(s.name for s in states)}) or None")
+            if len(states) == 1:
+                expected = f"a tensor (state '{states[0].name}')"
+            else:
+                expected = (f"a tuple of {len(states)} tensors, one per state "
+                            f"({', '.join(s.name for s in states)})")
+            if isinstance(initial_state, (tuple, list)):
+                count = len(initial_state)
+                given = f"a {type(initial_state).__name__} of {count} item{'s' if count != 1 else ''}"
+            else:
+                given = "a tensor" if isinstance(initial_state, torch.Tensor) else type(initial_state).__name__
+            raise InputError(f"initial_state must be {expected} or None; got {given}")
         out = {}
         for var, t in zip(states, initial_state):
             if t is None:
                 continue
             who = f"initial state '{var.name}'"
-            self._check_device_dtype(who, t)
+            names = ["N" if self.packed else "B", "H"] + list(var.dims)
+            self._check_device_dtype(who, t, names)
             expected = [self.num_sequences, self.heads] + [self.dim_sizes[d] for d in var.dims]
             if list(t.shape) != expected:
-                names = ["N" if self.packed else "B", "H"] + list(var.dims)
                 raise InputError(f"{who} has shape {_shape(t)} but expected [{', '.join(names)}] = "
                                  f"[{', '.join(map(str, expected))}]")
             out[var.name] = t

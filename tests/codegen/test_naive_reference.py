@@ -9,9 +9,10 @@ to 1e-10 in float64.
 """
 from __future__ import annotations
 
+import importlib.util
 import math
-import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import pytest
@@ -233,6 +234,7 @@ CASES = [
 ]
 for _case in CASES:
     _case.id = _case.id or _case.file
+CASE = {c.id: c for c in CASES}
 
 # (T, with an initial state)
 SHAPES = [(1, True), (7, False), (7, True)]
@@ -295,7 +297,7 @@ def test_raven_router_gradient_only_through_kept_slots():
 
 # ---------------------------------------------------------------- packed sequences
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASE["gated_delta"], CASE["raven-topk3"], CASE["mlstm"]], ids=lambda c: c.id)
 def test_cu_seqlens_equals_separate_sequences(case):
     rule = case.load()
     lengths = [3, 1, 5]
@@ -361,7 +363,7 @@ def test_float32_agrees_with_float64(case):
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=["fp16", "bf16"])
-@pytest.mark.parametrize("case", [CASES[0], CASES[3], CASES[6], CASES[10]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASE["gated_delta"], CASE["raven-topk3"], CASE["mlstm"], CASE["mamba2"]], ids=lambda c: c.id)
 def test_half_inputs_give_half_outputs_and_fp32_states(case, dtype):
     rule = case.load()
     inputs, params, states = random_args(rule, batch=B, time=7, heads=H, sizes=case.sizes,
@@ -382,36 +384,41 @@ def test_half_inputs_give_half_outputs_and_fp32_states(case, dtype):
 
 # ---------------------------------------------------------------- a long sequence
 
-@pytest.mark.parametrize("case", [CASES[0], CASES[10], CASES[9]], ids=lambda c: c.id)
+@pytest.mark.parametrize("case", [CASE["gated_delta"], CASE["mamba2"], CASE["gla"]], ids=lambda c: c.id)
 def test_long_sequence_stays_finite(case):
     rule = case.load()
     T = 16384
     inputs, params, _ = random_args(rule, batch=1, time=T, heads=2, sizes={d: 4 for d in case.sizes},
                                     dtype=torch.float32, shape_values=case.shape_values)
-    start = time.perf_counter()
     with torch.no_grad():
         out, final = rule(**inputs, **params, output_final_state=True)
-    elapsed = time.perf_counter() - start
     assert out.shape[1] == T and out.dtype == torch.float32
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
     # the last outputs still respond to the input (the state neither vanished nor blew up)
     assert out[:, -100:].abs().max() > 1e-3
-    assert elapsed < 60, f"{case.id}: {elapsed:.1f} s for T = {T}"
 
 
 # ---------------------------------------------------------------- flash-linear-attention
 
 def _fla_gated_delta():
+    """fla's naive_recurrent_gated_delta_rule, loaded from its file: importing the fla
+    package builds all its Triton kernels (seconds); the naive file needs torch and einops."""
+    spec = importlib.util.find_spec("fla")
+    if spec is None or spec.origin is None:
+        pytest.skip("flash-linear-attention is not installed (pip install fla-core --no-deps einops)")
+    path = Path(spec.origin).parent / "ops" / "gated_delta_rule" / "naive.py"
     try:
-        from fla.ops.gated_delta_rule.naive import naive_recurrent_gated_delta_rule
-    except Exception as err:  # absent, or its imports fail here
-        pytest.skip(f"flash-linear-attention (pip install fla-core --no-deps) is not importable: {err}")
-    return naive_recurrent_gated_delta_rule
+        file_spec = importlib.util.spec_from_file_location("fla_gated_delta_naive", path)
+        module = importlib.util.module_from_spec(file_spec)
+        file_spec.loader.exec_module(module)
+        return module.naive_recurrent_gated_delta_rule
+    except Exception as err:  # moved in another release, or einops missing
+        pytest.skip(f"cannot load fla's naive_recurrent_gated_delta_rule from {path}: {err!r}")
 
 
 def test_gated_delta_matches_fla_naive_recurrent():
     fla_reference = _fla_gated_delta()
-    case = CASES[0]
+    case = CASE["gated_delta"]
     rule = case.load()
     K = case.sizes["K"]
     inputs, _, states = random_args(rule, batch=B, time=9, heads=H, sizes=case.sizes,
@@ -436,3 +443,70 @@ def test_gated_delta_matches_fla_naive_recurrent():
         assert _relative_error(g, w) < 1e-5
     for name in leaves:
         assert _relative_error(got_grads[name], want_grads[name]) < 1e-5, name
+
+
+# ---------------------------------------------------------------- every built-in
+
+KITCHEN_SINK = """\
+rule kitchen_sink
+
+dims K, V, J
+state S[K, V], s
+input q[K], k[K], v[V], a, kk[J, K]
+param w[K], c, P[V, K]
+const scale = 0.5
+
+let pos = softplus(a) + 1
+let e = exp(-pos) + log(pos) + sqrt(pos) + rsqrt(pos) + abs(a) + tanh(a) + sigmoid(a) + logsigmoid(a) + silu(a) + relu(a)
+let kw = max(k, w) - min(k, 0.1)
+S = diag(sigmoid(k)) @ S @ diag(sigmoid(v)) + outer(kw, v) * e
+for j in J:
+    let kj = l2norm(kk[j])
+    S = S - scale * outer(kj, kj @ S)
+s = 0.9 * s + sum(S) / (K * V) + norm(q) - dot(q, k) + sum(keep_topk(softmax(q), 2))
+let A = S @ P
+
+output o1 = (q @ A) @ S
+output o2 = S @ softmax(v) * c + q ** 2 - q / K
+output o3 = s + a * K ** -0.5
+"""
+
+
+def ref_kitchen_sink(x, p, st):
+    S, s = st["S"], st["s"]
+    o1, o2, o3 = [], [], []
+    K, V = S.shape[-2:]
+    for t in range(x["q"].shape[1]):
+        q, k, v, a = x["q"][:, t], x["k"][:, t], x["v"][:, t], x["a"][:, t]
+        pos = softplus(a) + 1
+        e = (torch.exp(-pos) + torch.log(pos) + pos ** 0.5 + pos ** -0.5 + torch.where(a < 0, -a, a)
+             + torch.tanh(a) + sigmoid(a) + torch.log(sigmoid(a)) + a * sigmoid(a) + torch.where(a > 0, a, 0 * a))
+        w = p["w"][None]
+        kw = torch.where(k > w, k, w) - torch.where(k < 0.1, k, 0.1 * torch.ones_like(k))
+        S = (torch.diag_embed(sigmoid(k)) @ S @ torch.diag_embed(sigmoid(v))
+             + e[..., None, None] * outer(kw, v))
+        for j in range(x["kk"].shape[3]):
+            kj = l2n(x["kk"][:, t, :, j])
+            S = (torch.eye(K, dtype=S.dtype) - 0.5 * outer(kj, kj)) @ S
+        soft_q = torch.exp(q) / torch.exp(q).sum(-1, keepdim=True)
+        top2 = soft_q.sort(-1, descending=True).values[..., :2].sum(-1)
+        s = 0.9 * s + S.sum((-1, -2)) / (K * V) + torch.sqrt((q * q).sum(-1)) - (q * k).sum(-1) + top2
+        A = S @ p["P"][None]
+        o1.append(torch.einsum("bhk,bhkv->bhv", torch.einsum("bhk,bhkl->bhl", q, A), S))
+        soft_v = torch.exp(v) / torch.exp(v).sum(-1, keepdim=True)
+        o2.append(torch.einsum("bhkv,bhv->bhk", S, soft_v) * p["c"][None, :, None] + q * q - q / K)
+        o3.append(s + a / math.sqrt(K))
+    return ({"o1": stack_time(o1), "o2": stack_time(o2), "o3": stack_time(o3)}, {"S": S, "s": s})
+
+
+def test_every_builtin_against_plain_torch():
+    case = Case("", dict(K=4, V=3, J=2), ref_kitchen_sink, id="kitchen_sink")
+    rule = recdsl.compile(KITCHEN_SINK)
+    for T, with_state in SHAPES:
+        inputs, params, states = random_args(rule, batch=B, time=T, heads=H, sizes=case.sizes,
+                                             initial_state=with_state)
+        (got, got_grads), (want, want_grads) = _both(rule, case, inputs, params, states)
+        for g, w in zip(got, want):
+            assert max_abs_diff(g, w) < TOL64
+        for name, w in want_grads.items():
+            assert max_abs_diff(got_grads[name], w) < TOL64, name
