@@ -79,7 +79,8 @@ def emit_ops(ops, dim_sizes: dict, prefix: str = "") -> list:
             lines.append(f"{op.out.id} = {_reduce(op)}")
         elif isinstance(op, TopkMask):
             (dim,) = op.arg.shape
-            lines.append(f"{op.out.id} = _topk_mask({op.arg.id}, m_{dim}, {op.count}, {block(dim)})")
+            count = min(op.count, dim_sizes[dim])  # keep_topk(x, n) keeps everything when n >= size
+            lines.append(f"{op.out.id} = _topk_mask({op.arg.id}, m_{dim}, {count}, {block(dim)})")
         elif isinstance(op, MatMul):
             a = f"tl.trans({op.a.id})" if op.ta else op.a.id
             b = f"tl.trans({op.b.id})" if op.tb else op.b.id

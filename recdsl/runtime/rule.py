@@ -64,6 +64,19 @@ class Rule:
             final = finals[0] if len(finals) == 1 else tuple(finals)
         return out, final
 
+    def step(self, *inputs, state=None, backend="auto", **named):
+        """One decode step. Token inputs are ``[B, H, *dims]`` (no time axis), params as in a
+        full call, ``state`` as ``initial_state``. Returns ``(outputs, new_state)`` with
+        outputs ``[B, H, *shape]``; the same generated code as the full call runs it."""
+        token_names = [v.name for v in self.ir.inputs]
+        positional = [_add_time_axis(x, name) for x, name in zip(inputs, token_names)]
+        named = {k: (_add_time_axis(v, k) if k in token_names else v) for k, v in named.items()}
+        out, final = self(*positional, initial_state=state, output_final_state=True,
+                          backend=backend, **named)
+        if isinstance(out, tuple):
+            return tuple(o.squeeze(1) for o in out), final
+        return out.squeeze(1), final
+
     def __repr__(self):
         return f"<recdsl.Rule {self.name} ({self.ir.filename})>"
 
@@ -81,3 +94,13 @@ def load_file(path, consts: dict | None = None) -> Rule:
     except UnicodeDecodeError:
         raise RecdslError(f"rule file {path} is not UTF-8 text") from None
     return compile_text(text, str(path), consts)
+
+
+def _add_time_axis(x, name):
+    """A decode step's token input [B, H, ...] as a one-token sequence [B, 1, H, ...]."""
+    import torch
+    from ..errors import InputError
+    if not isinstance(x, torch.Tensor) or x.dim() < 2:
+        raise InputError(f"input '{name}' of a step must be a tensor [B, H, ...]; got "
+                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else list(x.shape)}")
+    return x.unsqueeze(1)
