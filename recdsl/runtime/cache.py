@@ -44,7 +44,8 @@ def load_module(key: str, module_name: str, make_source):
     if key in _MODULES:
         return _MODULES[key]
     folder = cache_dir() / key
-    path, check = folder / f"{module_name}.py", folder / "checksum"
+    # the folder is already unique (a hash); cut the readable part below file-name limits
+    path, check = folder / f"{module_name[:100]}.py", folder / "checksum"
     source = None
     if path.is_file() and check.is_file():
         text = path.read_text()
