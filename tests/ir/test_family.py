@@ -1,0 +1,178 @@
+"""Families: every canonical rule, and rules written here that sit on either side of each
+family's boundary, with the reason and position when a rule is recurrent only."""
+from pathlib import Path
+
+import pytest
+
+from recdsl.grammar.parser import parse
+from recdsl.ir.checker import check
+from recdsl.ir.family import classify
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def family(text, name="test.rec"):
+    return classify(check(parse(text, name)))
+
+
+@pytest.mark.parametrize("name, expected", [
+    ("delta", "delta"), ("gated_delta", "delta"), ("kla", "delta"), ("deltaproduct", "delta"),
+    ("linear_attention", "diagonal"), ("retention", "diagonal"), ("mamba2", "diagonal"),
+    ("gla", "diagonal"), ("raven", "diagonal"), ("mlstm", "recurrent"),
+])
+def test_canonical_families(name, expected):
+    path = EXAMPLES / f"{name}.rec"
+    f = classify(check(parse(path.read_text(), path.name)))
+    assert f.name == expected
+    assert (f.pos is None) == (expected != "recurrent")
+
+
+def test_mlstm_reason_is_the_max_that_feeds_the_update_through_m():
+    path = EXAMPLES / "mlstm.rec"
+    f = classify(check(parse(path.read_text(), path.name)))
+    assert (f.pos.line, f.pos.column) == (12, 10)
+    assert f.reason == ("the update of m is not affine in the states: state m inside max(); "
+                        "the updates of C and n depend on m")
+    assert f.where("mlstm.rec") == "mlstm.rec:12:10"
+
+
+def test_chunk_family_reasons_say_what_was_recognised():
+    path = EXAMPLES / "gated_delta.rec"
+    f = classify(check(parse(path.read_text(), path.name)))
+    assert f.reason == ("S: scalar decay exp(g), Householder-like erase along kn, "
+                        "writes beta * outer(kn, v)")
+
+
+HEAD = "dims K, V\nstate S[K, V]\n"
+
+
+def test_per_channel_gated_delta_is_delta():
+    f = family("rule kda\n" + HEAD + "input q[K], k[K], v[V], gk[K], beta\nlet kn = l2norm(k)\n"
+               "S = diag(exp(gk)) @ S\nS = S - beta * outer(kn, kn @ S)\nS = S + beta * outer(kn, v)\n"
+               "output o = l2norm(q) @ S\n")
+    assert f.name == "delta"
+
+
+def test_value_axis_gated_linear_attention_is_diagonal():
+    f = family("rule vg\n" + HEAD + "input q[K], k[K], v[V], gv[V]\n"
+               "S = S @ diag(exp(gv)) + outer(k, v)\noutput o = q @ S\n")
+    assert f.name == "diagonal"
+    assert f.reason == "S: column decay diag(exp(gv)), writes outer(k, v)"
+
+
+def test_delta_with_negative_eigenvalues_is_delta():
+    f = family("rule d2\n" + HEAD + "input q[K], k[K], v[V], b\nlet beta = 2 * sigmoid(b)\n"
+               "let kn = l2norm(k)\nS = S - beta * outer(kn, kn @ S) + beta * outer(kn, v)\n"
+               "output o = l2norm(q) @ S\n")
+    assert f.name == "delta"
+
+
+def test_mamba_style_gate_from_params_is_diagonal():
+    f = family("rule mg\n" + HEAD + "input q[K], k[K], v[V], a\nparam A_log, dt_bias\n"
+               "let g = -exp(A_log) * softplus(a + dt_bias)\nS = exp(g) * S + outer(k, v)\n"
+               "output o = q @ S\n")
+    assert f.name == "diagonal" and f.reason == "S: scalar decay exp(g), writes outer(k, v)"
+
+
+def test_gated_delta_with_the_mamba_gate_and_beta_inside_the_outer_is_delta():
+    f = family("rule gd\n" + HEAD + "input q[K], k[K], v[V], a, b\nparam A_log, dt_bias\n"
+               "let g = -exp(A_log) * softplus(a + dt_bias)\nlet kn = l2norm(k)\n"
+               "S = exp(g) * S\nS = S - outer(sigmoid(b) * kn, kn @ S) + outer(kn, sigmoid(b) * v)\n"
+               "output o = q @ S\n")
+    assert f.name == "delta"
+
+
+@pytest.mark.parametrize("body, reason, line, column", [
+    # a write along another key than the erase
+    ("S = S - beta * outer(k, k @ S) + beta * outer(w, v)",
+     "the write beta * outer(w, v) is along w, but the erase on line 5 is along k: the delta "
+     "form writes along the erased keys", 5, 34),
+    # an erase with no write
+    ("S = S - beta * outer(k, k @ S)",
+     "the erase beta * outer(k, k @ S) has no write along k in the same step", 5, 9),
+    # an erase along another vector than its key
+    ("S = S - beta * outer(w, k @ S) + beta * outer(k, v)",
+     "the rank-one term beta * outer(w, k @ S) is along w, not along its key k: not a "
+     "Householder-like erase", 5, 9),
+    # a write before the erase
+    ("S = S + outer(k, v)\nS = S - beta * outer(k, k @ S)",
+     "the write outer(k, v) to S comes before any erase: the delta form writes after the erase",
+     5, 9),
+    # a per-channel decay after the erase
+    ("S = S - beta * outer(k, k @ S) + beta * outer(k, v)\nS = diag(exp(gk)) @ S",
+     "the per-channel decay diag(exp(gk)) @ S comes after the erase on line 5: the delta form "
+     "decays rows before erasing", 6, 5),
+    # a decay on the value axis with an erase
+    ("S = S @ diag(gv)\nS = S - beta * outer(k, k @ S) + beta * outer(k, v)",
+     "S @ diag(gv) decays the value axis of S, which also has an erase: no chunkwise form has "
+     "both", 5, 5),
+    # a state inside tanh
+    ("S = tanh(S) + outer(k, v)",
+     "the update of S is not affine in the states: state S inside tanh()", 5, 5),
+    # a write that is not an outer product
+    ("S = S + W", "the write W to S is not an outer product outer(a, b)", 5, 9),
+])
+def test_recurrent_rules_with_reason_and_position(body, reason, line, column):
+    f = family("rule r\n" + HEAD + "input q[K], k[K], w[K], v[V], gk[K], gv[V], W[K, V], beta\n"
+               f"{body}\noutput o = q @ S\n")
+    assert f.name == "recurrent"
+    assert f.reason == reason
+    assert (f.pos.line, f.pos.column) == (line, column)
+
+
+def test_a_product_of_two_states_is_recurrent():
+    f = family("rule p\n" + HEAD + "state n[K]\ninput q[K], k[K], v[V]\nn = n + k\n"
+               "S = S + dot(n, k) * S + outer(k, v)\noutput o = q @ S\n")
+    assert f.name == "recurrent"
+    assert f.reason == "the update of S is not affine in the states: a product of two states (n and S)"
+    assert (f.pos.line, f.pos.column) == (7, 9)
+
+
+def test_a_gate_depending_on_a_state_is_recurrent():
+    f = family("rule g\n" + HEAD + "input q[K], k[K], v[V]\nlet g = sigmoid(sum(k @ S))\n"
+               "S = g * S + outer(k, v)\noutput o = q @ S\n")
+    assert f.name == "recurrent"
+    assert f.reason == "the update of S is not affine in the states: the gate g depends on state S"
+    assert (f.pos.line, f.pos.column) == (6, 5)
+
+
+def test_a_read_before_the_update_is_recurrent():
+    f = family("rule e\n" + HEAD + "input q[K], k[K], v[V]\nlet r = q @ S\nS = S + outer(k, v)\n"
+               "output o = r\n")
+    assert f.name == "recurrent"
+    assert f.reason == ("o reads S before its update on line 6; the chunkwise forms read the "
+                        "state after the token's updates")
+    assert (f.pos.line, f.pos.column) == (5, 9)
+
+
+def test_a_write_fed_by_a_read_of_the_state_is_recurrent():
+    f = family("rule rw\ndims M, K, V\nstate Sk[M, K], Sv[M, V]\ninput q[K], k[K], v[V], r[M]\n"
+               "let p = softmax(Sk @ q + r)\nSk = Sk + outer(p, k)\nSv = Sv + outer(p, v)\n"
+               "output o = p @ Sv\n")
+    assert f.name == "recurrent"
+    assert f.reason == ("the update of Sk is not affine in the states: the write outer(p, k) "
+                        "depends on state Sk; the update of Sv depends on Sk")
+    assert (f.pos.line, f.pos.column) == (6, 11)
+
+
+def test_an_output_that_is_not_a_linear_read_is_recurrent():
+    f = family("rule t\n" + HEAD + "input q[K], k[K], v[V]\nS = S + outer(k, v)\n"
+               "output o = tanh(q @ S)\n")
+    assert f.name == "recurrent"
+    assert f.reason == ("tanh(q @ S) is not a linear read of a state: an output must be a linear "
+                        "read of the states")
+    assert (f.pos.line, f.pos.column) == (6, 12)
+
+
+def test_vector_states_and_mixed_forms_are_recurrent():
+    f = family("rule v\ndims K\nstate n[K]\ninput q[K], k[K], g\nn = exp(g) * n + k\n"
+               "output o = dot(q, n)\n")
+    assert f.name == "recurrent"
+    assert f.reason == "state n is a vector; the chunkwise forms take matrix states"
+    assert (f.pos.line, f.pos.column) == (3, 7)
+    f = family("rule mix\ndims K, V\nstate S[K, V], T[K, V]\ninput q[K], k[K], v[V], beta\n"
+               "S = S - beta * outer(k, k @ S) + beta * outer(k, v)\nT = T + outer(k, v)\n"
+               "output o = q @ S + q @ T\n")
+    assert f.name == "recurrent"
+    assert f.reason == ("state S has the delta form and state T the diagonal form: no single "
+                        "chunkwise form fits both")
