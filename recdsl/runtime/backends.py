@@ -16,15 +16,42 @@ def _recurrent(rule, call):
     return run_recurrent(rule, call)
 
 
+def _torch_chunk_module(rule):
+    """The module running this rule's family chunkwise in PyTorch, or None."""
+    import importlib
+    name = {"delta": "torch_chunk_delta", "diagonal": "torch_chunk_diagonal"}.get(rule.family)
+    if name is None:
+        return None
+    try:
+        return importlib.import_module(f"{__package__}.{name}")
+    except ModuleNotFoundError:
+        return None
+
+
+def _torch_chunk_problem(rule):
+    """Why torch-chunk cannot run this rule, or None. Each family module may refuse a rule
+    with its own reason through ``problem(rule)``."""
+    module = _torch_chunk_module(rule)
+    if rule.family == "recurrent":
+        return f"rule '{rule.name}' has no chunkwise form: {rule.family_reason}"
+    if module is None:
+        return f"the chunkwise PyTorch path for the {rule.family} family is not built yet"
+    return module.problem(rule)
+
+
+def _torch_chunk(rule, call):
+    return _torch_chunk_module(rule).run(rule, call)
+
+
 _RUNNERS = {
     "naive": lambda rule, call: run_naive(rule.ir, call),
     "recurrent": _recurrent,
+    "torch-chunk": _torch_chunk,
 }
 
 # Why a known backend cannot run yet (shown to the user).
 _NOT_YET = {
     "chunk": "the chunkwise Triton kernels are not built yet",
-    "torch-chunk": "the chunkwise PyTorch path is not built yet",
 }
 
 
@@ -37,6 +64,8 @@ def available(rule, device=None) -> list:
     """The backends that can run ``rule`` on ``device`` (default: CPU) here, naive last."""
     device = torch.device(device or "cpu")
     names = []
+    if _torch_chunk_problem(rule) is None:
+        names.append("torch-chunk")
     if _triton_usable(device):
         names.append("recurrent")
     names.append("naive")
@@ -47,7 +76,7 @@ def _auto(rule, device) -> str:
     # On a GPU the fused kernel; on the CPU the PyTorch paths (interpreted Triton is for tests).
     if device.type == "cuda":
         return "recurrent"
-    return "naive"
+    return "torch-chunk" if _torch_chunk_problem(rule) is None else "naive"
 
 
 def resolve(rule, backend: str, call):
@@ -58,4 +87,9 @@ def resolve(rule, backend: str, call):
     if backend not in _RUNNERS:
         raise BackendError(f"backend '{backend}' is not available for rule '{rule.name}': "
                            f"{_NOT_YET[backend]}; use backend='naive' or 'auto'")
+    if backend == "torch-chunk":
+        problem = _torch_chunk_problem(rule)
+        if problem is not None:
+            raise BackendError(f"backend 'torch-chunk' is not available for rule '{rule.name}': "
+                               f"{problem}; use backend='naive' or 'auto'")
     return _RUNNERS[backend]

@@ -8,6 +8,7 @@ from ..errors import BackendError, RecdslError
 from ..grammar.parser import parse
 from ..ir.checked import CheckedRule
 from ..ir.checker import check
+from ..ir.family import classify
 from . import backends
 from .call import BoundCall
 
@@ -18,7 +19,12 @@ class Rule:
     def __init__(self, checked: CheckedRule):
         self.ir = checked
         self.name = checked.name
-        self.family = None  # filled in by the analysis: "diagonal", "delta" or "recurrent"
+        family = classify(checked)
+        self.family = family.name  # "delta", "diagonal" or "recurrent"
+        # what was recognised, or why the rule has no chunkwise form (with file:line:col)
+        self.family_reason = (family.reason if family.pos is None
+                              else f"{family.reason} ({family.where(checked.filename)})")
+        self.analysis = family.analysis
 
     # names, in declaration order
     @property
