@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from pathlib import Path
 
 import lark
@@ -271,9 +272,29 @@ def _statement_tokens(values) -> list:
     return out[::-1]
 
 
-def _first_on_line(source: str, tok: lark.Token) -> bool:
+_STATEMENT_START = re.compile(r"\s*(?:(?:rule|dims|state|input|param|const|let|output|for)\b"
+                              r"|[A-Za-z_][A-Za-z0-9_]*\s*=)")
+
+
+def _unclosed_bracket(source: str, filename: str, tok: lark.Token):
+    """(an error for a bracket left open, or None; the brackets open before ``tok``).
+
+    Inside brackets newlines are dropped (an expression may go on over several lines), so a
+    missing ')' shows up only at the end of the file or on a later line that starts a new
+    statement: report it there as the bracket it is."""
     lines = source_lines(source)
-    return 0 < tok.line <= len(lines) and not lines[tok.line - 1][: tok.column - 1].strip()
+    at_end = _open_brackets(source, len(lines), len(lines[-1]) + 1)
+    stack = at_end if tok.type == "$END" else _open_brackets(source, tok.line, tok.column)
+    if not stack:
+        return None, stack
+    char, line, column = stack[-1]
+    never_closed = stack[-1] in at_end
+    if never_closed and (tok.type == "$END" or (line < tok.line <= len(lines)
+                                                and _STATEMENT_START.match(lines[tok.line - 1]))):
+        return SpecError(f"'{char}' is never closed", line=line, column=column, source=source,
+                         filename=filename, hint=f"add the matching '{_BRACKETS[char]}'; inside "
+                         f"brackets an expression may go on over several lines"), stack
+    return None, stack
 
 
 def _syntax_error(err: UnexpectedInput, source: str, filename: str) -> SpecError:
@@ -301,15 +322,9 @@ def _syntax_error(err: UnexpectedInput, source: str, filename: str) -> SpecError
     length = len(text) if tok.type not in ("_NL", "$END", "_INDENT", "_DEDENT") else 1
     what = _token_words(tok)
 
-    # Inside brackets newlines are dropped (an expression may go on over several lines), so
-    # a missing ')' shows up only at the next statement or at the end of the file.
-    open_brackets = _open_brackets(source, line, column) if tok.type != "$END" else \
-        _open_brackets(source, len(source_lines(source)), len(source) + 1)
-    if open_brackets and (tok.type == "$END" or (tok.line > open_brackets[-1][1]
-                                                   and _first_on_line(source, tok))):
-        char, at_line, at_column = open_brackets[-1]
-        return fail(f"'{char}' is never closed", f"add the matching '{_BRACKETS[char]}'; inside "
-                    f"brackets an expression may go on over several lines", at=(at_line, at_column))
+    unclosed, open_brackets = _unclosed_bracket(source, filename, tok)
+    if unclosed is not None:
+        return unclosed
     if open_brackets:
         expected.discard("_NL")
     else:
@@ -382,7 +397,8 @@ def parse(source: str, filename: str = "<rule>") -> ast.RuleFile:
         raise SpecError(err.message, line=err.line, column=err.column, source=source,
                         filename=filename, hint="indent every line of a block by the same amount") from None
     except _KeywordAsName as err:
-        raise _keyword_error(err.token, source, filename) from None
+        unclosed, _ = _unclosed_bracket(source, filename, err.token)
+        raise (unclosed or _keyword_error(err.token, source, filename)) from None
     except UnexpectedInput as err:
         raise _syntax_error(err, source, filename) from None
     _check_depth(tree, source, filename)
