@@ -83,6 +83,11 @@ class Rule:
             return tuple(o.squeeze(1) for o in out), final
         return out.squeeze(1), final
 
+    def layer(self, heads: int, dims: dict | None = None, backend: str = "auto", seed: int = 0):
+        """This rule as a torch.nn.Module whose params are learnable (see RuleLayer)."""
+        from .module import RuleLayer
+        return RuleLayer(self, heads, dims=dims, backend=backend, seed=seed)
+
     def __repr__(self):
         return f"<recdsl.Rule {self.name} ({self.ir.filename})>"
 
