@@ -281,7 +281,7 @@ def _unclosed_bracket(source: str, filename: str, tok: lark.Token):
 
     Inside brackets newlines are dropped (an expression may go on over several lines), so a
     missing ')' shows up only at the end of the file or on a later line that starts a new
-    statement: report it there as the bracket it is."""
+    statement: point at the bracket itself."""
     lines = source_lines(source)
     at_end = _open_brackets(source, len(lines), len(lines[-1]) + 1)
     stack = at_end if tok.type == "$END" else _open_brackets(source, tok.line, tok.column)
