@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from ..grammar import ast
 from ..ir import builtins
 from ..ir.checked import CheckedRule
-from ..ir.checker import evaluate_constant
+from ..ir.checker import topk_count
 
 _UNARY = {
     "exp": torch.exp, "log": torch.log, "sqrt": torch.sqrt, "rsqrt": torch.rsqrt, "abs": torch.abs,
@@ -86,7 +86,9 @@ class NaiveStep:
             if isinstance(st, ast.Let):
                 env[st.name] = self.expr(st.value, env, token, params, states)
             elif isinstance(st, ast.Update):
-                states[st.state] = self.expr(st.value, env, token, params, states)
+                value = self.expr(st.value, env, token, params, states)
+                # a constant (0-d) new value still has one entry per sequence and head
+                states[st.state] = value.expand(states[st.state].shape) if value.dim() == 0 else value
             elif isinstance(st, ast.Output):
                 env[st.name] = value = self.expr(st.value, env, token, params, states)
                 outputs[st.name] = value
@@ -138,7 +140,7 @@ class NaiveStep:
             return torch.maximum(a, b) if fn == "max" else torch.minimum(a, b)
         if fn == "keep_topk":
             x = ev(e.args[0])
-            n = int(evaluate_constant(e.args[1], self.rule.consts, self.dim_sizes))
+            n = topk_count(e, self.rule, self.dim_sizes)
             kept = torch.topk(x, min(n, x.shape[-1]), dim=-1).indices
             return torch.zeros_like(x).scatter(-1, kept, x.gather(-1, kept))
         x = ev(e.args[0])

@@ -392,6 +392,17 @@ def evaluate_constant(e, consts: dict, dim_sizes: dict) -> float:
     raise AssertionError(e)
 
 
+def topk_count(call: ast.Call, rule, dim_sizes: dict) -> int:
+    """keep_topk's count for these dim sizes; a clear error when it is not a positive whole
+    number (a count written with dims is only known at call time)."""
+    value = evaluate_constant(call.args[1], rule.consts, dim_sizes)
+    if not (value == value and abs(value) != math.inf and value == int(value) and value >= 1):
+        pos = call.args[1].start if isinstance(call.args[1], ast.BinOp) else call.args[1].pos
+        raise RecdslError(f"{rule.filename}:{pos.line}:{pos.column}: the count of keep_topk is "
+                          f"{value:g} for dims {dim_sizes}; it must be a positive whole number")
+    return int(value)
+
+
 def _arithmetic(op: str, a: float, b: float) -> float:
     """``a op b`` in floats, never raising: an undefined result is nan, an overflow inf
     (Python's own ``**`` raises on overflow and returns complex numbers for (-8) ** 0.5)."""

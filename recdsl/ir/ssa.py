@@ -28,7 +28,7 @@ import sympy
 from ..grammar import ast
 from . import builtins
 from .checked import CheckedRule
-from .checker import evaluate_constant
+from .checker import topk_count
 from .shapes import Diag
 from .symbolic import FUNCTIONS, dim_symbol, symbol
 
@@ -224,7 +224,9 @@ class _Lowering:
                 return _Term(sympy.Integer(value) if isinstance(value, int) else sympy.Float(value), (), {})
             return self.leaf_term(env[e.id])
         if isinstance(e, ast.Index):
-            return self.leaf_term(env[(e.target.id, env[e.index.id])])
+            # k[j] inside an unrolled loop; k[1] (a number) in expressions built by later stages
+            j = int(e.index.value) if isinstance(e.index, ast.Num) else env[e.index.id]
+            return self.leaf_term(env[(e.target.id, j)])
         if isinstance(e, ast.Neg):
             t = self.expr(e.operand, env)
             return _Term(-t.expr, t.shape, t.leaves)
@@ -272,7 +274,7 @@ class _Lowering:
             return _Term(e_.expr / total.expr, v.shape, {**e_.leaves, **total.leaves})
         if fn == "keep_topk":
             v = self.leaf_term(self.materialize(x))
-            n = int(evaluate_constant(e.args[1], self.rule.consts, self.loop_sizes))
+            n = topk_count(e, self.rule, self.loop_sizes)
             mask = self.new_val("mask", v.shape)
             self.ops.append(TopkMask(mask, v.leaves[v.expr].val, n))
             return self.combine("*", v, self.leaf_term(mask))
@@ -280,6 +282,14 @@ class _Lowering:
 
     # statements
     def run(self):
+        env = self.bind_sources()
+        self.statements(self.rule.body, env, "")
+        for var in self.rule.states:
+            self.program.states_out[var.name] = env[var.name]
+        return self.program
+
+    def bind_sources(self, states=True) -> dict:
+        """Source ops for every input (and slice k[j]), param and (optionally) state."""
         rule = self.rule
         env = {}
         for var in rule.inputs:
@@ -298,12 +308,10 @@ class _Lowering:
             env[var.name] = self.program.params[var.name] = self.source("param", var.name, var.dims)
             if var.dims and var.dims[0] in self.loop_sizes and _indexed(rule.body, var.name):
                 raise NotImplementedError("indexing a param inside a loop")
-        for var in rule.states:
-            env[var.name] = self.program.states_in[var.name] = self.source("state", var.name, var.dims)
-        self.statements(rule.body, env, "")
-        for var in rule.states:
-            self.program.states_out[var.name] = env[var.name]
-        return self.program
+        if states:
+            for var in rule.states:
+                env[var.name] = self.program.states_in[var.name] = self.source("state", var.name, var.dims)
+        return env
 
     def statements(self, body, env, suffix):
         for st in body:
@@ -370,3 +378,15 @@ def lower(rule: CheckedRule, dim_sizes: dict | None = None) -> Program:
     if missing:
         raise ValueError(f"the sizes of the loop dims {missing} are needed to unroll the loops")
     return _Lowering(rule, sizes).run()
+
+
+def lower_values(rule: CheckedRule, dim_sizes: dict, values: dict) -> Program:
+    """A program computing named state-free per-token values (the prologue of the chunkwise
+    kernels): ``values`` maps a name to an expression with no lets and no loop variables
+    (lets inlined, ``k[j]`` written with a number). Every input and param is a source; the
+    values are the program's ``outputs``, under their names."""
+    low = _Lowering(rule, dict(dim_sizes))
+    env = low.bind_sources(states=False)
+    for name, e in values.items():
+        low.program.outputs[name] = low.materialize(low.expr(e, env), f"val_{name}")
+    return low.program
