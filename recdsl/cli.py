@@ -187,9 +187,24 @@ def _run(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- recdsl test
+
+
+def _add_test(sub):
+    from .runtime import autotest  # its options and command live beside the autotester
+
+    p = sub.add_parser("test", help="test every backend of a rule against the float64 naive loop",
+                       description="Run the rule with each backend on a grid of shapes and "
+                       "compare outputs, final states and gradients with the naive loop in "
+                       "float64. A backend passes when its error is at most a small factor above "
+                       "the naive loop's own error in the same dtype. Exits 1 if any case fails.")
+    autotest.add_arguments(p)
+    p.set_defaults(handler=autotest.command)
+
+
 # ---------------------------------------------------------------- the parser and main
 
-COMMANDS = (_add_check, _add_run)
+COMMANDS = (_add_check, _add_run, _add_test)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,4 +1,5 @@
 """The command line: recdsl check / run, through main() and once as a real process."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,4 +186,16 @@ def test_top_level(capsys):
     assert err.endswith("recdsl: error: the following arguments are required: COMMAND\n")
     assert run_main(capsys, "--version") == (0, f"recdsl {recdsl.__version__}\n", "")
     code, out, _ = run_main(capsys, "--help")
-    assert code == 0 and "check" in out and "run" in out
+    assert code == 0
+    assert re.findall(r"^    (\w+) +\S", out, re.M) == ["check", "run", "test"]
+
+
+# ---------------------------------------------------------------- test (the autotester's own tests cover it)
+
+
+def test_test_subcommand_is_wired(capsys):
+    code, out, err = run_main(capsys, "test", "examples/linear_attention.rec", "--quick",
+                              "--dims", "K=4,V=4", "--backend", "naive")
+    assert code == 0
+    assert "\nPASS  linear_attention: 9 cases (naive; float32) in " in out
+    assert run_main(capsys, "test", "missing.rec")[:2] == (1, "")
