@@ -1,0 +1,400 @@
+"""The per-token prologue of the delta-family chunk kernels, generated from the rule.
+
+The chunk core (``recdsl.codegen.chunk_delta``) runs one fixed recurrence: per token a scalar
+log-decay ``g``, then ``NH`` Householder-like steps ``S <- (I - beta_j k_j k_jᵀ) S + k_j u_jᵀ``,
+then the read ``o = Sᵀ q``. Everything else the rule says is per-token math free of the state
+(``l2norm(k)``, KLA's ``eta / (dot(k, k) + eps)``, ``2 * sigmoid(b)``, a Mamba-style gate from
+params, the read scale). ``plan`` reads that math off the affine analysis as expressions of
+the rule (lets inlined, loops unrolled); ``generate`` lowers them into one ssa program
+(``ssa.lower_values``), prints it with ``triton_ops.emit_ops`` into a token-parallel kernel, and
+prints its adjoint (``vjp.adjoint``) into the backward kernel that maps the core's gradients
+back to the rule's inputs and params. So the prologue's math and its derivatives are the
+rule's own, never hand-written.
+
+How the analysis maps onto the core, per token, in application order:
+- a scalar decay ``d`` adds ``log(d)`` to ``g`` (taken in log space: ``exp(x)`` gives ``x``), and
+  scales the writes made before it in the same token (scalars commute with the erases, so
+  every decay can be applied first);
+- a Householder-like erase ``I - c k kᵀ`` starts step j: ``k_j = k``, ``beta_j = c``;
+- a write ``c * outer(k, v)`` after it adds ``c * v`` to ``u_j``.
+The output ``o = sum(c_i * x_i @ S) + extra`` gives ``q = sum(c_i * x_i)`` and ``extra``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import triton
+
+from ..grammar import ast
+from ..ir.checked import CheckedRule
+from ..ir.ssa import lower_values
+from ..ir.vjp import adjoint
+from .recurrent import _Emitter, _RecurrentGenerator, _ident, _numel
+from .triton_ops import TOPK_HELPER, block, emit_ops, zeros
+
+# ---------------------------------------------------------------- the plan
+
+
+@dataclass
+class Plan:
+    """The core's per-token quantities as expressions of the rule (no lets, no loop vars)."""
+    state: str
+    key_dim: str  # K: the state's rows
+    value_dim: str  # V: its columns
+    keys: list = field(default_factory=list)  # per step j: vector [K]
+    betas: list = field(default_factory=list)  # per step j: scalar
+    writes: list = field(default_factory=list)  # per step j: vector [V]
+    log_decay: object = None  # scalar, or None (no decay)
+    read: object = None  # vector [K]
+    output: str = ""
+    extra: object = None  # [V] or None
+
+    @property
+    def steps(self) -> int:
+        return len(self.keys)
+
+    def values(self) -> dict:
+        """name -> expression, in the order the kernel stores them."""
+        out = {}
+        for j in range(self.steps):
+            out[f"key_{j}"] = self.keys[j]
+            out[f"beta_{j}"] = self.betas[j]
+            out[f"u_{j}"] = self.writes[j]
+        out["g"] = self.log_decay if self.log_decay is not None else _num(0.0)
+        out["q"] = self.read
+        if self.extra is not None:
+            out["extra"] = self.extra
+        return out
+
+
+def problem(rule) -> str | None:
+    """Why the delta chunk core cannot run ``rule`` (a ``Rule``), or None."""
+    try:
+        _structure(rule)
+    except _Unsupported as e:
+        return str(e)
+    return None
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _structure(rule):
+    """The checks that need no sizes: (state analysis, read value)."""
+    if rule.family != "delta":
+        raise _Unsupported(f"rule '{rule.name}' is in the {rule.family} family, not delta")
+    analysis = rule.analysis
+    if len(analysis.states) != 1:
+        raise _Unsupported("the delta chunk kernel takes one state; this rule has "
+                           f"{len(analysis.states)}")
+    (sa,) = analysis.states.values()
+    for f in sa.factors:
+        if f.kind in ("rows", "cols"):
+            raise _Unsupported(f"the per-channel decay {_text(f.node)} before the erase is not "
+                               f"supported chunkwise (use the recurrent backend)")
+        if f.kind == "scalar" and f.coef is not None and f.coef.sign < 0:
+            raise _Unsupported(f"the decay {_text(f.node)} is negative; the chunk kernel takes "
+                               f"decays in log space")
+    for s in sa.steps:
+        if s.loop is not None and s.loop.parent is not None:
+            raise _Unsupported("nested for blocks are not supported chunkwise")
+    outputs = [rv for rv in analysis.reads if rv.kind == "output"]
+    if len(outputs) != 1 or len(rule.outputs) != 1:
+        raise _Unsupported("the delta chunk kernel takes one output")
+    (rv,) = outputs
+    if rv.chain or not rv.terms:
+        raise _Unsupported(f"output {rv.name} is not a plain read q @ {sa.name}")
+    for t in rv.terms:
+        if t.read.side != "left" or t.read.state != sa.name:
+            raise _Unsupported(f"output {rv.name} reads {sa.name} as {_text(t.read.node)}; the "
+                               f"chunk kernel reads q @ {sa.name}")
+    return sa, rv
+
+
+def plan(rule, dim_sizes: dict) -> Plan:
+    """The core's quantities for ``rule`` at these sizes (loops unrolled)."""
+    sa, rv = _structure(rule)
+    ir: CheckedRule = rule.ir
+    lets = _lets(ir.body)
+    key_dim, value_dim = sa.var.dims
+    p = Plan(sa.name, key_dim, value_dim, output=rv.name)
+    logs = []  # log-decays of the token so far
+    writes = []  # per step: list of [expression, log-decays applied after it]
+    for loop, steps in _groups(sa.steps):
+        for j in range(dim_sizes[loop.dim]) if loop is not None else [None]:
+            env = {loop.var: j} if loop is not None else {}
+            resolve = lambda e: _resolve(e, lets, env)  # noqa: E731
+            for step in steps:
+                for f in step.factors:
+                    if f.kind == "scalar":
+                        log = _log_of(resolve(f.decay))
+                        logs.append(log)
+                        for w in (w for step_writes in writes for w in step_writes):
+                            w[1].append(log)
+                    elif f.kind == "rank_one":
+                        p.keys.append(resolve(f.key))
+                        p.betas.append(resolve(f.coef.expr()))
+                        writes.append([])
+                for w in step.writes:
+                    writes[-1].append([resolve(w.coef.scaled(w.right)), []])
+    p.log_decay = _sum(logs) if logs else None
+    for step_writes in writes:
+        terms = []
+        for value, later in step_writes:
+            if later:  # decays after the write scale it
+                value = ast.BinOp("*", ast.Call("exp", [_sum(later)], _AT, shape=()), value, _AT,
+                                  _AT, shape=value.shape)
+            terms.append(value)
+        p.writes.append(_sum(terms) if terms else None)
+    if any(w is None for w in p.writes):
+        raise _Unsupported("an erase without a write")
+    reads = [_resolve(t.coef.scaled(t.read.vector), lets, {}) for t in rv.terms]
+    p.read = _sum(reads)
+    p.extra = _resolve(rv.extra, lets, {}) if rv.extra is not None else None
+    return p
+
+
+# ---------------------------------------------------------------- expression helpers
+
+_AT = ast.Pos(0, 0)
+
+
+def _num(value):
+    return ast.Num(float(value), repr(float(value)), _AT, shape=())
+
+
+def _text(node) -> str:
+    from ..ir.pretty import unparse
+    return unparse(node)
+
+
+def _lets(body) -> dict:
+    """name -> expression of every let (names are bound once in a rule)."""
+    out = {}
+    for st in body:
+        if isinstance(st, ast.Let):
+            out[st.name] = st.value
+        elif isinstance(st, ast.For):
+            out.update(_lets(st.body))
+    return out
+
+
+def _groups(steps):
+    """Consecutive steps of the same loop (or of no loop), in order."""
+    groups = []
+    for step in steps:
+        if groups and step.loop is not None and groups[-1][0] is step.loop:
+            groups[-1][1].append(step)
+        else:
+            groups.append((step.loop, [step]))
+    return groups
+
+
+def _resolve(e, lets, env):
+    """``e`` with lets inlined and loop variables replaced by their values."""
+    if isinstance(e, ast.Name):
+        if e.kind == "let":
+            return _resolve(lets[e.id], lets, env)
+        if e.kind == "state":
+            raise _Unsupported(f"{e.id} is read where the chunk kernel needs a per-token value")
+        return e
+    if isinstance(e, ast.Index):
+        if isinstance(e.index, ast.Num):
+            return e
+        j = env[e.index.id]
+        return ast.Index(e.target, ast.Num(float(j), str(j), e.index.pos, shape=()), e.pos, e.shape)
+    if isinstance(e, ast.Num):
+        return e
+    if isinstance(e, ast.Neg):
+        return ast.Neg(_resolve(e.operand, lets, env), e.pos, e.shape)
+    if isinstance(e, ast.BinOp):
+        return ast.BinOp(e.op, _resolve(e.left, lets, env), _resolve(e.right, lets, env), e.pos,
+                         e.start, e.shape)
+    if isinstance(e, ast.Call):
+        return ast.Call(e.fn, [_resolve(a, lets, env) for a in e.args], e.pos, e.shape)
+    raise AssertionError(e)
+
+
+def _log_of(e):
+    """log(e) as an expression, in log space where the rule allows it: log(exp(x)) is x."""
+    if isinstance(e, ast.Call) and e.fn == "exp":
+        return e.args[0]
+    if isinstance(e, ast.BinOp) and e.op in "*/" and e.left.shape == () and e.right.shape == ():
+        a, b = _log_of(e.left), _log_of(e.right)
+        return ast.BinOp("+" if e.op == "*" else "-", a, b, _AT, _AT, shape=())
+    if isinstance(e, ast.Num):
+        if e.value <= 0:
+            raise _Unsupported(f"the decay {e.text} is not positive")
+        return _num(math.log(e.value))
+    return ast.Call("log", [e], _AT, shape=())
+
+
+def _sum(items):
+    value = items[0]
+    for item in items[1:]:
+        value = ast.BinOp("+", value, item, _AT, _AT, shape=value.shape)
+    return value
+
+
+# ---------------------------------------------------------------- the kernels
+
+
+@dataclass
+class PrologueSpec:
+    rule_name: str
+    source: str
+    steps: int  # NH: Householder steps per token
+    key_dim: str
+    value_dim: str
+    has_extra: bool
+    forward_args: list
+    backward_args: list
+    grad_inputs: dict  # input name -> has a gradient
+    grad_params: dict
+
+    @property
+    def forward_name(self):
+        return f"{_ident(self.rule_name)}_prologue_fwd"
+
+    @property
+    def backward_name(self):
+        return f"{_ident(self.rule_name)}_prologue_bwd"
+
+
+# quantity name -> (buffer argument, how many per token and head, its dims)
+def _buffers(p: Plan) -> list:
+    out = [("key", p.steps, (p.key_dim,)), ("beta", p.steps, ()), ("u", p.steps, (p.value_dim,)),
+           ("g", 1, ()), ("q", 1, (p.key_dim,))]
+    if p.extra is not None:
+        out.append(("extra", 1, (p.value_dim,)))
+    return out
+
+
+class _PrologueGenerator(_RecurrentGenerator):
+    """Token-parallel kernels: program (token block, head). Reuses the recurrent generator's
+    token loads and stores (``load_token``, ``load_params``, ``_load``, ``_store``,
+    ``_accumulate``); its own lowering is ``ssa.lower_values`` instead of the whole token."""
+
+    def __init__(self, rule, dim_sizes: dict):  # noqa: the parent lowers the whole token
+        self.rule = rule.ir
+        self.sizes = dict(dim_sizes)
+        self.blocks = {d: triton.next_power_of_2(n) for d, n in self.sizes.items()}
+        self.plan = plan(rule, self.sizes)
+        self.forward = lower_values(self.rule, self.sizes, self.plan.values())
+        self.adjoint = adjoint(self.forward)
+
+    def header(self, e: _Emitter, name, args):
+        e("@triton.jit")
+        e(f"def {name}({', '.join(args)}, TOKB: tl.constexpr):")
+        e.depth = 1
+        e("i_b = tl.program_id(0)")
+        e("i_h = tl.program_id(1)")
+        e("start = tl.cast(i_b, tl.int64) * TOKB")
+        e("stop = tl.minimum(start + TOKB, NTOK)")
+        for d in self.rule.dims:
+            e(f"o_{d} = tl.arange(0, {block(d)})")
+            e(f"m_{d} = o_{d} < {self.sizes[d]}")
+
+    def slot(self, buffer, count, index, dims):
+        """Base address of quantity ``buffer`` (item ``index``) of token ``tok``, head i_h."""
+        n = _numel(dims, self.sizes)
+        return f"p_{buffer} + ((tok * H + i_h) * {count} + {index}) * {n}"
+
+    def _quantities(self):
+        """(value name, buffer, count, index, dims) for every quantity."""
+        out = []
+        for buffer, count, dims in _buffers(self.plan):
+            for j in range(count):
+                name = f"{buffer}_{j}" if buffer in ("key", "beta", "u") else buffer
+                out.append((name, buffer, count, j, dims))
+        return out
+
+    def forward_kernel(self):
+        rule, prog = self.rule, self.forward
+        args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
+                + [f"p_{b}" for b, _, _ in _buffers(self.plan)] + ["NTOK", "H"])
+        e = _Emitter()
+        self.header(e, f"{_ident(rule.name)}_prologue_fwd", args)
+        self.load_params(e, prog)
+        e("for tok in range(start, stop):")
+        e.depth = 2
+        self.load_token(e, prog)
+        e.block(emit_ops(prog.ops, self.sizes))
+        for name, buffer, count, j, dims in self._quantities():
+            e(self._store(self.slot(buffer, count, j, dims), dims, prog.outputs[name].id))
+        return args, e.lines
+
+    def backward_kernel(self):
+        rule, adj = self.rule, self.adjoint
+        prog = adj.program
+        args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
+                + [f"p_d{b}" for b, _, _ in _buffers(self.plan)]
+                + [f"p_din_{v.name}" for v in rule.inputs] + [f"p_dpar_{v.name}" for v in rule.params]
+                + ["NTOK", "H"])
+        e = _Emitter()
+        self.header(e, f"{_ident(rule.name)}_prologue_bwd", args)
+        self.load_params(e, self.forward)
+        for name in prog.params:
+            dims = rule.var(name).dims
+            e(f"acc_{name} = {zeros(dims) if dims else 'tl.zeros([], tl.float32)'}")
+        e("for tok in range(start, stop):")
+        e.depth = 2
+        self.load_token(e, prog)
+        for name, buffer, count, j, dims in self._quantities():
+            e(self._load(adj.grad_outputs[name].id, self.slot("d" + buffer, count, j, dims), dims))
+        e.block(emit_ops(prog.ops, self.sizes, prefix="b"))
+        # an input used whole and as slices k[j]: the whole part is stored first, the slices
+        # added to it (the gradient buffers start at zero)
+        entries = sorted(prog.inputs.items(), key=lambda item: item[0][1] is not None)
+        for (name, index), _ in entries:
+            grad = adj.grad_inputs.get((name, index))
+            if grad is None:
+                continue
+            var = rule.var(name)
+            dims = var.dims if index is None else var.dims[1:]
+            base = f"p_din_{name} + (tok * H + i_h) * {_numel(var.dims, self.sizes)}"
+            if index is not None:
+                base += f" + {index * int(_numel(dims, self.sizes))}"
+            whole_too = index is not None and adj.grad_inputs.get((name, None)) is not None
+            e(self._accumulate(base, dims, grad.id) if whole_too else self._store(base, dims, grad.id))
+        for name in prog.params:
+            grad = adj.grad_params.get(name)
+            if grad is not None:
+                e(f"acc_{name} += {grad.id}")
+        e.depth = 1
+        for name in prog.params:  # one partial sum per (token block, head)
+            var = rule.var(name)
+            base = f"p_dpar_{name} + (tl.cast(i_b, tl.int64) * H + i_h) * {_numel(var.dims, self.sizes)}"
+            e(self._store(base, var.dims, f"acc_{name}"))
+        return args, e.lines
+
+    def generate(self) -> PrologueSpec:
+        fwd_args, fwd_lines = self.forward_kernel()
+        bwd_args, bwd_lines = self.backward_kernel()
+        header = [
+            f'"""Chunk-kernel prologue for rule {self.rule.name}, generated by recdsl.',
+            f"Dims: {', '.join(f'{d}={n}' for d, n in self.sizes.items())}.",
+            '"""',
+            "import triton",
+            "import triton.language as tl",
+            "",
+        ]
+        blocks = [f"{block(d)} = tl.constexpr({b})" for d, b in self.blocks.items()]
+        source = "\n".join(header + blocks + [TOPK_HELPER, ""] + fwd_lines + ["", ""] + bwd_lines) + "\n"
+        adj = self.adjoint
+        return PrologueSpec(
+            rule_name=self.rule.name, source=source, steps=self.plan.steps,
+            key_dim=self.plan.key_dim, value_dim=self.plan.value_dim,
+            has_extra=self.plan.extra is not None, forward_args=fwd_args, backward_args=bwd_args,
+            grad_inputs={v.name: any(adj.grad_inputs.get(k) is not None
+                                     for k in adj.program.inputs if k[0] == v.name)
+                         for v in self.rule.inputs},
+            grad_params={name: adj.grad_params.get(name) is not None for name in adj.program.params})
+
+
+def generate(rule, dim_sizes: dict) -> PrologueSpec:
+    """The prologue kernels of ``rule`` (a ``Rule`` of the delta family) at these sizes."""
+    return _PrologueGenerator(rule, dim_sizes).generate()
+
