@@ -141,7 +141,8 @@ class NaiveStep:
         if fn == "keep_topk":
             x = ev(e.args[0])
             n = topk_count(e, self.rule, self.dim_sizes)
-            kept = torch.topk(x, min(n, x.shape[-1]), dim=-1).indices
+            # ties go to the lowest index, as in every backend (a stable descending sort)
+            kept = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :min(n, x.shape[-1])]
             return torch.zeros_like(x).scatter(-1, kept, x.gather(-1, kept))
         x = ev(e.args[0])
         if fn == "dot":

@@ -41,8 +41,9 @@ def silu(x):
 
 
 def topk_mask(x, count):
-    """1 on the ``count`` largest entries of the last axis, 0 elsewhere."""
-    kept = torch.topk(x, min(count, x.shape[-1]), dim=-1).indices
+    """1 on the ``count`` largest entries of the last axis, 0 elsewhere; ties go to the
+    lowest index, as in the naive loop and the Triton kernels."""
+    kept = torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :min(count, x.shape[-1])]
     return torch.zeros_like(x).scatter(-1, kept, 1.0)
 
 
