@@ -1,0 +1,330 @@
+"""backend="chunk" for the diagonal family: the chunkwise Triton kernels of
+``recdsl.codegen.chunk_diagonal`` behind a torch.autograd.Function per pass.
+
+A pass is one state read along one axis with one write per token (see the codegen module).
+A rule becomes passes from its analysis (``recdsl.ir.affine``):
+
+* each state's factors, over all its update statements, give per-token log-decays: a scalar
+  part (``decay * S``), a row part (``diag(x) @ S``) and a column part (``S @ diag(x)``); the
+  scalar part goes on the read's contracted axis, so it never needs the per-channel mode;
+* each write ``coef * outer(a, b)`` is a pass of its own (the recurrence is linear, so a
+  state with several writes is the sum of one state per write, the initial state going to
+  the first); factors of later statements in the same token scale its vectors;
+* each output term ``coef * (x @ S)`` (or ``S @ x``) reads with ``coef * x``; the output's
+  per-token ``extra`` (Mamba-2's ``D * x``) is added by the kernel of its first pass;
+* a let that is a function of reads (Raven's ``p = softmax(Sk @ q)``) is evaluated per token
+  once its reads are done, and later reads use it as their vector: passes run in source order.
+
+The per-token quantities (read vectors, write vectors, log-decays, extras, chained lets) are
+evaluated by generated token-parallel kernels (``codegen.chunk_diagonal.generate_prologue``:
+the rule's own expressions and their adjoints), one per stage, each behind a
+torch.autograd.Function; autograd joins stages and passes.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+import triton
+
+from ..codegen import chunk_diagonal as codegen
+from ..codegen.chunk_diagonal import CHANNEL, PassShape
+from ..errors import BackendError
+from .cache import cache_key, load_module
+from .recurrent import check_device
+
+# Tokens per chunk; tests lower it to exercise chunk boundaries at small T.
+CHUNK_SIZE = 64
+# Dot precision on GPUs ("tf32" or "ieee"); the interpreter always computes exactly.
+PRECISION = "tf32"
+
+
+def kernels():
+    """The generated kernel module (one for every rule: the kernels take their shapes as
+    constexprs)."""
+    key = cache_key("chunk-diagonal", codegen.VERSION, codegen.SOURCE)
+    return load_module(key, "chunk_diagonal", lambda: codegen.SOURCE)
+
+
+# ====================================================================== one pass
+
+
+@dataclass
+class PassLaunch:
+    """What a pass's kernels need besides its tensors."""
+    shape: PassShape
+    batch: int
+    time: int
+    heads: int
+    num_sequences: int
+    cu: Optional[torch.Tensor]  # int64 sequence boundaries, or None
+    chunk_offsets: torch.Tensor  # int64 [N + 1]: the first chunk of each sequence
+    state_dims: tuple  # the rule's layout of the state: (DX, DY) or (DY, DX) when transposed
+
+    @staticmethod
+    def make(shape: PassShape, call) -> "PassLaunch":
+        device = call.device
+        chunk = shape.chunk
+        if call.packed:
+            lengths = [b - a for a, b in call.segments()]
+            counts = [-(-n // chunk) for n in lengths]
+            cu = torch.tensor(call.cu_seqlens, dtype=torch.int64, device=device)
+        else:
+            counts = [-(-call.time // chunk)] * call.batch
+            cu = None
+        offsets = torch.tensor([0] + counts, dtype=torch.int64, device=device).cumsum(0)
+        dims = (shape.dy, shape.dx) if shape.transposed else (shape.dx, shape.dy)
+        return PassLaunch(shape, call.batch, call.time, call.heads, call.num_sequences, cu,
+                          offsets, dims)
+
+    @property
+    def total_chunks(self) -> int:
+        return int(self.chunk_offsets[-1].item())
+
+    def common(self, device):
+        dummy = torch.empty(1, dtype=torch.int64, device=device)
+        return (self.cu if self.cu is not None else dummy, self.chunk_offsets, self.time, self.heads)
+
+
+def _cumsum(module, launch: PassLaunch, g: torch.Tensor) -> torch.Tensor:
+    """Chunk-local cumulative sums of a log-decay [B, T, H] or [B, T, H, D], in fp32."""
+    D = g.shape[3] if g.dim() == 4 else 1
+    out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    cu, _, T, H = launch.common(g.device)
+    module.chunk_cumsum[(launch.num_sequences * H,)](
+        g, out, cu, T, H, D=D, BD=max(codegen.MIN_BLOCK, 1 << (D - 1).bit_length()),
+        BT=launch.shape.chunk, IS_VARLEN=launch.cu is not None)
+    return out
+
+
+class _PassFunction(torch.autograd.Function):
+    """(u, kx, vy, gx, gy, extra, h0) -> (o, S_T) for one pass; see the codegen module."""
+
+    @staticmethod
+    def forward(ctx, launch: PassLaunch, u, kx, vy, gx, gy, extra, h0):
+        module = kernels()
+        shape, device = launch.shape, u.device
+        u, kx, vy = u.contiguous(), kx.contiguous(), vy.contiguous()
+        f32 = dict(dtype=torch.float32, device=device)
+        gxc = _cumsum(module, launch, gx.contiguous()) if gx is not None else None
+        gyc = _cumsum(module, launch, gy.contiguous()) if gy is not None else None
+        needs_grad = any(ctx.needs_input_grad[1:])
+        N, H = launch.num_sequences, launch.heads
+        out = torch.empty([launch.batch, launch.time, H, shape.dy], **f32)
+        ht = torch.empty([N, H, *launch.state_dims], **f32)
+        ckpt = (torch.empty([launch.total_chunks, H, shape.dx, shape.dy], **f32) if needs_grad
+                else torch.empty(1, **f32))
+        dummy = torch.empty(1, **f32)
+        extra_c = extra.contiguous() if extra is not None else None
+        h0_c = h0.contiguous() if h0 is not None else None
+        module.chunk_fwd[(shape.y_tiles, N * H)](
+            u, kx, vy, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy,
+            extra_c if extra_c is not None else dummy, h0_c if h0_c is not None else dummy,
+            out, ht, ckpt, *launch.common(device),
+            **shape.constexprs(USE_INITIAL=h0 is not None, HAS_EXTRA=extra is not None,
+                               STORE_CKPT=needs_grad, IS_VARLEN=launch.cu is not None,
+                               PRECISION=PRECISION),
+            num_warps=shape.num_warps)
+        ctx.launch = launch
+        ctx.meta = [(t.dtype, t.shape) if t is not None else None
+                    for t in (u, kx, vy, gx, gy, extra, h0)]
+        ctx.save_for_backward(u, kx, vy, gxc, gyc, ckpt, ht)
+        return out, ht
+
+    @staticmethod
+    def backward(ctx, d_out, d_ht):
+        module = kernels()
+        launch = ctx.launch
+        shape = launch.shape
+        u, kx, vy, gxc, gyc, ckpt, ht = ctx.saved_tensors
+        device = u.device
+        f32 = dict(dtype=torch.float32, device=device)
+        dummy = torch.empty(1, **f32)
+        N, H, NY = launch.num_sequences, launch.heads, shape.y_tiles
+        B, T = launch.batch, launch.time
+        d_out = d_out.contiguous() if d_out is not None else torch.zeros([B, T, H, shape.dy], **f32)
+        du = torch.empty([NY, B, T, H, shape.dx], **f32)
+        dkx = torch.empty([NY, B, T, H, shape.dx], **f32)
+        dvy = torch.empty([B, T, H, shape.dy], **f32)
+        dgx = (torch.empty([NY, B, T, H] + ([shape.dx] if shape.gx == CHANNEL else []), **f32)
+               if gxc is not None else dummy)
+        dgy = torch.empty([B, T, H, shape.dy], **f32) if gyc is not None else dummy
+        dh0 = torch.empty([N, H, *launch.state_dims], **f32)
+        module.chunk_bwd[(NY, N * H)](
+            u, kx, vy, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy,
+            ckpt, ht, d_out, d_ht.contiguous() if d_ht is not None else dummy,
+            du, dkx, dvy, dgx, dgy, dh0, *launch.common(device), B * T * H,
+            **shape.constexprs(USE_FINAL_GRAD=d_ht is not None, IS_VARLEN=launch.cu is not None,
+                               PRECISION=PRECISION),
+            num_warps=shape.num_warps)
+        grads = [du.sum(0) if NY > 1 else du[0], dkx.sum(0) if NY > 1 else dkx[0], dvy,
+                 (dgx.sum(0) if NY > 1 else dgx[0]) if gxc is not None else None,
+                 dgy if gyc is not None else None, d_out, dh0]
+        result = []
+        for g, meta, need in zip(grads, ctx.meta, ctx.needs_input_grad[1:]):
+            result.append(g.to(meta[0]).reshape(meta[1]) if need and meta is not None else None)
+        return (None, *result)
+
+
+def run_pass(launch: PassLaunch, u, kx, vy, gx=None, gy=None, extra=None, h0=None):
+    """One pass: ``(o [B, T, H, DY] fp32, S_T [N, H, *state] fp32)``, differentiable."""
+    return _PassFunction.apply(launch, u, kx, vy, gx, gy, extra, h0)
+
+
+# ====================================================================== the prologue
+
+TOKENS_PER_PROGRAM = 16  # prologue: tokens per program
+MAX_BLOCK = 256  # the widest contracted axis a pass keeps on chip
+
+
+def _plan(rule) -> codegen.DiagonalPlan:
+    cached = rule.__dict__.get("_chunk_diagonal_plan")
+    if cached is None:
+        cached = rule.__dict__["_chunk_diagonal_plan"] = codegen.plan(rule)
+    return cached
+
+
+def _prologue(rule, the_plan, dim_sizes: dict):
+    """The generated stage kernels of a rule at these sizes (cached on disk)."""
+    sizes = {d: dim_sizes[d] for d in rule.ir.dims}
+    key = cache_key(rule.ir.canonical(), "chunk-diagonal-prologue", codegen.VERSION,
+                    repr(sorted(sizes.items())))
+    holder = {}
+
+    def make_source():
+        holder["spec"] = codegen.generate_prologue(rule, sizes, the_plan)
+        return holder["spec"].source
+
+    module = load_module(key, f"{rule.name}_chunk_diagonal_prologue", make_source)
+    spec = getattr(module, "_recdsl_spec", None)
+    if spec is None:
+        spec = holder.get("spec") or codegen.generate_prologue(rule, sizes, the_plan)
+        module._recdsl_spec = spec
+    return spec, module
+
+
+@dataclass
+class _StageLaunch:
+    module: object
+    info: dict  # names of the kernels, inputs, quantities and their dims
+    call: object
+    n_inputs: int  # token inputs, the read values included
+    n_params: int
+
+
+class _StageFunction(torch.autograd.Function):
+    """(token inputs, params, read values) -> the stage's quantities [B, T, H, *dims]."""
+
+    @staticmethod
+    def forward(ctx, launch: _StageLaunch, *flat):
+        call = launch.call
+        flat = [t.contiguous() for t in flat]
+        B, T, H = call.batch, call.time, call.heads
+        sizes = call.dim_sizes
+        quantities = [torch.empty([B, T, H] + [sizes[d] for d in dims], dtype=torch.float32,
+                                  device=call.device) for dims in launch.info["values"].values()]
+        ntok = B * T
+        getattr(launch.module, launch.info["forward"])[(triton.cdiv(ntok, TOKENS_PER_PROGRAM), H)](
+            *flat, *quantities, ntok, H, TOKB=TOKENS_PER_PROGRAM)
+        ctx.launch = launch
+        ctx.save_for_backward(*flat)
+        return tuple(quantities)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        launch = ctx.launch
+        call = launch.call
+        flat = ctx.saved_tensors
+        inputs, params = flat[:launch.n_inputs], flat[launch.n_inputs:]
+        f32 = dict(dtype=torch.float32, device=call.device)
+        B, T, H = call.batch, call.time, call.heads
+        sizes = call.dim_sizes
+        d_q = [g.contiguous() if g is not None else
+               torch.zeros([B, T, H] + [sizes[d] for d in dims], **f32)
+               for g, dims in zip(grads, launch.info["values"].values())]
+        ntok = B * T
+        blocks = triton.cdiv(ntok, TOKENS_PER_PROGRAM)
+        d_in = [torch.zeros(t.shape, **f32) for t in inputs]
+        d_par = [torch.empty([blocks, H, *p.shape[1:]], **f32) for p in params]
+        getattr(launch.module, launch.info["backward"])[(blocks, H)](
+            *inputs, *params, *d_q, *d_in, *d_par, ntok, H, TOKB=TOKENS_PER_PROGRAM)
+        grads_in = [g.to(t.dtype) for g, t in zip(d_in, inputs)]
+        grads_par = [g.sum(0).to(p.dtype) for g, p in zip(d_par, params)]
+        return (None, *grads_in, *grads_par)
+
+
+# ====================================================================== the backend
+
+
+def problem(rule) -> Optional[str]:
+    """Why backend "chunk" cannot run ``rule`` (a ``Rule``), or None."""
+    if rule.family != "diagonal":
+        return f"rule '{rule.name}' is in the {rule.family} family, not diagonal"
+    try:
+        _plan(rule)
+    except codegen.Unsupported as e:
+        return str(e)
+    return None
+
+
+def _check_sizes(rule, the_plan, sizes):
+    for p in the_plan.passes:
+        if sizes[p.x_dim] > MAX_BLOCK:
+            raise BackendError(
+                f"backend 'chunk' keeps {p.x_dim} = {sizes[p.x_dim]} (the axis the read of "
+                f"{p.state} contracts) on chip, at most {MAX_BLOCK}; use backend='recurrent'")
+
+
+def run(rule, call, chunk_size: Optional[int] = None):
+    """Outputs and final states of ``rule`` on a bound call, ``chunk_size`` tokens per chunk
+    (a power of two >= 16; default ``CHUNK_SIZE``)."""
+    check_device(call.device, "chunk")
+    reason = problem(rule)
+    if reason is not None:
+        raise BackendError(f"backend 'chunk' is not available for rule '{rule.name}': {reason}")
+    chunk = chunk_size or CHUNK_SIZE
+    try:
+        codegen.check_chunk(chunk)
+    except ValueError as e:
+        raise BackendError(str(e)) from None
+    the_plan = _plan(rule)
+    _check_sizes(rule, the_plan, call.dim_sizes)
+    spec, module = _prologue(rule, the_plan, call.dim_sizes)
+    inputs = [call.tensors[v.name] for v in rule.inputs]
+    params = [call.tensors[v.name] for v in rule.params]
+    values, reads, results = {}, {}, {}
+    launches = {}
+    for stage, info in zip(the_plan.stages, spec.stages):
+        launch = _StageLaunch(module, info, call, len(inputs) + len(stage.reads_in), len(params))
+        flat = inputs + [reads[n] for n in stage.reads_in] + params
+        values.update(zip(info["values"], _StageFunction.apply(launch, *flat)))
+        for p in stage.passes:
+            shape = p.shape(call.dim_sizes, chunk)
+            if shape not in launches:
+                launches[shape] = PassLaunch.make(shape, call)
+            get = lambda name: values[name] if name is not None else None  # noqa: E731
+            results[p.index] = run_pass(launches[shape], get(p.u), get(p.kx), get(p.vy),
+                                        get(p.gx_value), get(p.gy_value), get(p.extra),
+                                        call.initial.get(p.state) if p.initial else None)
+        for name, indices in the_plan.read_passes.items():
+            if name not in reads and all(i in results for i in indices):
+                reads[name] = _sum(results[i][0] for i in indices)
+    outputs = []
+    for o in rule.outputs:
+        parts = [results[i][0] for i in the_plan.outputs[o.name]]
+        if o.name in the_plan.output_extra:
+            parts.append(values[the_plan.output_extra[o.name]])
+        outputs.append(_sum(parts))
+    finals = [_sum(results[i][1] for i in the_plan.finals[s.name]).to(call.compute_dtype)
+              for s in rule.states]
+    return outputs, finals
+
+
+def _sum(items):
+    items = list(items)
+    total = items[0]
+    for x in items[1:]:
+        total = total + x
+    return total
