@@ -16,43 +16,61 @@ def _recurrent(rule, call):
     return run_recurrent(rule, call)
 
 
-def _torch_chunk_module(rule):
-    """The module running this rule's family chunkwise in PyTorch, or None."""
+def _family_module(rule, prefix):
+    """The module ``<prefix>_<family>`` running this rule's family chunkwise (exposing
+    ``problem(rule)`` and ``run(rule, call)``), or None when the family has none (recurrent)
+    or the module is not written yet."""
     import importlib
-    name = {"delta": "torch_chunk_delta", "diagonal": "torch_chunk_diagonal"}.get(rule.family)
-    if name is None:
+    if rule.family not in ("delta", "diagonal"):
         return None
+    name = f"{__package__}.{prefix}_{rule.family}"
     try:
-        return importlib.import_module(f"{__package__}.{name}")
-    except ModuleNotFoundError:
+        module = importlib.import_module(name)
+    except ModuleNotFoundError as err:
+        if err.name != name:  # the module exists but something it imports does not
+            raise
         return None
+    # a module still without the backend interface is not a backend yet
+    return module if hasattr(module, "problem") and hasattr(module, "run") else None
 
 
-def _torch_chunk_problem(rule):
-    """Why torch-chunk cannot run this rule, or None. Each family module may refuse a rule
-    with its own reason through ``problem(rule)``."""
-    module = _torch_chunk_module(rule)
+def _chunk_problem(rule, prefix, missing):
+    """Why a chunkwise backend cannot run this rule, or None. Each family module may refuse a
+    rule with its own reason through ``problem(rule)``."""
     if rule.family == "recurrent":
         return f"rule '{rule.name}' has no chunkwise form: {rule.family_reason}"
+    module = _family_module(rule, prefix)
     if module is None:
-        return f"the chunkwise PyTorch path for the {rule.family} family is not built yet"
+        return missing.format(family=rule.family)
     return module.problem(rule)
 
 
+def _torch_chunk_problem(rule):
+    return _chunk_problem(rule, "torch_chunk",
+                          "the chunkwise PyTorch path for the {family} family is not built yet")
+
+
+def _triton_chunk_problem(rule):
+    return _chunk_problem(rule, "chunk",
+                          "the chunkwise Triton kernels for the {family} family are not built yet")
+
+
 def _torch_chunk(rule, call):
-    return _torch_chunk_module(rule).run(rule, call)
+    return _family_module(rule, "torch_chunk").run(rule, call)
+
+
+def _triton_chunk(rule, call):
+    return _family_module(rule, "chunk").run(rule, call)
 
 
 _RUNNERS = {
     "naive": lambda rule, call: run_naive(rule.ir, call),
     "recurrent": _recurrent,
     "torch-chunk": _torch_chunk,
+    "chunk": _triton_chunk,
 }
 
-# Why a known backend cannot run yet (shown to the user).
-_NOT_YET = {
-    "chunk": "the chunkwise Triton kernels are not built yet",
-}
+_PROBLEMS = {"torch-chunk": _torch_chunk_problem, "chunk": _triton_chunk_problem}
 
 
 def _triton_usable(device) -> bool:
@@ -64,8 +82,13 @@ def available(rule, device=None) -> list:
     """The backends that can run ``rule`` on ``device`` (default: CPU) here, naive last."""
     device = torch.device(device or "cpu")
     names = []
+    chunk = _triton_usable(device) and _triton_chunk_problem(rule) is None
+    if chunk and device.type == "cuda":
+        names.append("chunk")
     if _torch_chunk_problem(rule) is None:
         names.append("torch-chunk")
+    if chunk and device.type != "cuda":
+        names.append("chunk")
     if _triton_usable(device):
         names.append("recurrent")
     names.append("naive")
@@ -73,9 +96,10 @@ def available(rule, device=None) -> list:
 
 
 def _auto(rule, device) -> str:
-    # On a GPU the fused kernel; on the CPU the PyTorch paths (interpreted Triton is for tests).
+    # On a GPU the Triton kernels (chunkwise where the rule has that form); on the CPU the
+    # PyTorch paths (interpreted Triton is for tests).
     if device.type == "cuda":
-        return "recurrent"
+        return "chunk" if _triton_chunk_problem(rule) is None else "recurrent"
     return "torch-chunk" if _torch_chunk_problem(rule) is None else "naive"
 
 
@@ -84,12 +108,9 @@ def resolve(rule, backend: str, call):
         return _RUNNERS[_auto(rule, call.device)]
     if backend not in NAMES:
         raise BackendError(f"unknown backend '{backend}'; choose one of: auto, " + ", ".join(NAMES))
-    if backend not in _RUNNERS:
-        raise BackendError(f"backend '{backend}' is not available for rule '{rule.name}': "
-                           f"{_NOT_YET[backend]}; use backend='naive' or 'auto'")
-    if backend == "torch-chunk":
-        problem = _torch_chunk_problem(rule)
+    if backend in _PROBLEMS:
+        problem = _PROBLEMS[backend](rule)
         if problem is not None:
-            raise BackendError(f"backend 'torch-chunk' is not available for rule '{rule.name}': "
+            raise BackendError(f"backend '{backend}' is not available for rule '{rule.name}': "
                                f"{problem}; use backend='naive' or 'auto'")
     return _RUNNERS[backend]
