@@ -187,6 +187,37 @@ def _run(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------- recdsl show
+
+
+def _add_show(sub):
+    p = sub.add_parser("show", help="print a rule's family, recurrence and reads",
+                       description="Print the rule's family (for a rule with no chunkwise form, "
+                       "the reason and where it is), each state's recurrence in mathematical "
+                       "form, and the reads. With --grad, also the generated PyTorch code of one "
+                       "token's forward and reverse-mode step.")
+    p.add_argument("file", metavar="FILE", help="a .rec rule file")
+    p.add_argument("--grad", action="store_true", help="also print the derivative code")
+    p.add_argument("--dims", action="append", metavar="K=64,V=64", type=_assignments(_size, "SIZE"),
+                   help="dim sizes for the derivative code (loops over dims are unrolled)")
+    _add_const_option(p)
+    p.set_defaults(handler=_show)
+
+
+def _show(args) -> int:
+    from .codegen.torch_step import step_source
+    from .ir.family import classify
+    from .ir.show import render
+
+    rule = load(args.file, **_merged(args.const))
+    grad = None
+    if args.grad:
+        sizes = sample.dim_sizes(rule, _merged(args.dims))
+        grad = step_source(rule.ir, sizes, grad=True).source
+    print(render(rule.ir, grad_code=grad, family=classify(rule.ir, rule.analysis)))
+    return 0
+
+
 # ---------------------------------------------------------------- recdsl test
 
 
@@ -204,7 +235,7 @@ def _add_test(sub):
 
 # ---------------------------------------------------------------- the parser and main
 
-COMMANDS = (_add_check, _add_run, _add_test)
+COMMANDS = (_add_check, _add_show, _add_run, _add_test)
 
 
 def build_parser() -> argparse.ArgumentParser:

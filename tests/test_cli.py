@@ -199,3 +199,32 @@ def test_test_subcommand_is_wired(capsys):
     assert code == 0
     assert "\nPASS  linear_attention: 9 cases (naive; float32) in " in out
     assert run_main(capsys, "test", "missing.rec")[:2] == (1, "")
+
+
+# ---------------------------------------------------------------- show
+
+
+def test_show_prints_the_recurrence_of_gated_delta(capsys):
+    assert main(["show", str(ROOT / "examples" / "gated_delta.rec")]) == 0
+    out = capsys.readouterr().out
+    assert "family: delta" in out
+    assert "S_t = exp(g_t) (I - beta_t kn_t kn_tᵀ) S_{t-1} + beta_t kn_t v_tᵀ" in out
+
+
+def test_show_gives_mlstm_reason_with_position(capsys):
+    assert main(["show", str(ROOT / "examples" / "mlstm.rec")]) == 0
+    out = capsys.readouterr().out
+    assert "family: recurrent" in out
+    assert "mlstm.rec:12:10: the update of m is not affine in the states: state m inside max()" in out
+
+
+def test_show_grad_prints_runnable_derivative_code(capsys):
+    assert main(["show", str(ROOT / "examples" / "kla.rec"), "--grad", "--dims", "K=4,V=3"]) == 0
+    out = capsys.readouterr().out
+    code = out[out.index("# rule kla"):]
+    assert "def rule_kla_step_backward(" in code
+    from recdsl.codegen.loader import load_function
+    fn = load_function(code, "rule_kla_step_backward")  # the printed text is the real code
+    args = [torch.randn(1, 1, *shape) for shape in ([4], [4], [3], [], [], [4, 3], [3], [4, 3])]
+    grads = fn(*args)
+    assert len(grads) == 5 + 1 + 2 and all(torch.isfinite(g).all() for g in grads)

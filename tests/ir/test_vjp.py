@@ -7,9 +7,7 @@ import torch
 
 import recdsl
 from recdsl.codegen.loader import load_function
-from recdsl.codegen.printers import torch_program
-from recdsl.ir.ssa import lower
-from recdsl.ir.vjp import adjoint
+from recdsl.codegen.torch_step import step_source
 
 EXAMPLES = sorted(Path(__file__).resolve().parents[2].joinpath("examples").glob("*.rec"))
 SIZES = {"K": 5, "V": 3, "N": 4, "P": 3, "M": 6, "NH": 3}
@@ -44,14 +42,9 @@ def test_adjoint_matches_autograd(path):
     wrt = list(leaves.values()) + init_leaves
     expected = torch.autograd.grad(loss, wrt, allow_unused=True)
 
-    adj = adjoint(lower(rule.ir, dims))
-    prog = adj.program
-    sources = prog.sources()
-    results = ([adj.grad_inputs.get(k) for k in prog.inputs] + [adj.grad_params.get(p) for p in prog.params]
-               + [adj.grad_states_in.get(s) for s in prog.states_in] + list(prog.outputs.values())
-               + list(prog.states_out.values()))
-    fn = load_function(torch_program(prog, "token_backward", [s.out for s in sources], results, dims),
-                       "token_backward")
+    step = step_source(rule.ir, dims, grad=True)
+    prog, sources = step.program, step.sources
+    fn = load_function(step.source, step.name)
     B, H = init[0].shape[:2]
     feed = []
     for s in sources:
