@@ -150,3 +150,34 @@ class RuleFile:
     items: list  # declarations and statements in source order
     source: str
     filename: str
+
+
+# ---------------------------------------------------------------- traversal
+
+def walk(e: Expr):
+    """An expression and all its subexpressions, parents first (an index's target and index
+    are not visited separately: ``k[j]`` is one node)."""
+    yield e
+    if isinstance(e, BinOp):
+        yield from walk(e.left)
+        yield from walk(e.right)
+    elif isinstance(e, Neg):
+        yield from walk(e.operand)
+    elif isinstance(e, Call):
+        for a in e.args:
+            yield from walk(a)
+
+
+def walk_statements(body: list):
+    """Every statement of a body, ``for`` blocks included and then their bodies, in order."""
+    for st in body:
+        yield st
+        if isinstance(st, For):
+            yield from walk_statements(st.body)
+
+
+def walk_body_expressions(body: list):
+    """Every expression node in the statements of a body (nested blocks included)."""
+    for st in walk_statements(body):
+        if not isinstance(st, For):
+            yield from walk(st.value)

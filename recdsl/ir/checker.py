@@ -200,7 +200,7 @@ class Checker:
 
     def constant_int(self, e, scope):
         """keep_topk's count: numbers, consts and dims only (known before the sequence runs)."""
-        for node in _walk(e):
+        for node in ast.walk(e):
             if isinstance(node, ast.Name):
                 found = scope.lookup(node.id)
                 if found is None or found[0] not in ("const", "dim"):
@@ -209,7 +209,7 @@ class Checker:
             elif isinstance(node, ast.Call):
                 raise self.error("the count of keep_topk must be a number, a const or a dim", node.pos)
         self.expr(e, scope)
-        if not any(isinstance(n, ast.Name) and scope.lookup(n.id)[0] == "dim" for n in _walk(e)):
+        if not any(isinstance(n, ast.Name) and scope.lookup(n.id)[0] == "dim" for n in ast.walk(e)):
             value = evaluate_constant(e, self.consts, {})
             if not math.isfinite(value) or value != int(value) or value < 1:
                 raise self.error(f"the count of keep_topk must be a positive whole number, not {value:g}",
@@ -364,18 +364,6 @@ class Checker:
                 raise self.error(f"dim '{name}' is in no input or param shape, so its size cannot be "
                                  f"read from the tensors passed in", pos,
                                  "use it in the shape of an input or param, or remove it")
-
-
-def _walk(e):
-    yield e
-    if isinstance(e, ast.BinOp):
-        yield from _walk(e.left)
-        yield from _walk(e.right)
-    elif isinstance(e, ast.Neg):
-        yield from _walk(e.operand)
-    elif isinstance(e, ast.Call):
-        for a in e.args:
-            yield from _walk(a)
 
 
 def evaluate_constant(e, consts: dict, dim_sizes: dict) -> float:

@@ -334,35 +334,15 @@ class _Lowering:
 
 
 def _loops(body):
-    for st in body:
-        if isinstance(st, ast.For):
-            yield st
-            yield from _loops(st.body)
-
-
-def _walk_exprs(body):
-    for st in body:
-        if isinstance(st, ast.For):
-            yield from _walk_exprs(st.body)
-        else:
-            yield from _walk(st.value)
-
-
-def _walk(e):
-    yield e
-    children = {ast.BinOp: lambda n: (n.left, n.right), ast.Neg: lambda n: (n.operand,),
-                ast.Call: lambda n: n.args}.get(type(e))
-    if children:
-        for c in children(e):
-            yield from _walk(c)
+    return (st for st in ast.walk_statements(body) if isinstance(st, ast.For))
 
 
 def _indexed(body, name):
-    return any(isinstance(e, ast.Index) and e.target.id == name for e in _walk_exprs(body))
+    return any(isinstance(e, ast.Index) and e.target.id == name for e in ast.walk_body_expressions(body))
 
 
 def _used_whole(body, name):
-    return any(isinstance(e, ast.Name) and e.id == name for e in _walk_exprs(body))
+    return any(isinstance(e, ast.Name) and e.id == name for e in ast.walk_body_expressions(body))
 
 
 def loop_dims(rule: CheckedRule) -> tuple:

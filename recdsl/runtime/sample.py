@@ -41,31 +41,8 @@ def _checked(rule) -> CheckedRule:
     return getattr(rule, "ir", rule)
 
 
-def _walk_statements(body):
-    for stmt in body:
-        if isinstance(stmt, ast.For):
-            yield stmt
-            yield from _walk_statements(stmt.body)
-        else:
-            yield stmt
-
-
-def _walk_expr(e):
-    yield e
-    if isinstance(e, ast.BinOp):
-        yield from _walk_expr(e.left)
-        yield from _walk_expr(e.right)
-    elif isinstance(e, ast.Neg):
-        yield from _walk_expr(e.operand)
-    elif isinstance(e, ast.Call):
-        for a in e.args:
-            yield from _walk_expr(a)
-
-
 def _expressions(rule: CheckedRule):
-    for stmt in _walk_statements(rule.body):
-        if not isinstance(stmt, ast.For):
-            yield from _walk_expr(stmt.value)
+    yield from ast.walk_body_expressions(rule.body)
 
 
 def _variable(e):
@@ -96,7 +73,7 @@ def value_kinds(rule) -> dict:
 def dim_sizes(rule, dims: dict | None = None) -> dict:
     """The size of every dim: 32, or 2 for a dim a ``for`` loop runs over, or ``dims[name]``."""
     rule = _checked(rule)
-    loop_dims = {s.dim for s in _walk_statements(rule.body) if isinstance(s, ast.For)}
+    loop_dims = {s.dim for s in ast.walk_statements(rule.body) if isinstance(s, ast.For)}
     sizes = {d: DEFAULT_LOOP_DIM if d in loop_dims else DEFAULT_DIM for d in rule.dims}
     for name, size in (dims or {}).items():
         if name not in sizes:
