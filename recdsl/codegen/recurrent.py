@@ -13,6 +13,7 @@ are sized per dim). ``KernelSpec`` records everything a launcher needs.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import triton
@@ -36,6 +37,8 @@ class KernelSpec:
     grad_inputs: dict = field(default_factory=dict)  # input name -> has a gradient
     grad_params: dict = field(default_factory=dict)
     grad_states: dict = field(default_factory=dict)
+    num_warps: int = 4  # launch widths of the forward and backward kernels (``launch_widths``)
+    backward_num_warps: int = 4
 
     @property
     def forward_name(self):
@@ -304,10 +307,15 @@ class _RecurrentGenerator:
             "import triton.language as tl",
             "",
         ]
-        blocks = [f"{block(d)}: tl.constexpr = {b}" for d, b in self.blocks.items()]
+        # compiled kernels read only globals that are constexpr instances (an annotated plain
+        # int works under the interpreter but is refused by triton.compile)
+        blocks = [f"{block(d)} = tl.constexpr({b})" for d, b in self.blocks.items()]
         source = "\n".join(header + blocks + [TOPK_HELPER, ""] + fwd_lines + ["", ""] + bwd_lines) + "\n"
+        elements = sum(math.prod(self.blocks[d] for d in s.dims) for s in self.rule.states)
+        forward_warps, backward_warps = launch_widths(elements)
         return KernelSpec(
             rule_name=self.rule.name, source=source, dim_sizes=self.sizes, blocks=self.blocks,
+            num_warps=forward_warps, backward_num_warps=backward_warps,
             forward_args=fwd_args, backward_args=bwd_args,
             grad_inputs={name: any(adj.grad_inputs.get(k) is not None for k in adj.program.inputs if k[0] == name)
                          for name in (v.name for v in self.rule.inputs)},
@@ -336,6 +344,18 @@ def _operands(op):
     if hasattr(op, "a"):
         return [op.a, op.b]
     return []
+
+
+def launch_widths(state_elements: int) -> tuple:
+    """num_warps of the forward and backward kernels for states of this many elements (block
+    sizes, all states) held by one program. Measured with ``recdsl compile --arch sm_90
+    --report`` on the canonical rules: the forward needs about 4 registers per state
+    element, the backward (several state-sized temporaries live at once) about 16, and a
+    program has 64K registers, at most 255 per thread. So about 32 elements per thread
+    forward and 16 backward: 64x64 states get 4 and 8 warps."""
+    def warps(per_warp, most):
+        return max(1, min(most, 1 << max(0, round(math.log2(state_elements / per_warp)))))
+    return warps(32 * 32, 16), warps(32 * 16, 32)
 
 
 def generate(rule: CheckedRule, dim_sizes: dict) -> KernelSpec:

@@ -98,7 +98,7 @@ class _RecurrentFunction(torch.autograd.Function):
                          launch.cu if launch.cu is not None else launch.dummy(),
                          call.time, H, n_ckpt,
                          USE_INITIAL=use_initial, STORE_FINAL=True,
-                         IS_VARLEN=launch.cu is not None, CKPT=ckpt)
+                         IS_VARLEN=launch.cu is not None, CKPT=ckpt, num_warps=launch.spec.num_warps)
         ctx.launch, ctx.ckpt, ctx.n_ckpt = launch, ckpt, n_ckpt
         ctx.has_initial = [t is not None for t in initial]
         ctx.save_for_backward(*inputs, *params, *ckpts)
@@ -130,7 +130,8 @@ class _RecurrentFunction(torch.autograd.Function):
         kernel[(N * H,)](*inputs, *params, *ckpts, *scratch, *d_out, *dht, *d_in, *d_par, *dh0,
                          launch.cu if launch.cu is not None else launch.dummy(),
                          call.time, H, ctx.n_ckpt,
-                         USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None, CKPT=ctx.ckpt)
+                         USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None, CKPT=ctx.ckpt,
+                         num_warps=launch.spec.backward_num_warps)
         grads_in = [g.to(t.dtype) for g, t in zip(d_in, inputs)]
         grads_par = [g.view(N, *p.shape).sum(0).to(p.dtype) for g, p in zip(d_par, params)]
         grads_h0 = [g if has else None for g, has in zip(dh0, ctx.has_initial)]

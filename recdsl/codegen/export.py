@@ -1,0 +1,280 @@
+"""``recdsl compile FILE -o DIR [--arch sm_90 --report]``: the generated code of a rule as
+files, and optionally an ahead-of-time build report for a GPU architecture.
+
+Every generator in ``GENERATORS`` turns (checked rule, dim sizes) into a ``GeneratedModule``
+(its source and the kernels in it, with how to build them); a new family of kernels (the
+chunkwise ones) is one more entry there. Each file written gets a header naming the rule,
+its file, the dims, the consts and the recdsl and Triton versions. Next to the kernel
+modules goes the token's forward and adjoint programs as PyTorch: the readable reference
+the kernels are printed from.
+
+The lead wires this into the CLI with ``add_arguments(parser)`` and ``command(args)``.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from ..errors import RecdslError
+from ..grammar import ast
+from ..ir.checked import CheckedRule
+from ..ir.ssa import lower
+from ..ir.vjp import adjoint
+from . import aot
+from .printers import torch_program
+from .recurrent import generate as generate_recurrent
+
+DEFAULT_DIM = 64  # a typical head dim; the build report's default sizes
+DEFAULT_LOOP_DIM = 2  # a dim a `for` loop runs over (unrolled in the kernels): e.g. NH
+
+# the variant built for the report: every feature on (the superset of the work a launch does)
+_RECURRENT_FORWARD = {"USE_INITIAL": True, "STORE_FINAL": True, "IS_VARLEN": True, "CKPT": 16}
+_RECURRENT_BACKWARD = {"USE_FINAL_GRAD": True, "IS_VARLEN": True, "CKPT": 16}
+_VARIANT = "initial state, final state, packed sequences, checkpoints every 16 tokens"
+
+
+# --------------------------------------------------------------------- dims
+
+
+def _loop_dims(body) -> set:
+    out = set()
+    for stmt in body:
+        if isinstance(stmt, ast.For):
+            out.add(stmt.dim)
+            out |= _loop_dims(stmt.body)
+    return out
+
+
+def default_dims(rule: CheckedRule, given: dict | None = None) -> dict:
+    """Every dim's size: ``given``, else 2 for a dim a ``for`` loop runs over, else 64."""
+    loops = _loop_dims(rule.body)
+    sizes = {d: DEFAULT_LOOP_DIM if d in loops else DEFAULT_DIM for d in rule.dims}
+    for name, size in (given or {}).items():
+        if name not in sizes:
+            raise RecdslError(f"rule '{rule.name}' has no dim '{name}'; its dims are: "
+                              + (", ".join(rule.dims) or "none"))
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise RecdslError(f"dim {name} must be a positive whole number, not {size!r}")
+        sizes[name] = size
+    return sizes
+
+
+# --------------------------------------------------------------------- generators
+
+
+def _recurrent_arg_types(args: list) -> dict:
+    """Argument types by the generator's naming: inputs, params, outputs and output
+    gradients have the caller's dtype; states, checkpoints and gradients are fp32."""
+    types = {}
+    for name in args:
+        if name.startswith(("p_in_", "p_par_", "p_out_", "p_do_")):
+            types[name] = aot.DATA
+        elif name.startswith("p_"):
+            types[name] = "*fp32"
+        elif name == "cu_seqlens":
+            types[name] = "*i64"
+        else:
+            types[name] = "i32"
+    return types
+
+
+def recurrent_module(rule: CheckedRule, sizes: dict) -> aot.GeneratedModule:
+    spec = generate_recurrent(rule, sizes)
+    kernels = [
+        aot.KernelEntry(spec.forward_name, _recurrent_arg_types(spec.forward_args),
+                        dict(_RECURRENT_FORWARD), spec.num_warps, _VARIANT),
+        aot.KernelEntry(spec.backward_name, _recurrent_arg_types(spec.backward_args),
+                        dict(_RECURRENT_BACKWARD), spec.backward_num_warps, _VARIANT),
+    ]
+    return aot.GeneratedModule("recurrent", f"{rule.name}_recurrent.py", spec.source, kernels)
+
+
+GENERATORS = (recurrent_module,)
+
+
+def generated_modules(rule: CheckedRule, sizes: dict) -> list:
+    return [make(rule, sizes) for make in GENERATORS]
+
+
+def torch_programs(rule: CheckedRule, sizes: dict) -> str:
+    """One token's forward and adjoint programs as PyTorch functions (the ssa programs the
+    kernels are printed from). Every value is batched: [B, H, *its dims]."""
+    forward = lower(rule, sizes)
+    fwd_results = list(forward.outputs.values()) + list(forward.states_out.values())
+    adj = adjoint(lower(rule, sizes))
+    prog = adj.program
+    bwd_results = ([adj.grad_inputs.get(k) for k in prog.inputs] + [adj.grad_params.get(p) for p in prog.params]
+                   + [adj.grad_states_in.get(s) for s in prog.states_in])
+    doc = [
+        '"""One token of the rule as PyTorch: every value is [B, H, *its dims].',
+        "",
+        "token_forward(sources...) -> (outputs..., states after the token...)",
+        "token_backward(sources..., output gradients..., state gradients...) ->",
+        "    (input gradients..., param gradients..., gradients of the states entering the token...)",
+        "None marks a quantity no gradient reaches. The arguments:",
+    ]
+    for source in prog.sources():
+        what = f"{source.name}[{source.index}]" if source.index is not None else source.name
+        shape = f"[{', '.join(source.out.shape)}]" if source.out.shape else "scalar"
+        doc.append(f"    {source.out.id}: {source.kind.replace('_', ' ')} {what} {shape}")
+    doc += [
+        '"""',
+        "import torch",
+        "",
+        "from recdsl.codegen import torch_support as _rt",
+        "",
+        "",
+    ]
+    fwd = torch_program(forward, "token_forward", [s.out for s in forward.sources()], fwd_results, sizes)
+    bwd = torch_program(prog, "token_backward", [s.out for s in prog.sources()], bwd_results, sizes)
+    return "\n".join(doc) + fwd + "\n\n" + bwd
+
+
+def _number(v) -> str:
+    return str(int(v)) if isinstance(v, float) and v.is_integer() else repr(v)
+
+
+def header(rule: CheckedRule, sizes: dict, what: str) -> str:
+    """Comment lines naming the rule, its file, the dims, the consts and the versions."""
+    import triton
+
+    from .. import __version__
+    dims = ", ".join(f"{d}={n}" for d, n in sizes.items())
+    consts = ", ".join(f"{k}={_number(v)}" for k, v in rule.consts.items()) or "none"
+    lines = [
+        f"# {what} for rule '{rule.name}' ({rule.filename}).",
+        f"# Generated by recdsl {__version__} (Triton {triton.__version__}); do not edit: regenerate with",
+        f"#   recdsl compile {rule.filename} -o DIR --dims {','.join(f'{d}={n}' for d, n in sizes.items())}"
+        + "".join(f" --const {k}={_number(v)}" for k, v in rule.consts.items()),
+        f"# Dims: {dims}. Consts: {consts}.",
+        "# The rule:",
+    ]
+    lines += [f"#   {line}".rstrip() for line in rule.source.strip().splitlines()]
+    return "\n".join(lines) + "\n\n"
+
+
+_WHAT = {"recurrent": "Fused recurrent Triton kernels (forward and backward)"}
+
+
+def write_sources(rule: CheckedRule, sizes: dict, out_dir) -> list:
+    """Write every generated module and the PyTorch token programs into ``out_dir``."""
+    out = Path(out_dir)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RecdslError(f"cannot create the output folder {out}: {err.strerror}") from None
+    files = [(m.filename, header(rule, sizes, _WHAT.get(m.kind, f"{m.kind} kernels")) + m.source)
+             for m in generated_modules(rule, sizes)]
+    files.append((f"{rule.name}_token_torch.py",
+                  header(rule, sizes, "One token's forward and adjoint programs in PyTorch")
+                  + torch_programs(rule, sizes)))
+    written = []
+    for name, text in files:
+        path = out / name
+        try:
+            path.write_text(text)
+        except OSError as err:
+            raise RecdslError(f"cannot write {path}: {err.strerror}") from None
+        written.append(path)
+    return written
+
+
+# --------------------------------------------------------------------- the command
+
+
+def _dims_option(text: str) -> dict:
+    out = {}
+    for part in text.split(","):
+        name, sep, value = part.partition("=")
+        name, value = name.strip(), value.strip()
+        if not (sep and name.isidentifier() and value.isdigit() and int(value) > 0):
+            raise argparse.ArgumentTypeError(f"expected NAME=SIZE[,NAME=SIZE...], got {text!r}")
+        out[name] = int(value)
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", metavar="FILE", help="a .rec rule file")
+    parser.add_argument("-o", "--output", metavar="DIR",
+                        help="write the generated source files into DIR")
+    parser.add_argument("--dims", action="append", metavar="K=64,V=64", type=_dims_option,
+                        help=f"dim sizes (default {DEFAULT_DIM}, or {DEFAULT_LOOP_DIM} for a dim "
+                        "a 'for' loop runs over); repeatable")
+    parser.add_argument("--const", action="append", metavar="NAME=VALUE", default=[],
+                        help="override a const of the rule, e.g. --const topk=4 (repeatable)")
+    parser.add_argument("--arch", choices=sorted(aot.ARCHS), action="append",
+                        help="build every kernel ahead of time for this GPU architecture "
+                        "(no GPU needed; repeatable)")
+    parser.add_argument("--report", action="store_true",
+                        help="with --arch: print registers, spills, shared memory and build "
+                        "time per kernel; exit 1 if a kernel spills or needs too much shared memory")
+    parser.add_argument("--dtype", choices=sorted(aot.DTYPES), default="float32",
+                        help="dtype of the inputs and outputs the kernels are built for "
+                        "(default float32)")
+
+
+def _consts(items) -> dict:
+    out = {}
+    for item in items:
+        for part in item.split(","):
+            name, sep, value = part.partition("=")
+            if not (sep and name.strip().isidentifier()):
+                raise RecdslError(f"--const expects NAME=VALUE, got {item!r}")
+            try:
+                out[name.strip()] = int(value)
+            except ValueError:
+                try:
+                    out[name.strip()] = float(value)
+                except ValueError:
+                    raise RecdslError(f"--const {name.strip()}: not a number: {value.strip()!r}") from None
+    return out
+
+
+def command(args) -> int:
+    """Run ``recdsl compile``; returns the exit code. RecdslErrors propagate to the CLI."""
+    from .. import load
+    if not args.output and not args.arch:
+        raise RecdslError("nothing to do: give -o DIR to write the generated sources, "
+                          "and/or --arch sm_80|sm_90 --report to build them")
+    if args.report and not args.arch:
+        raise RecdslError("--report needs --arch sm_80 or sm_90")
+    rule = load(args.file, **_consts(args.const or [])).ir
+    given = {}
+    for d in args.dims or ():
+        given.update(d)
+    sizes = default_dims(rule, given)
+    if args.output:
+        for path in write_sources(rule, sizes, args.output):
+            print(f"wrote {path}")
+    failed = False
+    for name in args.arch or ():
+        failed |= not report(rule, sizes, aot.ARCHS[name], args.dtype, verbose=args.report)
+    return 1 if failed else 0
+
+
+def report(rule: CheckedRule, sizes: dict, arch: aot.Arch, dtype: str = "float32",
+           verbose: bool = True, out=None, err=None) -> bool:
+    """Build every kernel for ``arch``; print the table (``verbose``) to ``out`` and any
+    problem to ``err``. True when no kernel spills or needs more shared memory than ``arch``
+    has."""
+    out, err = out or sys.stdout, err or sys.stderr
+    dims = " ".join(f"{d}={n}" for d, n in sizes.items())
+    builds, variants = [], []
+    for module in generated_modules(rule, sizes):
+        builds += aot.build_module(module, arch, dtype,
+                                   progress=lambda text: print(f"  {text} ...", file=err, flush=True))
+        variants += sorted({k.variant for k in module.kernels if k.variant})
+    found = aot.problems(builds, arch)
+    if verbose:
+        print(f"rule {rule.name} ({rule.filename}) on {arch.name}: {dims}, {dtype} inputs, "
+              f"built with {aot.ptxas_version(arch)}", file=out)
+        for v in variants:
+            print(f"variant built: {v}", file=out)
+        print(aot.format_table(builds), file=out)
+    out.flush()
+    for text in found:
+        print(f"error: {text}", file=err)
+    if verbose and not found:
+        print(f"ok: no kernel spills; shared memory within {arch.limit_text}", file=out)
+    return not found
