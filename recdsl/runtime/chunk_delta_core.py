@@ -1,0 +1,132 @@
+"""The chunkwise (WY / UT) algorithm for delta-family recurrences, in batched PyTorch.
+
+A chunk holds ``L = C * m`` Householder-like steps (``C`` tokens of ``m`` steps each; m is
+DeltaProduct's NH, 1 otherwise). Step ``h`` maps the state ``S`` (``K x V``) to
+
+    S <- d_h (I - b_h k_h k_hᵀ) S + k_h u_hᵀ
+
+(``d_h`` a scalar decay given as its log ``g_h`` and, when a decay may be negative, its sign;
+``u_h`` the write, ``b_h v_h`` for the canonical rules). Token ``t`` is read after its last
+step ``t*m + m - 1``. Inside a chunk, with ``Γ_ij`` the decay from after step j to after step
+i (``i >= j``), the state after step i is
+
+    S_i = Γ_i0 S_0 + sum_{j <= i} Γ_ij k_j v'_jᵀ,     V' = U - W S_0,
+    (I + A) [W | U] = [diag(b) (K ⊙ exp(γ)) | Û],     A = strict_lower(diag(b) (K Kᵀ ⊙ Γ)),
+
+solved by forward substitution (``torch.linalg.solve_triangular``). Everything inside the
+chunks is computed for all chunks of all sequences at once; only the state passing,
+``V'_c = U_c - W_c S`` then ``S <- exp(γ_L) S + K_endᵀ V'_c``, is a loop over chunks (two
+batched matmuls per chunk). The gradient is autograd through these ops.
+
+Numerics: decays live in log space as chunk-local cumulative sums, taken in float64 whatever
+the compute precision, so that their differences (the log of ``Γ_ij``) are exact to the compute
+precision even after a gate of -1e4 earlier in the chunk; they are exponentiated only where
+``i >= j`` (-inf elsewhere), so every exponent is <= 0 for decays <= 1 and nothing overflows.
+No T x T tensor is formed: chunks are ``L x L``.
+
+Layout: every tensor is ``[nc, Z, L, ...]``: chunk index first (so the state loop slices
+contiguous blocks), then ``Z`` = sequences x heads, then the steps of the chunk.
+"""
+from __future__ import annotations
+
+import torch
+
+
+LOG_FLOOR = -1000.0
+
+
+def _masks(L, device):
+    i = torch.arange(L, device=device)
+    return i[:, None] >= i[None, :], i[:, None] > i[None, :]
+
+
+def _parity_sign(counts):
+    """(-1) ** counts for float counts of negative decays (exact small integers)."""
+    return 1 - 2 * torch.remainder(counts, 2)
+
+
+def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, neg=None):
+    """Run the recurrence over chunks.
+
+    k: [nc, Z, L, K] keys; b: [nc, Z, L] erase strengths; u: [nc, Z, L, V] writes;
+    g: [nc, Z, L] log |decay| applied before each step; neg: None or [nc, Z, L], 1.0 where
+    the decay is negative; S0: [Z, K, V] the state entering the first chunk.
+    q_left: None or [nc, Z, C, R, K]: R read vectors per token, o = q @ S -> [.., V].
+    q_right: None or [nc, Z, C, R, V]: o = S @ x -> [.., K].
+    Returns (o_left [nc, Z, C, R, V] | None, o_right [nc, Z, C, R, K] | None, S_final [Z, K, V]).
+    """
+    nc, Z, L, K = k.shape
+    V = u.shape[-1]
+    m = steps_per_token
+    C = L // m
+    lower, strict = _masks(L, k.device)
+
+    # decays inside the chunk, all chunks at once, from cumulative log sums in float64
+    # (their differences are then exact to the compute precision even past -1e4)
+    # a log-decay below -1000 is a decay of exactly 0 in every float format (exp(-746) == 0 in
+    # float64): the floor keeps -inf out of the differences and changes no value
+    cum = g.to(torch.float64).clamp(min=LOG_FLOOR).cumsum(-1)  # log decay from the chunk's start to after step i
+    seg = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).to(g.dtype)  # from after step j to after i
+    gamma = torch.where(lower, seg, float("-inf")).exp_()
+    start = cum.exp().to(g.dtype)
+    to_end = (cum[..., L - 1:] - cum).exp().to(g.dtype)  # from after step j to the chunk's end
+    total = start[..., L - 1]
+    if neg is not None:  # signs: (-1) ** (negative decays in the segment), exact counts
+        count = neg.cumsum(-1)
+        gamma = gamma * _parity_sign(count.unsqueeze(-1) - count.unsqueeze(-2))
+        start = start * _parity_sign(count)
+        to_end = to_end * _parity_sign(count[..., L - 1:] - count)
+        total = start[..., L - 1]
+
+    # the WY / UT factors: (I + A) [W | U] = [diag(b) (K ⊙ start) | U_hat]
+    # the solve reads only the strict lower triangle (unitriangular), and its gradient is
+    # zero elsewhere, so A needs no mask beyond gamma's
+    A = ((k * b.unsqueeze(-1)) @ k.transpose(-1, -2)) * gamma
+    rhs = torch.cat([k * (b * start).unsqueeze(-1), u], dim=-1)
+    solved = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    W, U = solved[..., :K], solved[..., K:]
+
+    # the state passed between chunks (the only sequential part): V'_c = U_c - W_c S,
+    # S <- exp(γ_L) S + K_endᵀ V'_c
+    k_end = (k * to_end.unsqueeze(-1)).transpose(-1, -2)  # [nc, Z, K, L]
+    # unbind, not indexing: one backward node for all chunks instead of a full-size zero
+    # gradient per chunk
+    chunks = zip(U.unbind(0), W.unbind(0), k_end.unbind(0), total[..., None, None].unbind(0))
+    S = S0
+    entering, new_values = [], []
+    for U_c, W_c, k_end_c, total_c in chunks:
+        entering.append(S)
+        vp = torch.baddbmm(U_c, W_c, S, alpha=-1)
+        new_values.append(vp)
+        S = torch.baddbmm(S * total_c, k_end_c, vp)
+    S_in = torch.stack(entering)  # [nc, Z, K, V]: the state entering each chunk
+    Vp = torch.stack(new_values)  # [nc, Z, L, V]
+
+    # reads after each token's last step
+    ends = slice(m - 1, L, m)
+    gamma_r = gamma[..., ends, :]  # [nc, Z, C, L]
+    start_r = start[..., ends]  # [nc, Z, C]
+    o_left = o_right = None
+    if q_left is not None:
+        R = q_left.shape[-2]
+        q = q_left.reshape(nc, Z, C * R, K)
+        gam, st = _per_read(gamma_r, start_r, R)
+        o_left = (q * st.unsqueeze(-1)) @ S_in + ((q @ k.transpose(-1, -2)) * gam) @ Vp
+        o_left = o_left.reshape(nc, Z, C, R, V)
+    if q_right is not None:
+        R = q_right.shape[-2]
+        x = q_right.reshape(nc, Z, C * R, V)
+        gam, st = _per_read(gamma_r, start_r, R)
+        o_right = (x @ S_in.transpose(-1, -2)) * st.unsqueeze(-1) + ((x @ Vp.transpose(-1, -2)) * gam) @ k
+        o_right = o_right.reshape(nc, Z, C, R, K)
+    return o_left, o_right, S
+
+
+def _per_read(gamma_r, start_r, R):
+    """Repeat the per-token decays for R reads per token: rows [C] -> [C * R]."""
+    if R == 1:
+        return gamma_r, start_r
+    nc, Z, C, L = gamma_r.shape
+    gam = gamma_r.unsqueeze(-2).expand(nc, Z, C, R, L).reshape(nc, Z, C * R, L)
+    st = start_r.unsqueeze(-1).expand(nc, Z, C, R).reshape(nc, Z, C * R)
+    return gam, st

@@ -1,0 +1,400 @@
+"""backend="torch-chunk" for the delta family: the analysis's update read as Householder-like
+steps, the per-token prologue evaluated for all tokens at once (``Tokenwise``), then the
+chunkwise WY / UT algorithm (``chunk_delta_core``).
+
+From the analysis, each token's update of a state is rewritten as m steps (m = NH for
+DeltaProduct's ``for j in NH``, 1 otherwise)
+
+    S <- d_h (I - b_h k_h k_hᵀ) S + k_h u_hᵀ,     u_h = sum of the writes along k_h,
+
+where ``d_h`` gathers the scalar decays: those before the token's first erase go to its first
+step; a decay met after a step's erase multiplies that step's decay and the writes it has made
+so far (``a ((I - b k kᵀ) S + k uᵀ) = a (I - b k kᵀ) S + k (a u)ᵀ``). Reads
+``o = sum(coef * x @ S) + extra`` become one read vector per output, state and side.
+
+Not run here (``problem`` says why; the recurrent backend and the naive loop run them): a
+per-channel decay ``diag(x) @ S`` before the erase, loops inside loops, and reads whose vector
+depends on other reads of the states.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from ..errors import BackendError
+from ..grammar import ast
+from ..ir.pretty import unparse
+from .chunk_delta_core import chunk_delta
+from .tokenwise import Tokenwise
+
+# Tokens per chunk; 16, 32 and 64 are the tested sizes (any positive size is valid algebra).
+CHUNK_SIZE = 64
+
+
+# ============================================================ the plan: what the rule does
+
+
+@dataclass(eq=False)
+class _Op:
+    kind: str  # decay, erase, write
+    expr: object = None  # decay: the decay; erase: the coefficient b; write: its coefficient
+    key: object = None  # erase: k in I - b k kᵀ
+    value: object = None  # write: v in coef * outer(k, v)
+
+
+@dataclass(eq=False)
+class _Loop:
+    var: str
+    dim: str
+    items: list
+
+
+@dataclass(eq=False)
+class _Step:
+    """One canonical step, expressions with the loop index each is evaluated at."""
+    decays: list = field(default_factory=list)  # (expr, loop)
+    b: tuple = None  # (expr, loop)
+    key: tuple = None
+    writes: list = field(default_factory=list)  # [coef, value, loop, [(decay, loop) scaling it]]
+
+
+class _Unsupported(Exception):
+    pass
+
+
+def _template(rule, sa) -> list:
+    """The state's operations in source order, loops kept as _Loop items."""
+    steps = {id(s.node): s for s in sa.steps}
+
+    def walk(body, depth):
+        items = []
+        for st in body:
+            if isinstance(st, ast.For):
+                inner = walk(st.body, depth + 1)
+                if any(isinstance(i, _Loop) for i in inner) or (inner and depth > 0):
+                    raise _Unsupported(f"the update of {sa.name} is inside nested 'for' loops "
+                                       f"(line {st.pos.line})")
+                if inner:
+                    items.append(_Loop(st.var, st.dim, inner))
+            elif isinstance(st, ast.Update) and st.state == sa.name:
+                items.extend(_ops(steps[id(st)], sa.name))
+        return items
+
+    return walk(rule.ir.body, 0)
+
+
+def _ops(step, state) -> list:
+    ops = []
+    for f in step.factors:
+        if f.kind == "identity":
+            continue
+        if f.kind == "scalar":
+            ops.append(_Op("decay", expr=f.decay))
+        elif f.kind == "rank_one":
+            ops.append(_Op("erase", expr=f.coef.expr(), key=f.key))
+        elif f.kind == "rows":
+            line = ast.expr_span(f.node).line
+            raise _Unsupported(f"the per-channel decay diag({unparse(f.decay)}) @ {state} before "
+                               f"the erase (line {line}) has no numerically stable chunkwise "
+                               f"form here; backend='recurrent' runs it")
+        else:
+            raise _Unsupported(f"{unparse(f.node)} is not a decay or an erase of {state}")
+    for w in step.writes:
+        if w.kind != "outer":
+            raise _Unsupported(f"the write {unparse(w.node)} is not an outer product")
+        ops.append(_Op("write", expr=w.coef.expr(), value=w.right))
+    return ops
+
+
+def _read_plan(rule) -> list:
+    """Per output: (name, shape, [(state, side, [(coef, vector)])], extra)."""
+    plan = []
+    for rv in rule.analysis.reads:
+        if rv.kind != "output":
+            raise _Unsupported(f"{rv.name} reads the states and feeds another read (a chained "
+                               f"read)")
+        if rv.chain:
+            raise _Unsupported(f"output {rv.name} reads along a vector computed from other reads "
+                               f"of the states ({', '.join(rv.chain)})")
+        groups = {}
+        for term in rv.terms:
+            if term.read.side not in ("left", "right"):
+                raise _Unsupported(f"output {rv.name} reads {term.read.state} with dot()")
+            groups.setdefault((term.read.state, term.read.side), []).append(
+                (term.coef.expr(), term.read.vector))
+        shape = rule.ir.var(rv.name).dims
+        plan.append((rv.name, shape, [(s, side, terms) for (s, side), terms in groups.items()],
+                     rv.extra))
+    return plan
+
+
+def _plan(rule):
+    if rule.family != "delta":
+        raise _Unsupported(f"rule '{rule.name}' is in the {rule.family} family, not delta")
+    templates = {name: _template(rule, sa) for name, sa in rule.analysis.states.items()}
+    return templates, _read_plan(rule)
+
+
+def problem(rule) -> Optional[str]:
+    """None when this module runs ``rule``; else why not, in one line."""
+    try:
+        _plan(rule)
+    except _Unsupported as e:
+        return str(e)
+    return None
+
+
+# ============================================================ unrolling to canonical steps
+
+
+def _unroll(template, dim_sizes):
+    for item in template:
+        if isinstance(item, _Loop):
+            for j in range(dim_sizes[item.dim]):
+                for op in item.items:
+                    yield op, {item.var: j}
+        else:
+            yield item, None
+
+
+def _canonical_steps(template, dim_sizes) -> list:
+    steps, pending, current = [], [], None
+    for op, loop in _unroll(template, dim_sizes):
+        if op.kind == "decay":
+            if current is None:
+                pending.append((op.expr, loop))
+            else:  # after an erase: decays that step and the writes it has made
+                current.decays.append((op.expr, loop))
+                for w in current.writes:
+                    w[3].append((op.expr, loop))
+        elif op.kind == "erase":
+            current = _Step(decays=pending, b=(op.expr, loop), key=(op.key, loop))
+            pending = []
+            steps.append(current)
+        else:
+            current.writes.append([op.expr, op.value, loop, []])
+    if pending:  # a token with no erase (a loop over a dim of size 0): decay only
+        steps.append(_Step(decays=pending))
+    return steps
+
+
+# ============================================================ per-token values
+
+
+class _Values:
+    """Tokenwise values, each expression evaluated once per loop index."""
+
+    def __init__(self, rule, call):
+        self.tw = Tokenwise(rule.ir, call)
+        self.lets = {}
+        self.consts = dict(rule.ir.consts)
+        self._collect(rule.ir.body)
+        self.cache = {}
+
+    def _collect(self, body):
+        for st in body:
+            if isinstance(st, ast.Let):
+                self.lets[st.name] = st.value
+            elif isinstance(st, ast.For):
+                self._collect(st.body)
+
+    def value(self, expr, loop):
+        key = ("value", id(expr), _loop_key(loop))
+        if key not in self.cache:
+            self.cache[key] = self.tw.value(expr, loop)
+        return self.cache[key]
+
+    def log_decay(self, expr, loop):
+        """(log |decay|, 1.0 where the decay is negative or None when it cannot be)."""
+        key = ("log", id(expr), _loop_key(loop))
+        if key not in self.cache:
+            if self.positive(expr):
+                self.cache[key] = (self.tw.log_decay(expr, loop), None)
+            else:
+                d = self.value(expr, loop)
+                self.cache[key] = (torch.log(d.abs()), (d < 0).to(d.dtype))
+        return self.cache[key]
+
+    def positive(self, e) -> bool:
+        """True when e cannot be negative (so its log needs no sign)."""
+        if isinstance(e, ast.Num):
+            return e.value >= 0
+        if isinstance(e, ast.Name):
+            if e.kind == "dim":
+                return True
+            if e.kind == "const":
+                return self.consts[e.id] >= 0
+            if e.kind in ("let", "output") and e.id in self.lets:
+                return self.positive(self.lets[e.id])
+            return False
+        if isinstance(e, ast.Call):
+            if e.fn in ("exp", "sigmoid", "softplus", "sqrt", "rsqrt", "abs", "norm", "relu"):
+                return True
+            if e.fn == "max":
+                return any(self.positive(a) for a in e.args)
+            if e.fn == "min":
+                return all(self.positive(a) for a in e.args)
+            return False
+        if isinstance(e, ast.BinOp) and e.op in ("*", "/", "+"):
+            return self.positive(e.left) and self.positive(e.right)
+        if isinstance(e, ast.BinOp) and e.op == "**":
+            return self.positive(e.left)
+        return False
+
+
+def _loop_key(loop):
+    return tuple(sorted(loop.items())) if loop else None
+
+
+def _step_values(values, step, shape_k, shape_v, dtype, device):
+    """(log decay, negative-decay flags or None, b, k, u) of one canonical step, per token:
+    [B, T, H] for the scalars, [B, T, H, K] and [B, T, H, V] for k and u."""
+    g, neg = None, None
+    for expr, loop in step.decays:
+        log_d, negative = values.log_decay(expr, loop)
+        g = log_d if g is None else g + log_d
+        if negative is not None:
+            neg = negative if neg is None else neg + negative
+    g = torch.zeros(shape_k[:3], dtype=dtype, device=device) if g is None else g.expand(shape_k[:3])
+    if step.key is None:
+        return (g, neg, torch.zeros_like(g), torch.zeros(shape_k, dtype=dtype, device=device),
+                torch.zeros(shape_v, dtype=dtype, device=device))
+    b = values.value(*step.b).expand(shape_k[:3])
+    k = values.value(*step.key).expand(shape_k)
+    u = None
+    for coef, right, loop, scales in step.writes:
+        w = values.value(coef, loop)
+        for expr, at in scales:
+            w = w * values.value(expr, at)
+        part = w.unsqueeze(-1) * values.value(right, loop)
+        u = part if u is None else u + part
+    u = torch.zeros(shape_v, dtype=dtype, device=device) if u is None else u.expand(shape_v)
+    return g, neg, b, k, u
+
+
+# ============================================================ layout: sequences into chunks
+
+
+class _Chunks:
+    """Token tensors ``[B, T, H, ...]`` <-> chunks ``[nc, N*H, C, ...]``, one row of chunks per
+    sequence (packed sequences gathered apart, each padded to whole chunks with zeros: a zero
+    key, write and log-decay make a step the identity)."""
+
+    def __init__(self, call, chunk):
+        self.call, self.C = call, chunk
+        self.N, self.H = call.num_sequences, call.heads
+        segs = call.segments()
+        longest = max(e - s for s, e in segs)
+        self.nc = max(1, math.ceil(longest / chunk))
+        self.Tp = self.nc * chunk
+        if call.packed:
+            dev = call.device
+            idx = torch.full((self.N, self.Tp), call.time, dtype=torch.long)
+            pos = torch.empty(call.time, dtype=torch.long)
+            for n, (s, e) in enumerate(segs):
+                idx[n, : e - s] = torch.arange(s, e)
+                pos[s:e] = n * self.Tp + torch.arange(e - s)
+            self.idx, self.pos = idx.to(dev), pos.to(dev)
+
+    def split(self, x):
+        """[B, T, H, *rest] -> [nc, N*H, C, *rest]."""
+        rest = x.shape[3:]
+        if self.call.packed:
+            flat = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])
+            x = flat[self.idx]  # [N, Tp, H, *rest]
+        elif self.Tp > x.shape[1]:
+            x = torch.cat([x, x.new_zeros(x.shape[0], self.Tp - x.shape[1], *x.shape[2:])], 1)
+        x = x.reshape(self.N, self.nc, self.C, self.H, *rest)
+        x = x.permute(1, 0, 3, 2, *range(4, x.dim()))
+        return x.reshape(self.nc, self.N * self.H, self.C, *rest)
+
+    def merge(self, y):
+        """[nc, N*H, C, *rest] -> [B, T, H, *rest]."""
+        rest = y.shape[3:]
+        y = y.reshape(self.nc, self.N, self.H, self.C, *rest)
+        y = y.permute(1, 0, 3, 2, *range(4, y.dim())).reshape(self.N, self.Tp, self.H, *rest)
+        if self.call.packed:
+            return y.reshape(self.N * self.Tp, self.H, *rest)[self.pos].unsqueeze(0)
+        return y[:, : self.call.time]
+
+
+# ============================================================ run
+
+
+def run(rule, call, chunk_size: Optional[int] = None):
+    """Outputs ``[B, T, H, *shape]`` and final states ``[N, H, *dims]`` (compute dtype)."""
+    chunk = CHUNK_SIZE if chunk_size is None else chunk_size
+    if not isinstance(chunk, int) or chunk < 1:
+        raise BackendError(f"chunk size must be a positive integer (16, 32 or 64); got {chunk!r}")
+    try:
+        templates, reads = _plan(rule)
+    except _Unsupported as e:
+        raise BackendError(f"backend 'torch-chunk' cannot run rule '{rule.name}': {e}") from None
+    values = _Values(rule, call)
+    layout = _Chunks(call, chunk)
+    dt = call.compute_dtype
+    B, T, H = call.batch, call.time, call.heads
+    sizes = call.dim_sizes
+
+    # which read vectors each state serves: state -> side -> [(output, vector [B, T, H, n])]
+    wanted = {}
+    for name, _, groups, _ in reads:
+        for state, side, terms in groups:
+            vec = None
+            for coef, vector in terms:
+                part = values.value(coef, None).unsqueeze(-1) * values.value(vector, None)
+                vec = part if vec is None else vec + part
+            wanted.setdefault(state, {}).setdefault(side, []).append((name, vec))
+
+    parts = {name: [] for name, *_ in reads}
+    finals = []
+    for var in rule.ir.states:
+        Kd, Vd = (sizes[d] for d in var.dims)
+        shape_k, shape_v = (B, T, H, Kd), (B, T, H, Vd)
+        steps = _canonical_steps(templates[var.name], sizes)
+        per = [_step_values(values, s, shape_k, shape_v, dt, call.device) for s in steps]
+        m = len(per)
+
+        def chunked(i):
+            """Item i of every step, [B, T, H, m, ...] -> [nc, N*H, C*m, ...] (token-major)."""
+            items = [p[i] if p[i] is not None else torch.zeros_like(per[0][0]) for p in per]
+            x = layout.split(torch.stack(items, 3) if m > 1 else items[0].unsqueeze(3))
+            return x.reshape(x.shape[0], x.shape[1], chunk * m, *x.shape[4:])
+
+        g, b, k, u = (chunked(i) for i in (0, 2, 3, 4))
+        neg = chunked(1) if any(p[1] is not None for p in per) else None
+        sides = wanted.get(var.name, {})
+        q_left = _read_block(layout, sides.get("left"))
+        q_right = _read_block(layout, sides.get("right"))
+        S0 = call.initial_state(var.name).to(dt).reshape(-1, Kd, Vd)
+        o_left, o_right, S = chunk_delta(k, b, u, g, S0, m, q_left, q_right, neg)
+        for side, o in (("left", o_left), ("right", o_right)):
+            for r, (name, _) in enumerate(sides.get(side, [])):
+                parts[name].append(layout.merge(o[..., r, :]))
+        finals.append(S.reshape(call.num_sequences, H, Kd, Vd))
+
+    outputs = []
+    for name, shape, _, extra in reads:
+        full = (B, T, H) + tuple(sizes[d] for d in shape)
+        value = None
+        for p in parts[name]:
+            value = p if value is None else value + p
+        if extra is not None:
+            e = values.value(extra, None)
+            e = e.reshape(e.shape + (1,) * (len(full) - e.dim())).expand(full)
+            value = e if value is None else value + e
+        if value is None:
+            value = torch.zeros(full, dtype=dt, device=call.device)
+        outputs.append(value.to(dt))
+    return outputs, finals
+
+
+def _read_block(layout, reads):
+    """Read vectors [B, T, H, n] of one side -> [nc, N*H, C, R, n], or None."""
+    if not reads:
+        return None
+    vectors = [vec for _, vec in reads]
+    return layout.split(torch.stack(vectors, 3) if len(vectors) > 1 else vectors[0].unsqueeze(3))
