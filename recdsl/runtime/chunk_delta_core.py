@@ -40,6 +40,57 @@ def _masks(L, device):
     return i[:, None] >= i[None, :], i[:, None] > i[None, :]
 
 
+class _UnitLowerSolve(torch.autograd.Function):
+    """``X = (I + strict_lower(A))^{-1} R``, through the explicit inverse ``T``.
+
+    ``T`` comes from one triangular solve against the identity; ``X = T R`` is then a matmul,
+    and so is the whole backward (``dR = Tᵀ dX``, ``dA = -strict_lower(dR Xᵀ)``): autograd's
+    own backward of a solve would run a second, transposed triangular solve, which is several
+    times slower than a matmul of the same size on CPU."""
+
+    @staticmethod
+    def forward(ctx, A, R):
+        L = A.shape[-1]
+        eye = torch.eye(L, dtype=A.dtype, device=A.device).expand(A.shape)
+        T = torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
+        X = T @ R
+        ctx.save_for_backward(T, X)
+        return X
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dX):
+        T, X = ctx.saved_tensors
+        dR = T.transpose(-1, -2) @ dX
+        dA = -(dR @ X.transpose(-1, -2)).tril_(-1)
+        return dA, dR
+
+
+class _PairDecays(torch.autograd.Function):
+    """``Γ_ij = exp(sum_{j < l <= i} g_l)`` for ``i >= j``, 0 above the diagonal.
+
+    The exponents are differences of float64 cumulative sums rounded once to the compute
+    precision. The backward stays in the compute precision and needs no L x L float64
+    tensor: ``dg_l = sum_{i >= l} (row_i - col_i)`` of ``dΓ ⊙ Γ``."""
+
+    @staticmethod
+    def forward(ctx, g, lower):
+        cum = g.to(torch.float64).clamp(min=LOG_FLOOR).cumsum(-1)
+        seg = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).to(g.dtype)
+        gamma = torch.where(lower, seg, float("-inf")).exp_()
+        ctx.save_for_backward(gamma, g >= LOG_FLOOR)
+        return gamma
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dgamma):
+        gamma, above_floor = ctx.saved_tensors
+        dseg = dgamma * gamma
+        dcum = dseg.sum(-1) - dseg.sum(-2)
+        dg = dcum.flip(-1).cumsum(-1).flip(-1)  # dg_l = sum_{i >= l} dcum_i
+        return dg * above_floor, None
+
+
 def _parity_sign(counts):
     """(-1) ** counts for float counts of negative decays (exact small integers)."""
     return 1 - 2 * torch.remainder(counts, 2)
@@ -65,9 +116,8 @@ def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, ne
     # (their differences are then exact to the compute precision even past -1e4)
     # a log-decay below -1000 is a decay of exactly 0 in every float format (exp(-746) == 0 in
     # float64): the floor keeps -inf out of the differences and changes no value
-    cum = g.to(torch.float64).clamp(min=LOG_FLOOR).cumsum(-1)  # log decay from the chunk's start to after step i
-    seg = (cum.unsqueeze(-1) - cum.unsqueeze(-2)).to(g.dtype)  # from after step j to after i
-    gamma = torch.where(lower, seg, float("-inf")).exp_()
+    gamma = _PairDecays.apply(g, lower)  # [nc, Z, L, L]: from after step j to after step i
+    cum = g.to(torch.float64).clamp(min=LOG_FLOOR).cumsum(-1)  # from the chunk's start to after i
     start = cum.exp().to(g.dtype)
     to_end = (cum[..., L - 1:] - cum).exp().to(g.dtype)  # from after step j to the chunk's end
     total = start[..., L - 1]
@@ -83,7 +133,8 @@ def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, ne
     # zero elsewhere, so A needs no mask beyond gamma's
     A = ((k * b.unsqueeze(-1)) @ k.transpose(-1, -2)) * gamma
     rhs = torch.cat([k * (b * start).unsqueeze(-1), u], dim=-1)
-    solved = torch.linalg.solve_triangular(A, rhs, upper=False, unitriangular=True)
+    solved = _UnitLowerSolve.apply(A, rhs)
+    del A, rhs
     W, U = solved[..., :K], solved[..., K:]
 
     # the state passed between chunks (the only sequential part): V'_c = U_c - W_c S,
