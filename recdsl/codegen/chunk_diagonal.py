@@ -15,17 +15,22 @@ Everything else -- gates from params, routing, coefficients, chains of reads (Ra
 softmax between its two passes), several writes or terms (summed passes) -- lives outside,
 in the per-token prologue and the runtime (``recdsl.runtime.chunk_diagonal``).
 
-Kernels (``B*T`` tokens laid out ``[B, T, H, D]``, fp32 accumulation, any input dtype):
+Kernels (``B*T`` tokens laid out ``[B, T, H, D]``, fp32 accumulation):
 
 ``chunk_cumsum``    chunk-local cumulative sums of a log-decay, per (sequence, head).
-``chunk_fwd``       one program per (Y tile, sequence, head) walks the chunks with its
-                    ``[X, Y tile]`` slice of the state on chip, stores the state entering
-                    every chunk (for the backward) and the outputs, and the final state.
-``chunk_bwd``       the same programs walk the chunks backwards with the state gradient on
-                    chip, recomputing the intra-chunk products from the stored chunk states:
-                    gradients of u, kx (partial per Y tile: they contract over Y), vy, the
-                    log-decays (reverse cumulative sums, carried across chunks), the initial
-                    state.
+``chunk_fwd``       one program per (X tile, Y tile, sequence, head) walks the chunks with its
+                    ``[BX, BV]`` tile of the state on chip, stores the state entering every
+                    chunk (for the backward), the outputs and the final state.
+``chunk_bwd``       the same programs walk the chunks backwards with the state gradient's tile
+                    on chip, recomputing the intra-chunk products from the stored chunk states:
+                    gradients of u, kx, vy, the log-decays (reverse cumulative sums, carried
+                    across chunks) and the initial state.
+
+Tiling both axes keeps the per-program registers small (on a GPU 16 x 32; see ``PassShape``).
+Everything a tile computes is linear in its slice of the contraction, so the values that
+contract over a tiled axis come out as partial sums, one per tile, added by the caller: the
+outputs and ``dvy`` over the X tiles, ``du`` and ``dkx`` over the Y tiles. The products
+``A = U Kᵀ`` are recomputed per Y tile (as partial sums over X).
 
 Decay gradients use ``dG_t = u_t ⊙ du_t - kx_t ⊙ dkx_t`` (X) and ``o_t ⊙ do_t - vy_t ⊙ dvy_t``
 (Y) for the cumulative log-decay ``G``, plus ``dS_T ⊙ S_T`` summed over the other axis at
@@ -35,19 +40,20 @@ the last token, then ``dg_t = sum_{t' >= t} dG_t'``: every factor ``exp(G_t - G_
 Stability. Decays are chunk-local cumulative log-sums and every ``exp`` takes a difference
 ``G_t - G_s`` with ``s`` no later than ``t`` (masked to ``-inf`` above the diagonal before
 the exp), so with decays in (0, 1] no exponent is positive, whatever the chunk or gates.
-Two modes, chosen per pass:
+The chunk (default 64 tokens) is cut into sub-chunks of ``BC = 16`` tokens. Between a
+sub-chunk ``i`` and an earlier one ``j`` the decay factors through ``G`` at the last token
+``l`` of ``j``: ``exp(G_t - G_s) = exp(G_t - G_l) exp(G_l - G_s)``, both at most 1, so those
+blocks are matrix products (``tl.dot``). This is GLA's secondary chunking; it is chosen
+because it is exact for per-channel decays on either axis (and both at once), needs nothing
+but ``tl.dot`` and elementwise ops, and keeps the tiles small. Why not ``exp(G_t) exp(-G_s)``
+over the whole chunk: ``exp(-G_s)`` overflows fp32 once a chunk's decays add up below about
+-88. Within a sub-chunk:
 
-* ``SCALAR`` mode (no per-channel decay: linear attention, retention, Mamba-2): the chunk is
-  one block; the ``BT x BT`` matrix ``exp(g_t - g_s)`` masks the products ``U Kᵀ``.
-* ``CHANNEL`` mode (per-channel decay on X or Y: GLA, Raven, value-axis decays): secondary
-  chunking, as GLA does. The chunk is cut into sub-chunks of ``BC = 16`` tokens. Between a
-  sub-chunk ``i`` and an earlier one ``j`` the decay factors through ``G`` at the last token
-  ``l`` of ``j``: ``exp(G_t - G_s) = exp(G_t - G_l) exp(G_l - G_s)``, both at most 1, so those
-  blocks are matrix products (``tl.dot``). Within a sub-chunk each key token ``s`` is taken in
-  turn with its exact ``exp(G_t - G_s)`` per channel (``BC x channels`` elementwise). Why not
-  ``exp(G_t) exp(-G_s)`` over the whole chunk: ``exp(-G_s)`` overflows fp32 once a chunk's
-  decays add up below about -88; why not the exact ``BT x BT x channels`` decays: too many
-  registers. Decays on both axes at once work the same way (both factor through ``l``).
+* ``EXACT`` (a per-channel decay: GLA, Raven, value-axis decays): each key token ``s`` in turn
+  with its exact ``exp(G_t - G_s)`` per channel (``BC x channels`` elementwise); the exact
+  ``BC x BC x channels`` tensor at once would not fit in registers.
+* otherwise (no decay or a scalar one: linear attention, retention, Mamba-2): the masked
+  product ``(U Kᵀ) ⊙ exp(g_t - g_s)``, as in Mamba-2's segment sums.
 
 Dots take fp32 operands (``PRECISION``: "tf32" on GPUs unless asked for "ieee"; the
 interpreter computes exactly and cannot multiply bf16). ``tl.dot`` needs every side >= 16:
@@ -74,7 +80,8 @@ from .triton_ops import TOPK_HELPER, block, emit_ops, zeros
 # Version of the template: part of the cache key.
 VERSION = "1"
 
-SUB_CHUNK = 16  # BC in CHANNEL mode
+SUB_CHUNK = 16  # BC with per-channel decays
+SCALAR_SUB_CHUNK = 16  # BC without: the diagonal blocks are masked products
 MIN_BLOCK = 16  # tl.dot needs every side >= 16
 
 NONE, SCALAR, CHANNEL = 0, 1, 2  # decay kinds of an axis (Y takes NONE or CHANNEL)
@@ -126,9 +133,10 @@ def _vec(ptr, tok0, n_rows, H, i_h, BR: tl.constexpr):
 @triton.jit
 def _gtile(ptr, tok0, n_rows, H, i_h, D: tl.constexpr, col0, KIND: tl.constexpr,
            BR: tl.constexpr, BD: tl.constexpr):
-    """Cumulative log-decays of BR tokens as a [BR, BD] tile (KIND 1: one per token, broadcast)."""
+    """Cumulative log-decays of BR tokens: a [BR, BD] tile, or [BR, 1] for KIND 1 (one per
+    token, broadcast by the arithmetic)."""
     if KIND == 1:
-        g = _vec(ptr, tok0, n_rows, H, i_h, BR)[:, None] + tl.zeros([BR, BD], tl.float32)
+        g = _vec(ptr, tok0, n_rows, H, i_h, BR)[:, None]
     else:
         g = _tile(ptr, tok0, n_rows, H, i_h, D, col0, BR, BD)
     return g
@@ -136,10 +144,9 @@ def _gtile(ptr, tok0, n_rows, H, i_h, D: tl.constexpr, col0, KIND: tl.constexpr,
 
 @triton.jit
 def _grow(ptr, tok, limit, H, i_h, D: tl.constexpr, col0, KIND: tl.constexpr, BD: tl.constexpr):
-    """One token's cumulative log-decay as a [BD] vector (KIND 1: broadcast); zero unless
-    tok < limit."""
+    """One token's cumulative log-decay: [BD], or [1] for KIND 1; zero unless tok < limit."""
     if KIND == 1:
-        lanes = tl.zeros([BD], tl.int64)
+        lanes = tl.zeros([1], tl.int64)
         g = tl.load(ptr + tok * H + i_h + lanes, mask=(lanes + tok) < limit, other=0.0).to(tl.float32)
     else:
         g = _row(ptr, tok, limit, H, i_h, D, col0, BD)
@@ -170,117 +177,101 @@ def _state_offsets(o_x, o_y, DX: tl.constexpr, DY: tl.constexpr, TRANSPOSED: tl.
 @triton.jit
 def chunk_cumsum(g, gc, cu_seqlens, T, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
                  IS_VARLEN: tl.constexpr):
-    """gc = the chunk-local inclusive cumulative sum of g along time ([tokens, H, D])."""
+    """gc = the chunk-local inclusive cumulative sum of g along time ([tokens, H, D]).
+    Program (sequence and head, column tile)."""
     i_nh = tl.program_id(0)
+    d0 = tl.program_id(1) * BD
     i_n = i_nh // H
     i_h = i_nh % H
     bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
     for c in range(0, tl.cdiv(eos - bos, BT)):
         start = bos + c * BT
         n = tl.minimum(BT, eos - start)
-        x = _tile(g, start, n, H, i_h, D, 0, BT, BD)
-        _put(gc, tl.cumsum(x, axis=0), start, n, H, i_h, D, 0, BT, BD)
+        x = _tile(g, start, n, H, i_h, D, d0, BT, BD)
+        _put(gc, tl.cumsum(x, axis=0), start, n, H, i_h, D, d0, BT, BD)
 
 
 @triton.jit
-def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_offsets, T, H,
+def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_offsets, T, H, NTOK,
               DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BV: tl.constexpr,
-              BT: tl.constexpr, BC: tl.constexpr, SUBCHUNKS: tl.constexpr, GX: tl.constexpr,
-              GY: tl.constexpr,
-              TRANSPOSED: tl.constexpr, USE_INITIAL: tl.constexpr, HAS_EXTRA: tl.constexpr,
-              STORE_CKPT: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+              NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, EXACT: tl.constexpr,
+              GX: tl.constexpr, GY: tl.constexpr, TRANSPOSED: tl.constexpr,
+              USE_INITIAL: tl.constexpr, HAS_EXTRA: tl.constexpr, STORE_CKPT: tl.constexpr,
+              IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
     """o_t = S_tᵀ u_t (+ extra_t) for every token; S_T; the states entering each chunk.
 
-    gx, gy hold chunk-local cumulative log-decays (chunk_cumsum). SUBCHUNKS: CHANNEL mode."""
-    i_y = tl.program_id(0)
-    i_nh = tl.program_id(1)
+    Program (sequence and head; X tile, Y tile). ``out`` is ``[NX, tokens, H, DY]``: partial
+    sums over the X tiles. gx, gy hold chunk-local cumulative log-decays (chunk_cumsum).
+    EXACT: per-channel decays, the diagonal sub-chunk blocks one key token at a time."""
+    i_nh = tl.program_id(0)
+    i_x = tl.program_id(1) // NY
+    i_y = tl.program_id(1) % NY
     i_n = i_nh // H
     i_h = i_nh % H
     bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
     first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    x0 = i_x * BX
     y0 = i_y * BV
-    o_x = tl.arange(0, BX)
+    o_x = x0 + tl.arange(0, BX)
     o_y = y0 + tl.arange(0, BV)
     m_s = (o_x[:, None] < DX) & (o_y[None, :] < DY)
     s_offs = _state_offsets(o_x, o_y, DX, DY, TRANSPOSED)
     ck_offs = o_x[:, None] * DY + o_y[None, :]  # chunk states: the kernel's [X, Y] layout
+    out_p = out + tl.cast(i_x, tl.int64) * NTOK * DY
     if USE_INITIAL:
         S = tl.load(h0 + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, mask=m_s, other=0.0).to(tl.float32)
     else:
         S = tl.zeros([BX, BV], tl.float32)
     o_c = tl.arange(0, BC)
+    causal = o_c[:, None] >= o_c[None, :]
     for c in range(0, tl.cdiv(eos - bos, BT)):
         start = bos + c * BT
         L = tl.minimum(BT, eos - start)
+        last = start + L - 1
         if STORE_CKPT:
             tl.store(ckpt + ((first_chunk + c) * H + i_h) * DX * DY + ck_offs, S, mask=m_s)
-        last = start + L - 1
-        if not SUBCHUNKS:
-            # ---- SCALAR mode: the chunk is one block
-            U = _tile(u, start, L, H, i_h, DX, 0, BT, BX)
-            K = _tile(kx, start, L, H, i_h, DX, 0, BT, BX)
-            V = _tile(vy, start, L, H, i_h, DY, y0, BT, BV)
-            causal = o_c[:, None] >= o_c[None, :]
-            A = tl.dot(U, tl.trans(K), input_precision=PRECISION)
-            if GX == 1:
-                g = _vec(gx, start, L, H, i_h, BT)
-                o = tl.dot(U * tl.exp(g)[:, None], S, input_precision=PRECISION)
-                A = A * tl.exp(tl.where(causal, g[:, None] - g[None, :], float("-inf")))
+        for i in range(0, tl.cdiv(L, BC)):
+            t0 = start + i * BC
+            n_i = tl.minimum(BC, L - i * BC)
+            U_i = _tile(u, t0, n_i, H, i_h, DX, x0, BC, BX)
+            # through the state entering the chunk
+            if GX != 0:
+                Gx_i = _gtile(gx, t0, n_i, H, i_h, DX, x0, GX, BC, BX)
+                o = tl.dot(U_i * tl.exp(Gx_i), S, input_precision=PRECISION)
             else:
-                o = tl.dot(U, S, input_precision=PRECISION)
-                A = tl.where(causal, A, 0.0)
-            o += tl.dot(A, V, input_precision=PRECISION)
-            if HAS_EXTRA:
-                o += _tile(extra, start, L, H, i_h, DY, y0, BT, BV)
-            _put(out, o, start, L, H, i_h, DY, y0, BT, BV)
-            if GX == 1:
-                g_last = tl.load(gx + last * H + i_h).to(tl.float32)
-                to_end = tl.exp(tl.where(o_c < L, g_last - g, float("-inf")))
-                S = S * tl.exp(g_last) + tl.dot(tl.trans(K * to_end[:, None]), V, input_precision=PRECISION)
-            else:
-                S += tl.dot(tl.trans(K), V, input_precision=PRECISION)
-        else:
-            # ---- CHANNEL mode: sub-chunks of BC tokens
-            for i in range(0, tl.cdiv(L, BC)):
-                t0 = start + i * BC
-                n_i = tl.minimum(BC, L - i * BC)
-                U_i = _tile(u, t0, n_i, H, i_h, DX, 0, BC, BX)
+                o = tl.dot(U_i, S, input_precision=PRECISION)
+            if GY != 0:
+                Gy_i = _tile(gy, t0, n_i, H, i_h, DY, y0, BC, BV)
+                o = o * tl.exp(Gy_i)
+            # earlier sub-chunks: decays factor through the last token of sub-chunk j
+            for j in range(0, i):
+                tj = start + j * BC
+                lj = tj + BC - 1
+                K_j = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
+                V_j = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
                 if GX != 0:
-                    Gx_i = _gtile(gx, t0, n_i, H, i_h, DX, 0, GX, BC, BX)
-                    o = tl.dot(U_i * tl.exp(Gx_i), S, input_precision=PRECISION)
+                    gx_l = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
+                    Gx_j = _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX)
+                    A = tl.dot(U_i * tl.exp(Gx_i - gx_l), tl.trans(K_j * tl.exp(gx_l - Gx_j)),
+                               input_precision=PRECISION)
                 else:
-                    o = tl.dot(U_i, S, input_precision=PRECISION)
+                    A = tl.dot(U_i, tl.trans(K_j), input_precision=PRECISION)
                 if GY != 0:
-                    Gy_i = _tile(gy, t0, n_i, H, i_h, DY, y0, BC, BV)
-                    o = o * tl.exp(Gy_i)
-                # earlier sub-chunks: decays factor through the last token of sub-chunk j
-                for j in range(0, i):
-                    tj = start + j * BC
-                    lj = tj + BC - 1
-                    K_j = _tile(kx, tj, BC, H, i_h, DX, 0, BC, BX)
-                    V_j = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
-                    if GX != 0:
-                        gx_l = _grow(gx, lj, eos, H, i_h, DX, 0, GX, BX)[None, :]
-                        Gx_j = _gtile(gx, tj, BC, H, i_h, DX, 0, GX, BC, BX)
-                        A = tl.dot(U_i * tl.exp(Gx_i - gx_l), tl.trans(K_j * tl.exp(gx_l - Gx_j)),
-                                   input_precision=PRECISION)
-                    else:
-                        A = tl.dot(U_i, tl.trans(K_j), input_precision=PRECISION)
-                    if GY != 0:
-                        gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
-                        Gy_j = _tile(gy, tj, BC, H, i_h, DY, y0, BC, BV)
-                        o += tl.exp(Gy_i - gy_l) * tl.dot(A, V_j * tl.exp(gy_l - Gy_j),
-                                                          input_precision=PRECISION)
-                    else:
-                        o += tl.dot(A, V_j, input_precision=PRECISION)
-                # the sub-chunk itself: one key token s at a time, exact decays
-                for s in range(0, BC):
+                    gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
+                    Gy_j = _tile(gy, tj, BC, H, i_h, DY, y0, BC, BV)
+                    o += tl.exp(Gy_i - gy_l) * tl.dot(A, V_j * tl.exp(gy_l - Gy_j),
+                                                      input_precision=PRECISION)
+                else:
+                    o += tl.dot(A, V_j, input_precision=PRECISION)
+            # the sub-chunk itself
+            if EXACT:  # one key token s at a time, exact decays per channel
+                for s in range(0, n_i):  # a run-time bound: not unrolled (registers)
                     ts = t0 + s
-                    k_s = _row(kx, ts, t0 + n_i, H, i_h, DX, 0, BX)
+                    k_s = _row(kx, ts, t0 + n_i, H, i_h, DX, x0, BX)
                     v_s = _row(vy, ts, t0 + n_i, H, i_h, DY, y0, BV)
                     after = (o_c >= s)[:, None]
                     if GX != 0:
-                        gx_s = _grow(gx, ts, t0 + n_i, H, i_h, DX, 0, GX, BX)[None, :]
+                        gx_s = _grow(gx, ts, t0 + n_i, H, i_h, DX, x0, GX, BX)[None, :]
                         ex = tl.exp(tl.where(after, Gx_i - gx_s, float("-inf")))
                         a = tl.sum(U_i * k_s[None, :] * ex, axis=1)
                     else:
@@ -291,321 +282,466 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
                         o += a[:, None] * v_s[None, :] * ey
                     else:
                         o += a[:, None] * v_s[None, :]
-                if HAS_EXTRA:
-                    o += _tile(extra, t0, n_i, H, i_h, DY, y0, BC, BV)
-                _put(out, o, t0, n_i, H, i_h, DY, y0, BC, BV)
-            # the state entering the next chunk
-            if GX != 0:
-                gx_e = _grow(gx, last, eos, H, i_h, DX, 0, GX, BX)
-                S = S * tl.exp(gx_e)[:, None]
-            if GY != 0:
-                gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)
-                S = S * tl.exp(gy_e)[None, :]
-            for j in range(0, tl.cdiv(L, BC)):
-                tj = start + j * BC
-                n_j = tl.minimum(BC, L - j * BC)
-                live = (o_c < n_j)[:, None]
-                K_j = _tile(kx, tj, n_j, H, i_h, DX, 0, BC, BX)
-                V_j = _tile(vy, tj, n_j, H, i_h, DY, y0, BC, BV)
+            else:  # a scalar decay: the masked product
+                K_i = _tile(kx, t0, n_i, H, i_h, DX, x0, BC, BX)
+                V_i = _tile(vy, t0, n_i, H, i_h, DY, y0, BC, BV)
+                A = tl.dot(U_i, tl.trans(K_i), input_precision=PRECISION)
                 if GX != 0:
-                    Gx_j = _gtile(gx, tj, n_j, H, i_h, DX, 0, GX, BC, BX)
-                    K_j = K_j * tl.exp(tl.where(live, gx_e[None, :] - Gx_j, float("-inf")))
-                if GY != 0:
-                    Gy_j = _tile(gy, tj, n_j, H, i_h, DY, y0, BC, BV)
-                    V_j = V_j * tl.exp(tl.where(live, gy_e[None, :] - Gy_j, float("-inf")))
-                S += tl.dot(tl.trans(K_j), V_j, input_precision=PRECISION)
+                    A = A * tl.exp(tl.where(causal, Gx_i - tl.trans(Gx_i), float("-inf")))
+                else:
+                    A = tl.where(causal, A, 0.0)
+                o += tl.dot(A, V_i, input_precision=PRECISION)
+            if HAS_EXTRA:  # added once, by the first X tile
+                o += _tile(extra, t0, tl.where(i_x == 0, n_i, 0), H, i_h, DY, y0, BC, BV)
+            _put(out_p, o, t0, n_i, H, i_h, DY, y0, BC, BV)
+        # the state entering the next chunk
+        if GX != 0:
+            gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)
+            S = S * tl.exp(gx_e)[:, None]
+        if GY != 0:
+            gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)
+            S = S * tl.exp(gy_e)[None, :]
+        for j in range(0, tl.cdiv(L, BC)):
+            tj = start + j * BC
+            n_j = tl.minimum(BC, L - j * BC)
+            live = (o_c < n_j)[:, None]
+            K_j = _tile(kx, tj, n_j, H, i_h, DX, x0, BC, BX)
+            V_j = _tile(vy, tj, n_j, H, i_h, DY, y0, BC, BV)
+            if GX != 0:
+                Gx_j = _gtile(gx, tj, n_j, H, i_h, DX, x0, GX, BC, BX)
+                K_j = K_j * tl.exp(tl.where(live, gx_e[None, :] - Gx_j, float("-inf")))
+            if GY != 0:
+                Gy_j = _tile(gy, tj, n_j, H, i_h, DY, y0, BC, BV)
+                V_j = V_j * tl.exp(tl.where(live, gy_e[None, :] - Gy_j, float("-inf")))
+            S += tl.dot(tl.trans(K_j), V_j, input_precision=PRECISION)
     tl.store(ht + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, S, mask=m_s)
 
 
 @triton.jit
-def chunk_bwd(u, kx, vy, gx, gy, ckpt, ht, do, dht, du, dkx, dvy, dgx, dgy, dh0,
-              cu_seqlens, chunk_offsets, T, H, NTOK,
-              DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BV: tl.constexpr,
-              BT: tl.constexpr, BC: tl.constexpr, SUBCHUNKS: tl.constexpr, GX: tl.constexpr,
-              GY: tl.constexpr,
-              TRANSPOSED: tl.constexpr, USE_FINAL_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr,
-              PRECISION: tl.constexpr):
-    """Gradients of one pass, walking the chunks backwards from dS_T.
-
-    du, dkx, dgx are partial sums of this program's Y tile: ``[NY, tokens, H, D]`` (NTOK =
-    tokens * H), summed over tiles by the caller; dvy, dgy and dh0 are complete."""
-    i_y = tl.program_id(0)
-    i_nh = tl.program_id(1)
+def chunk_bwd_dh(u, gx, gy, ht, do, dht, dckpt, dh0, fin_x, fin_y, cu_seqlens, chunk_offsets,
+                 T, H, NSH, DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr,
+                 BV: tl.constexpr, NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
+                 GX: tl.constexpr, GY: tl.constexpr, TRANSPOSED: tl.constexpr,
+                 USE_FINAL_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
+    """The state gradient walked backwards: dS leaving every chunk (``dckpt``, the kernel's
+    [X, Y] layout), dS_0 (``dh0``), and the final state's own term of the decay gradients,
+    ``dS_T ⊙ S_T`` summed over Y (``fin_x``, partial over Y tiles; over both for a scalar
+    decay) and over X (``fin_y``, partial over X tiles). NSH = sequences * H."""
+    i_nh = tl.program_id(0)
+    i_x = tl.program_id(1) // NY
+    i_y = tl.program_id(1) % NY
     i_n = i_nh // H
     i_h = i_nh % H
     bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
     first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    x0 = i_x * BX
     y0 = i_y * BV
-    o_x = tl.arange(0, BX)
+    o_x = x0 + tl.arange(0, BX)
     o_y = y0 + tl.arange(0, BV)
     m_s = (o_x[:, None] < DX) & (o_y[None, :] < DY)
     s_offs = _state_offsets(o_x, o_y, DX, DY, TRANSPOSED)
     ck_offs = o_x[:, None] * DY + o_y[None, :]
-    du_p = du + tl.cast(i_y, tl.int64) * NTOK * DX
-    dkx_p = dkx + tl.cast(i_y, tl.int64) * NTOK * DX
-    o_c = tl.arange(0, BC)
     if USE_FINAL_GRAD:
         dS = tl.load(dht + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, mask=m_s, other=0.0).to(tl.float32)
         S_T = tl.load(ht + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, mask=m_s, other=0.0)
-        # the final state's own dependence on the decays, through dS_T ⊙ S_T
-        carry_x = tl.sum(dS * S_T, axis=1)
-        carry_y = tl.sum(dS * S_T, axis=0)
+        if GX == 1:
+            tl.store(fin_x + tl.cast(tl.program_id(1), tl.int64) * NSH + i_nh, tl.sum(dS * S_T))
+        elif GX == 2:
+            tl.store(fin_x + (tl.cast(i_y, tl.int64) * NSH + i_nh) * DX + o_x,
+                     tl.sum(dS * S_T, axis=1), mask=o_x < DX)
+        if GY != 0:
+            tl.store(fin_y + (tl.cast(i_x, tl.int64) * NSH + i_nh) * DY + o_y,
+                     tl.sum(dS * S_T, axis=0), mask=o_y < DY)
     else:
         dS = tl.zeros([BX, BV], tl.float32)
-        carry_x = tl.zeros([BX], tl.float32)
-        carry_y = tl.zeros([BV], tl.float32)
-    if GX == 1:
-        dgx_p = dgx + tl.cast(i_y, tl.int64) * NTOK
-        carry_s = tl.sum(carry_x, axis=0)
-    else:
-        dgx_p = dgx + tl.cast(i_y, tl.int64) * NTOK * DX
+    o_c = tl.arange(0, BC)
     n_chunks = tl.cdiv(eos - bos, BT)
     for c_rev in range(0, n_chunks):
         c = n_chunks - 1 - c_rev
         start = bos + c * BT
         L = tl.minimum(BT, eos - start)
         last = start + L - 1
-        S0 = tl.load(ckpt + ((first_chunk + c) * H + i_h) * DX * DY + ck_offs, mask=m_s, other=0.0)
-        if not SUBCHUNKS:
-            # ---- SCALAR mode
-            U = _tile(u, start, L, H, i_h, DX, 0, BT, BX)
-            K = _tile(kx, start, L, H, i_h, DX, 0, BT, BX)
-            V = _tile(vy, start, L, H, i_h, DY, y0, BT, BV)
-            dO = _tile(do, start, L, H, i_h, DY, y0, BT, BV)
-            causal = o_c[:, None] >= o_c[None, :]
-            if GX == 1:
-                g = _vec(gx, start, L, H, i_h, BT)
-                g_last = tl.load(gx + last * H + i_h).to(tl.float32)
-                decay = tl.exp(tl.where(causal, g[:, None] - g[None, :], float("-inf")))
-                to_end = tl.exp(tl.where(o_c < L, g_last - g, float("-inf")))[:, None]
-                from_start = tl.exp(g)[:, None]
-            else:
-                decay = tl.where(causal, 1.0, 0.0)
-                to_end = 1.0
-                from_start = 1.0
-            A = tl.dot(U, tl.trans(K), input_precision=PRECISION) * decay
-            dA = tl.dot(dO, tl.trans(V), input_precision=PRECISION) * decay
-            dU = tl.dot(dO, tl.trans(S0), input_precision=PRECISION) * from_start
-            dU += tl.dot(dA, K, input_precision=PRECISION)
-            dK = tl.dot(V, tl.trans(dS), input_precision=PRECISION) * to_end
-            dK += tl.dot(tl.trans(dA), U, input_precision=PRECISION)
-            dV = tl.dot(K * to_end, dS, input_precision=PRECISION)
-            dV += tl.dot(tl.trans(A), dO, input_precision=PRECISION)
-            _put(du_p, dU, start, L, H, i_h, DX, 0, BT, BX)
-            _put(dkx_p, dK, start, L, H, i_h, DX, 0, BT, BX)
-            _put(dvy, dV, start, L, H, i_h, DY, y0, BT, BV)
-            if GX == 1:
-                dG = tl.sum(U * dU - K * dK, axis=1)
-                rows = tl.arange(0, BT)
-                tl.store(dgx_p + (start + rows) * H + i_h,
-                         tl.cumsum(dG, axis=0, reverse=True) + carry_s, mask=rows < L)
-                carry_s += tl.sum(dG, axis=0)
-                dS = dS * tl.exp(g_last)
-            dS += tl.dot(tl.trans(U * from_start), dO, input_precision=PRECISION)
-        else:
-            # ---- CHANNEL mode: sub-chunks, the last one first (reverse cumulative sums)
+        tl.store(dckpt + ((first_chunk + c) * H + i_h) * DX * DY + ck_offs, dS, mask=m_s)
+        if GX != 0:
+            dS = dS * tl.exp(_grow(gx, last, eos, H, i_h, DX, x0, GX, BX))[:, None]
+        if GY != 0:
+            dS = dS * tl.exp(_row(gy, last, eos, H, i_h, DY, y0, BV))[None, :]
+        for m in range(0, tl.cdiv(L, BC)):
+            t0 = start + m * BC
+            n_m = tl.minimum(BC, L - m * BC)
+            U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
+            dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
             if GX != 0:
-                gx_e = _grow(gx, last, eos, H, i_h, DX, 0, GX, BX)[None, :]
+                U_m = U_m * tl.exp(_gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX))
             if GY != 0:
-                gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)[None, :]
-            dS_in = tl.zeros([BX, BV], tl.float32)  # the read terms of this chunk's dS
-            n_sub = tl.cdiv(L, BC)
-            for m_rev in range(0, n_sub):
-                m = n_sub - 1 - m_rev
-                t0 = start + m * BC
-                n_m = tl.minimum(BC, L - m * BC)
-                live = (o_c < n_m)[:, None]
-                U_m = _tile(u, t0, n_m, H, i_h, DX, 0, BC, BX)
-                K_m = _tile(kx, t0, n_m, H, i_h, DX, 0, BC, BX)
-                V_m = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
-                dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
-                # terms through the chunk's entering state S0 and leaving gradient dS
-                Uq = U_m
-                Kk = K_m
-                dOq = dO_m
-                Vk = V_m
-                if GX != 0:
-                    Gx_m = _gtile(gx, t0, n_m, H, i_h, DX, 0, GX, BC, BX)
-                    Uq = U_m * tl.exp(Gx_m)
-                    x_end = tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
-                    Kk = K_m * x_end
-                if GY != 0:
-                    Gy_m = _tile(gy, t0, n_m, H, i_h, DY, y0, BC, BV)
-                    dOq = dO_m * tl.exp(Gy_m)
-                    y_end = tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
-                    Vk = V_m * y_end
-                dU = tl.dot(dOq, tl.trans(S0), input_precision=PRECISION)
-                dK = tl.dot(Vk, tl.trans(dS), input_precision=PRECISION)
-                dV = tl.dot(Kk, dS, input_precision=PRECISION)
-                if GX != 0:
-                    dU = dU * tl.exp(Gx_m)
-                    dK = dK * x_end
-                if GY != 0:
-                    dV = dV * y_end
-                    O = tl.dot(Uq, S0, input_precision=PRECISION) * tl.exp(Gy_m)
-                dS_in += tl.dot(tl.trans(Uq), dOq, input_precision=PRECISION)
-                # earlier sub-chunks j (keys) -> this one (queries): dU, and O for dgy
-                for j in range(0, m):
-                    tj = start + j * BC
-                    lj = tj + BC - 1
-                    K_j = _tile(kx, tj, BC, H, i_h, DX, 0, BC, BX)
-                    V_j = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
-                    if GX != 0:
-                        gx_l = _grow(gx, lj, eos, H, i_h, DX, 0, GX, BX)[None, :]
-                        kg = K_j * tl.exp(gx_l - _gtile(gx, tj, BC, H, i_h, DX, 0, GX, BC, BX))
-                        q_to = tl.exp(Gx_m - gx_l)
-                    else:
-                        kg = K_j
-                    if GY != 0:
-                        gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
-                        vg = V_j * tl.exp(gy_l - _tile(gy, tj, BC, H, i_h, DY, y0, BC, BV))
-                        o_to = tl.exp(Gy_m - gy_l)
-                        dA = tl.dot(dO_m * o_to, tl.trans(vg), input_precision=PRECISION)
-                    else:
-                        dA = tl.dot(dO_m, tl.trans(V_j), input_precision=PRECISION)
-                    if GX != 0:
-                        dU += q_to * tl.dot(dA, kg, input_precision=PRECISION)
-                    else:
-                        dU += tl.dot(dA, kg, input_precision=PRECISION)
-                    if GY != 0:
-                        if GX != 0:
-                            A = tl.dot(U_m * q_to, tl.trans(kg), input_precision=PRECISION)
-                        else:
-                            A = tl.dot(U_m, tl.trans(kg), input_precision=PRECISION)
-                        O += o_to * tl.dot(A, vg, input_precision=PRECISION)
-                # this one (keys) -> later sub-chunks i (queries): dK, dV
-                lm = t0 + n_m - 1  # with later sub-chunks, sub-chunk m is full
-                if GX != 0:
-                    gx_l = _grow(gx, lm, eos, H, i_h, DX, 0, GX, BX)[None, :]
-                    k_from = tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
-                    kg = K_m * k_from
-                else:
-                    kg = K_m
-                if GY != 0:
-                    gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
-                    v_from = tl.exp(tl.where(live, gy_l - Gy_m, float("-inf")))
-                    vg = V_m * v_from
-                else:
-                    vg = V_m
-                dKg = tl.zeros([BC, BX], tl.float32)
-                dVg = tl.zeros([BC, BV], tl.float32)
-                for i in range(m + 1, n_sub):
-                    ti = start + i * BC
-                    n_i = tl.minimum(BC, L - i * BC)
-                    U_i = _tile(u, ti, n_i, H, i_h, DX, 0, BC, BX)
-                    dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
-                    if GX != 0:
-                        U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, 0, GX, BC, BX) - gx_l)
-                    if GY != 0:
-                        dO_i = dO_i * tl.exp(_tile(gy, ti, n_i, H, i_h, DY, y0, BC, BV) - gy_l)
-                    A = tl.dot(U_i, tl.trans(kg), input_precision=PRECISION)
-                    dA = tl.dot(dO_i, tl.trans(vg), input_precision=PRECISION)
-                    dKg += tl.dot(tl.trans(dA), U_i, input_precision=PRECISION)
-                    dVg += tl.dot(tl.trans(A), dO_i, input_precision=PRECISION)
-                if GX != 0:
-                    dK += dKg * k_from
-                else:
-                    dK += dKg
-                if GY != 0:
-                    dV += dVg * v_from
-                else:
-                    dV += dVg
-                # within the sub-chunk: one key token s at a time, exact decays
-                for s in range(0, BC):
-                    ts = t0 + s
-                    k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, 0, BX)[None, :]
-                    v_s = _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
-                    after = (o_c >= s)[:, None]
-                    here = (o_c == s)[:, None]
-                    if GX != 0:
-                        gx_s = _grow(gx, ts, t0 + n_m, H, i_h, DX, 0, GX, BX)[None, :]
-                        ex = tl.exp(tl.where(after, Gx_m - gx_s, float("-inf")))
-                        Uex = U_m * ex
-                    else:
-                        Uex = tl.where(after, U_m, 0.0)
-                    if GY != 0:
-                        gy_s = _row(gy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
-                        ey = tl.exp(tl.where(after, Gy_m - gy_s, float("-inf")))
-                        dOey = dO_m * ey
-                    else:
-                        dOey = tl.where(after, dO_m, 0.0)
-                    a = tl.sum(Uex * k_s, axis=1)[:, None]  # A[t, s] for the queries t
-                    da = tl.sum(dOey * v_s, axis=1)[:, None]
-                    if GX != 0:
-                        dU += da * k_s * ex
-                    else:
-                        dU += tl.where(after, da * k_s, 0.0)
-                    if GY != 0:
-                        O += a * v_s * ey
-                    dK += tl.where(here, tl.sum(da * Uex, axis=0)[None, :], 0.0)
-                    dV += tl.where(here, tl.sum(a * dOey, axis=0)[None, :], 0.0)
-                _put(du_p, dU, t0, n_m, H, i_h, DX, 0, BC, BX)
-                _put(dkx_p, dK, t0, n_m, H, i_h, DX, 0, BC, BX)
-                _put(dvy, dV, t0, n_m, H, i_h, DY, y0, BC, BV)
-                if GX == 1:
-                    dG = tl.sum(U_m * dU - K_m * dK, axis=1)
-                    rows = tl.arange(0, BC)
-                    tl.store(dgx_p + (t0 + rows) * H + i_h,
-                             tl.cumsum(dG, axis=0, reverse=True) + carry_s, mask=rows < n_m)
-                    carry_s += tl.sum(dG, axis=0)
-                elif GX == 2:
-                    dG = U_m * dU - K_m * dK
-                    _put(dgx_p, tl.cumsum(dG, axis=0, reverse=True) + carry_x[None, :],
-                         t0, n_m, H, i_h, DX, 0, BC, BX)
-                    carry_x += tl.sum(dG, axis=0)
-                if GY != 0:
-                    dG = O * dO_m - V_m * dV
-                    _put(dgy, tl.cumsum(dG, axis=0, reverse=True) + carry_y[None, :],
-                         t0, n_m, H, i_h, DY, y0, BC, BV)
-                    carry_y += tl.sum(dG, axis=0)
-            if GX != 0:
-                dS = dS * tl.exp(tl.trans(gx_e))
-            if GY != 0:
-                dS = dS * tl.exp(gy_e)
-            dS += dS_in
+                dO_m = dO_m * tl.exp(_tile(gy, t0, n_m, H, i_h, DY, y0, BC, BV))
+            dS += tl.dot(tl.trans(U_m), dO_m, input_precision=PRECISION)
     tl.store(dh0 + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, dS, mask=m_s)
+
+
+@triton.jit
+def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, H, NTOK,
+                DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BV: tl.constexpr,
+                NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, EXACT: tl.constexpr,
+                GX: tl.constexpr, GY: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk's gradients of u and kx, and of the X log-decays within the chunk (a
+    reverse cumulative sum from the chunk's end; chunk_carry adds the later chunks).
+
+    Program (chunk; X tile, Y tile; head). Partial sums over the Y tiles: du, dkx and a
+    per-channel dgx ``[NY, tokens, H, DX]``; a scalar dgx ``[NX * NY, tokens, H]``."""
+    i_c = tl.program_id(0)
+    i_x = tl.program_id(1) // NY
+    i_y = tl.program_id(1) % NY
+    i_h = tl.program_id(2)
+    start = tl.load(chunk_bounds + 2 * i_c)
+    eos = tl.load(chunk_bounds + 2 * i_c + 1)
+    L = tl.minimum(BT, eos - start)
+    last = start + L - 1
+    x0 = i_x * BX
+    y0 = i_y * BV
+    o_x = x0 + tl.arange(0, BX)
+    o_y = y0 + tl.arange(0, BV)
+    m_s = (o_x[:, None] < DX) & (o_y[None, :] < DY)
+    ck = (tl.cast(i_c, tl.int64) * H + i_h) * DX * DY + o_x[:, None] * DY + o_y[None, :]
+    du_p = du + tl.cast(i_y, tl.int64) * NTOK * DX
+    dkx_p = dkx + tl.cast(i_y, tl.int64) * NTOK * DX
+    o_c = tl.arange(0, BC)
+    causal = o_c[:, None] >= o_c[None, :]
+    if GX == 1:
+        dgx_p = dgx + tl.cast(tl.program_id(1), tl.int64) * NTOK
+        carry_s = tl.zeros([], tl.float32)
+    else:
+        dgx_p = dgx + tl.cast(i_y, tl.int64) * NTOK * DX
+        carry_x = tl.zeros([BX], tl.float32)
+    if GX != 0:
+        gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
+    if GY != 0:
+        gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)[None, :]
+    n_sub = tl.cdiv(L, BC)
+    for m_rev in range(0, n_sub):  # last to first: the reverse cumulative sums run with them
+        m = n_sub - 1 - m_rev
+        t0 = start + m * BC
+        n_m = tl.minimum(BC, L - m * BC)
+        live = (o_c < n_m)[:, None]
+        U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
+        K_m = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
+        dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
+        # through the state entering the chunk and the gradient leaving it
+        dOq = dO_m
+        Vk = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
+        if GY != 0:
+            Gy_m = _tile(gy, t0, n_m, H, i_h, DY, y0, BC, BV)
+            dOq = dO_m * tl.exp(Gy_m)
+            Vk = Vk * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
+        S0 = tl.load(ckpt + ck, mask=m_s, other=0.0)
+        dU = tl.dot(dOq, tl.trans(S0), input_precision=PRECISION)
+        dS = tl.load(dckpt + ck, mask=m_s, other=0.0)
+        dK = tl.dot(Vk, tl.trans(dS), input_precision=PRECISION)
+        if GX != 0:
+            Gx_m = _gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
+            dU = dU * tl.exp(Gx_m)
+            dK = dK * tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
+        # earlier sub-chunks j (keys) -> this one (queries)
+        for j in range(0, m):
+            tj = start + j * BC
+            lj = tj + BC - 1
+            kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
+            V_j = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
+            if GY != 0:
+                gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
+                dA = tl.dot(dO_m * tl.exp(Gy_m - gy_l),
+                            tl.trans(V_j * tl.exp(gy_l - _tile(gy, tj, BC, H, i_h, DY, y0, BC, BV))),
+                            input_precision=PRECISION)
+            else:
+                dA = tl.dot(dO_m, tl.trans(V_j), input_precision=PRECISION)
+            if GX != 0:
+                gx_l = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
+                kg = kg * tl.exp(gx_l - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
+                dU += tl.exp(Gx_m - gx_l) * tl.dot(dA, kg, input_precision=PRECISION)
+            else:
+                dU += tl.dot(dA, kg, input_precision=PRECISION)
+        # this one (keys) -> later sub-chunks i (queries)
+        lm = t0 + n_m - 1  # with later sub-chunks, sub-chunk m is full
+        vg = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
+        if GY != 0:
+            gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
+            vg = vg * tl.exp(tl.where(live, gy_l - Gy_m, float("-inf")))
+        if GX != 0:
+            gx_l = _grow(gx, lm, eos, H, i_h, DX, x0, GX, BX)[None, :]
+        dKg = tl.zeros([BC, BX], tl.float32)
+        for i in range(m + 1, n_sub):
+            ti = start + i * BC
+            n_i = tl.minimum(BC, L - i * BC)
+            U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
+            dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
+            if GX != 0:
+                U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
+            if GY != 0:
+                dO_i = dO_i * tl.exp(_tile(gy, ti, n_i, H, i_h, DY, y0, BC, BV) - gy_l)
+            dA = tl.dot(dO_i, tl.trans(vg), input_precision=PRECISION)
+            dKg += tl.dot(tl.trans(dA), U_i, input_precision=PRECISION)
+        if GX != 0:
+            dK += dKg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
+        else:
+            dK += dKg
+        # the sub-chunk itself
+        if EXACT:  # one key token s at a time, exact decays per channel
+            for s in range(0, n_m):  # a run-time bound: not unrolled (registers)
+                ts = t0 + s
+                k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :]
+                v_s = _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
+                after = (o_c >= s)[:, None]
+                if GY != 0:
+                    gy_s = _row(gy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
+                    dOey = dO_m * tl.exp(tl.where(after, Gy_m - gy_s, float("-inf")))
+                else:
+                    dOey = tl.where(after, dO_m, 0.0)
+                da = tl.sum(dOey * v_s, axis=1)[:, None]  # dA[t, s] for the queries t
+                if GX != 0:
+                    gx_s = _grow(gx, ts, t0 + n_m, H, i_h, DX, x0, GX, BX)[None, :]
+                    ex = tl.exp(tl.where(after, Gx_m - gx_s, float("-inf")))
+                    dU += da * k_s * ex
+                    dk_s = tl.sum(da * U_m * ex, axis=0)
+                else:
+                    dU += da * k_s
+                    dk_s = tl.sum(da * U_m, axis=0)
+                dK += tl.where((o_c == s)[:, None], dk_s[None, :], 0.0)
+        else:  # a scalar decay: masked products
+            V_m = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
+            dA = tl.dot(dO_m, tl.trans(V_m), input_precision=PRECISION)
+            if GX != 0:
+                dA = dA * tl.exp(tl.where(causal, Gx_m - tl.trans(Gx_m), float("-inf")))
+            else:
+                dA = tl.where(causal, dA, 0.0)
+            dU += tl.dot(dA, K_m, input_precision=PRECISION)
+            dK += tl.dot(tl.trans(dA), U_m, input_precision=PRECISION)
+        _put(du_p, dU, t0, n_m, H, i_h, DX, x0, BC, BX)
+        _put(dkx_p, dK, t0, n_m, H, i_h, DX, x0, BC, BX)
+        if GX == 1:
+            dG = tl.sum(U_m * dU - K_m * dK, axis=1)
+            rows = tl.arange(0, BC)
+            tl.store(dgx_p + (t0 + rows) * H + i_h,
+                     tl.cumsum(dG, axis=0, reverse=True) + carry_s, mask=rows < n_m)
+            carry_s += tl.sum(dG, axis=0)
+        elif GX == 2:
+            dG = U_m * dU - K_m * dK
+            _put(dgx_p, tl.cumsum(dG, axis=0, reverse=True) + carry_x[None, :],
+                 t0, n_m, H, i_h, DX, x0, BC, BX)
+            carry_x += tl.sum(dG, axis=0)
+
+
+@triton.jit
+def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, NTOK,
+                DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BV: tl.constexpr,
+                NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, EXACT: tl.constexpr,
+                GX: tl.constexpr, GY: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk's gradient of vy, and of the Y log-decays within the chunk (which need the
+    read o_t itself, recomputed). Partial sums over the X tiles: ``[NX, tokens, H, DY]``."""
+    i_c = tl.program_id(0)
+    i_x = tl.program_id(1) // NY
+    i_y = tl.program_id(1) % NY
+    i_h = tl.program_id(2)
+    start = tl.load(chunk_bounds + 2 * i_c)
+    eos = tl.load(chunk_bounds + 2 * i_c + 1)
+    L = tl.minimum(BT, eos - start)
+    last = start + L - 1
+    x0 = i_x * BX
+    y0 = i_y * BV
+    o_x = x0 + tl.arange(0, BX)
+    o_y = y0 + tl.arange(0, BV)
+    m_s = (o_x[:, None] < DX) & (o_y[None, :] < DY)
+    ck = (tl.cast(i_c, tl.int64) * H + i_h) * DX * DY + o_x[:, None] * DY + o_y[None, :]
+    dvy_p = dvy + tl.cast(i_x, tl.int64) * NTOK * DY
+    dgy_p = dgy + tl.cast(i_x, tl.int64) * NTOK * DY
+    o_c = tl.arange(0, BC)
+    causal = o_c[:, None] >= o_c[None, :]
+    carry_y = tl.zeros([BV], tl.float32)
+    if GX != 0:
+        gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
+    if GY != 0:
+        gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)[None, :]
+    n_sub = tl.cdiv(L, BC)
+    for m_rev in range(0, n_sub):
+        m = n_sub - 1 - m_rev
+        t0 = start + m * BC
+        n_m = tl.minimum(BC, L - m * BC)
+        live = (o_c < n_m)[:, None]
+        U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
+        dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
+        Kk = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
+        if GX != 0:
+            Gx_m = _gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
+            Kk = Kk * tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
+        dS = tl.load(dckpt + ck, mask=m_s, other=0.0)
+        dV = tl.dot(Kk, dS, input_precision=PRECISION)
+        if GY != 0:
+            Gy_m = _tile(gy, t0, n_m, H, i_h, DY, y0, BC, BV)
+            dV = dV * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
+            S0 = tl.load(ckpt + ck, mask=m_s, other=0.0)
+            if GX != 0:
+                O = tl.dot(U_m * tl.exp(Gx_m), S0, input_precision=PRECISION)
+            else:
+                O = tl.dot(U_m, S0, input_precision=PRECISION)
+            O = O * tl.exp(Gy_m)
+            # earlier sub-chunks j (keys) -> this one (queries): the read, for dgy
+            for j in range(0, m):
+                tj = start + j * BC
+                lj = tj + BC - 1
+                kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
+                if GX != 0:
+                    gx_l = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
+                    kg = kg * tl.exp(gx_l - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
+                    A = tl.dot(U_m * tl.exp(Gx_m - gx_l), tl.trans(kg), input_precision=PRECISION)
+                else:
+                    A = tl.dot(U_m, tl.trans(kg), input_precision=PRECISION)
+                gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
+                vg = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
+                vg = vg * tl.exp(gy_l - _tile(gy, tj, BC, H, i_h, DY, y0, BC, BV))
+                O += tl.exp(Gy_m - gy_l) * tl.dot(A, vg, input_precision=PRECISION)
+        # this one (keys) -> later sub-chunks i (queries)
+        lm = t0 + n_m - 1
+        kg = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
+        if GX != 0:
+            gx_l = _grow(gx, lm, eos, H, i_h, DX, x0, GX, BX)[None, :]
+            kg = kg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
+        if GY != 0:
+            gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
+        dVg = tl.zeros([BC, BV], tl.float32)
+        for i in range(m + 1, n_sub):
+            ti = start + i * BC
+            n_i = tl.minimum(BC, L - i * BC)
+            U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
+            dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
+            if GX != 0:
+                U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
+            if GY != 0:
+                dO_i = dO_i * tl.exp(_tile(gy, ti, n_i, H, i_h, DY, y0, BC, BV) - gy_l)
+            A = tl.dot(U_i, tl.trans(kg), input_precision=PRECISION)
+            dVg += tl.dot(tl.trans(A), dO_i, input_precision=PRECISION)
+        if GY != 0:
+            dV += dVg * tl.exp(tl.where(live, gy_l - Gy_m, float("-inf")))
+        else:
+            dV += dVg
+        # the sub-chunk itself
+        if EXACT:
+            for s in range(0, n_m):  # a run-time bound: not unrolled (registers)
+                ts = t0 + s
+                k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :]
+                after = (o_c >= s)[:, None]
+                if GX != 0:
+                    gx_s = _grow(gx, ts, t0 + n_m, H, i_h, DX, x0, GX, BX)[None, :]
+                    a = tl.sum(U_m * k_s * tl.exp(tl.where(after, Gx_m - gx_s, float("-inf"))),
+                               axis=1)[:, None]
+                else:
+                    a = tl.sum(tl.where(after, U_m * k_s, 0.0), axis=1)[:, None]
+                if GY != 0:
+                    gy_s = _row(gy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
+                    ey = tl.exp(tl.where(after, Gy_m - gy_s, float("-inf")))
+                    O += a * _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :] * ey
+                    dv_s = tl.sum(a * dO_m * ey, axis=0)
+                else:
+                    dv_s = tl.sum(a * dO_m, axis=0)
+                dV += tl.where((o_c == s)[:, None], dv_s[None, :], 0.0)
+        else:
+            K_m = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
+            A = tl.dot(U_m, tl.trans(K_m), input_precision=PRECISION)
+            if GX != 0:
+                A = A * tl.exp(tl.where(causal, Gx_m - tl.trans(Gx_m), float("-inf")))
+            else:
+                A = tl.where(causal, A, 0.0)
+            dV += tl.dot(tl.trans(A), dO_m, input_precision=PRECISION)
+        _put(dvy_p, dV, t0, n_m, H, i_h, DY, y0, BC, BV)
+        if GY != 0:
+            dG = O * dO_m - _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV) * dV
+            _put(dgy_p, tl.cumsum(dG, axis=0, reverse=True) + carry_y[None, :],
+                 t0, n_m, H, i_h, DY, y0, BC, BV)
+            carry_y += tl.sum(dG, axis=0)
+
+
+@triton.jit
+def chunk_carry(x, fin, cu_seqlens, T, H, D: tl.constexpr, BD: tl.constexpr,
+                BT: tl.constexpr, USE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """In place: add to every token's chunk-local reverse cumulative sum the sum over all
+    later chunks (each chunk's total is its first token's value) and the final term
+    ``fin`` [sequences, H, D]: the whole-sequence reverse cumulative sum. Program (sequence
+    and head, column tile)."""
+    i_nh = tl.program_id(0)
+    d0 = tl.program_id(1) * BD
+    i_n = i_nh // H
+    i_h = i_nh % H
+    bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    cols = d0 + tl.arange(0, BD)
+    if USE_FINAL:
+        carry = tl.load(fin + tl.cast(i_nh, tl.int64) * D + cols, mask=cols < D, other=0.0)
+    else:
+        carry = tl.zeros([BD], tl.float32)
+    rows = tl.arange(0, BT)
+    n_chunks = tl.cdiv(eos - bos, BT)
+    for c_rev in range(0, n_chunks):
+        start = bos + (n_chunks - 1 - c_rev) * BT
+        n = tl.minimum(BT, eos - start)
+        tile = _tile(x, start, n, H, i_h, D, d0, BT, BD)
+        _put(x, tile + carry[None, :], start, n, H, i_h, D, d0, BT, BD)
+        carry += tl.sum(tl.where((rows == 0)[:, None], tile, 0.0), axis=0)
 '''
 
 
 @dataclass(frozen=True)
 class PassShape:
-    """The compile-time shape of one pass: sizes, blocks and modes."""
+    """The compile-time shape of one pass: sizes, decay kinds, chunking and tiles.
+
+    Each program keeps an ``[BX, BV]`` tile of the state. On a GPU the caps are 16 x 32: the
+    dots have 16 rows (a sub-chunk), whose operands Triton replicates across warps, and at
+    32 x 32 the backward already spills on sm_90 (``recdsl.codegen.aot`` measures it). The
+    interpreter takes whole axes (fewer, larger programs run faster there)."""
     dx: int  # size of the contracted axis X
     dy: int  # size of the returned axis Y
     gx: int  # NONE, SCALAR or CHANNEL
     gy: int  # NONE or CHANNEL
     transposed: bool  # the rule's state is [Y, X] (a read S @ u)
     chunk: int = 64
+    block_x: int = 16  # caps of the tiles
+    block_y: int = 32
 
     @property
     def bx(self) -> int:
-        return max(MIN_BLOCK, triton.next_power_of_2(self.dx))
+        return max(MIN_BLOCK, min(self.block_x, triton.next_power_of_2(self.dx)))
 
     @property
     def bv(self) -> int:
-        """The Y tile: at most 64, and smaller when X is wide (registers)."""
-        cap = 64 if self.bx <= 64 else 32 if self.bx <= 128 else 16
-        return max(MIN_BLOCK, min(cap, triton.next_power_of_2(self.dy)))
+        return max(MIN_BLOCK, min(self.block_y, triton.next_power_of_2(self.dy)))
 
     @property
-    def channel(self) -> bool:
-        return self.gx == CHANNEL or self.gy == CHANNEL
-
-    @property
-    def bc(self) -> int:
-        return SUB_CHUNK if self.channel else self.chunk
+    def x_tiles(self) -> int:
+        return triton.cdiv(self.dx, self.bx)
 
     @property
     def y_tiles(self) -> int:
         return triton.cdiv(self.dy, self.bv)
 
     @property
+    def exact(self) -> bool:
+        """Per-channel decays: diagonal sub-chunk blocks one key token at a time."""
+        return self.gx == CHANNEL or self.gy == CHANNEL
+
+    @property
+    def bc(self) -> int:
+        return min(self.chunk, SUB_CHUNK if self.exact else SCALAR_SUB_CHUNK)
+
+    @property
     def num_warps(self) -> int:
-        return 8 if self.bx * self.bv >= 128 * 64 or (not self.channel and self.chunk * self.bx >= 64 * 128) else 4
+        return 4
+
 
     def constexprs(self, **flags) -> dict:
-        return dict(DX=self.dx, DY=self.dy, BX=self.bx, BV=self.bv, BT=self.chunk, BC=self.bc,
-                    SUBCHUNKS=self.channel, GX=self.gx, GY=self.gy, TRANSPOSED=self.transposed, **flags)
+        return dict(DX=self.dx, DY=self.dy, BX=self.bx, BV=self.bv, NY=self.y_tiles,
+                    BT=self.chunk, BC=self.bc, EXACT=self.exact, GX=self.gx, GY=self.gy,
+                    TRANSPOSED=self.transposed, **flags)
+
+
+def column_block(d: int) -> int:
+    """Columns per program of the decay kernels (chunk_cumsum, chunk_carry): [BT, BD] tiles."""
+    return max(MIN_BLOCK, min(64, triton.next_power_of_2(d)))
 
 
 def check_chunk(chunk: int):
@@ -616,16 +752,20 @@ def check_chunk(chunk: int):
 # ------------------------------------------------------------------ ahead-of-time builds
 
 _FWD_ARGS = ["u", "kx", "vy", "gx", "gy", "extra", "h0", "out", "ht", "ckpt", "cu_seqlens",
-             "chunk_offsets", "T", "H"]
-_BWD_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "ht", "do", "dht", "du", "dkx", "dvy", "dgx",
-             "dgy", "dh0", "cu_seqlens", "chunk_offsets", "T", "H", "NTOK"]
+             "chunk_offsets", "T", "H", "NTOK"]
+_DH_ARGS = ["u", "gx", "gy", "ht", "do", "dht", "dckpt", "dh0", "fin_x", "fin_y", "cu_seqlens",
+            "chunk_offsets", "T", "H", "NSH"]
+_BWD_X_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "du", "dkx", "dgx",
+               "chunk_bounds", "H", "NTOK"]
+_BWD_Y_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "dvy", "dgy", "chunk_bounds",
+               "H", "NTOK"]
 
 
 def _arg_types(names) -> dict:
     from .aot import DATA
-    ints = {"T": "i32", "H": "i32", "NTOK": "i64"}
-    index = {"cu_seqlens": "*i64", "chunk_offsets": "*i64"}
-    data = {"u", "kx", "vy", "extra", "out", "do"}
+    ints = {"T": "i32", "H": "i32", "NTOK": "i64", "NSH": "i64"}
+    index = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_bounds": "*i64"}
+    data = {"h0"}  # the caller's initial state; everything else is fp32 (prologue, buffers)
     return {n: ints.get(n) or index.get(n) or (DATA if n in data else "*fp32") for n in names}
 
 
@@ -637,14 +777,26 @@ def aot_module(shape: PassShape, name: str = "pass") -> GeneratedModule:
                       shape.constexprs(USE_INITIAL=True, HAS_EXTRA=True, STORE_CKPT=True,
                                        IS_VARLEN=True, PRECISION="tf32"),
                       shape.num_warps, variant=f"{name} forward")
-    bwd = KernelEntry("chunk_bwd", _arg_types(_BWD_ARGS),
-                      shape.constexprs(USE_FINAL_GRAD=True, IS_VARLEN=True, PRECISION="tf32"),
-                      shape.num_warps, variant=f"{name} backward")
+    flags = dict(PRECISION="tf32")
+    ce = shape.constexprs(**flags)
+    dh = KernelEntry("chunk_bwd_dh", _arg_types(_DH_ARGS),
+                     {k: v for k, v in ce.items() if k != "EXACT"} | dict(USE_FINAL_GRAD=True, IS_VARLEN=True),
+                     shape.num_warps, variant=f"{name} backward: state gradient")
+    bx = KernelEntry("chunk_bwd_x", _arg_types(_BWD_X_ARGS),
+                     {k: v for k, v in ce.items() if k != "TRANSPOSED"}, shape.num_warps,
+                     variant=f"{name} backward: X side")
+    by = KernelEntry("chunk_bwd_y", _arg_types(_BWD_Y_ARGS),
+                     {k: v for k, v in ce.items() if k != "TRANSPOSED"}, shape.num_warps,
+                     variant=f"{name} backward: Y side")
     cum = KernelEntry("chunk_cumsum", {"g": "*fp32", "gc": "*fp32", "cu_seqlens": "*i64",
                                        "T": "i32", "H": "i32"},
-                      dict(D=shape.dx, BD=shape.bx, BT=shape.chunk, IS_VARLEN=True), 4,
+                      dict(D=shape.dx, BD=column_block(shape.dx), BT=shape.chunk, IS_VARLEN=True), 4,
                       variant=f"{name} cumulative decays")
-    kernels = [fwd, bwd] + ([cum] if shape.gx else [])
+    carry = KernelEntry("chunk_carry", {"x": "*fp32", "fin": "*fp32", "cu_seqlens": "*i64",
+                                        "T": "i32", "H": "i32"},
+                        dict(D=shape.dx, BD=column_block(shape.dx), BT=shape.chunk, USE_FINAL=True,
+                             IS_VARLEN=True), 4, variant=f"{name} decay gradient carries")
+    kernels = [fwd, dh, bx, by] + ([cum, carry] if shape.gx else [])
     return GeneratedModule("chunk-diagonal", "chunk_diagonal.py", SOURCE, kernels)
 
 
@@ -680,9 +832,11 @@ class PassPlan:
     initial: bool = False  # takes the state's initial value (the state's first write)
     final: bool = False  # its final state is a part of the state's final value
 
-    def shape(self, sizes: dict, chunk: int) -> PassShape:
+    def shape(self, sizes: dict, chunk: int, caps=None) -> PassShape:
+        """The kernels' shape at these sizes; ``caps`` (BX, BV) overrides the tile caps."""
+        extra = dict(block_x=caps[0], block_y=caps[1]) if caps else {}
         return PassShape(sizes[self.x_dim], sizes[self.y_dim], self.gx, self.gy, self.transposed,
-                         chunk)
+                         chunk, **extra)
 
 
 @dataclass

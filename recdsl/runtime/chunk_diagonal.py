@@ -37,6 +37,9 @@ from .recurrent import check_device
 
 # Tokens per chunk; tests lower it to exercise chunk boundaries at small T.
 CHUNK_SIZE = 64
+# Tile caps (BX, BV) of the passes: None takes PassShape's (sized for GPU registers) on CUDA
+# and whole axes under the interpreter, where fewer, larger programs run faster.
+TILE_CAPS = None
 # Dot precision on GPUs ("tf32" or "ieee"); the interpreter always computes exactly.
 PRECISION = "tf32"
 
@@ -61,42 +64,63 @@ class PassLaunch:
     num_sequences: int
     cu: Optional[torch.Tensor]  # int64 sequence boundaries, or None
     chunk_offsets: torch.Tensor  # int64 [N + 1]: the first chunk of each sequence
+    chunk_bounds: torch.Tensor  # int64 [chunks, 2]: each chunk's first token, its sequence's end
     state_dims: tuple  # the rule's layout of the state: (DX, DY) or (DY, DX) when transposed
 
     @staticmethod
     def make(shape: PassShape, call) -> "PassLaunch":
         device = call.device
         chunk = shape.chunk
-        if call.packed:
-            lengths = [b - a for a, b in call.segments()]
-            counts = [-(-n // chunk) for n in lengths]
-            cu = torch.tensor(call.cu_seqlens, dtype=torch.int64, device=device)
-        else:
-            counts = [-(-call.time // chunk)] * call.batch
-            cu = None
+        bounds = call.cu_seqlens if call.packed else [b * call.time for b in range(call.batch + 1)]
+        counts, starts = [], []
+        for s, e in zip(bounds[:-1], bounds[1:]):
+            counts.append(-(-(e - s) // chunk))
+            starts += [[t, e] for t in range(s, e, chunk)]
+        cu = torch.tensor(bounds, dtype=torch.int64, device=device) if call.packed else None
         offsets = torch.tensor([0] + counts, dtype=torch.int64, device=device).cumsum(0)
+        chunk_bounds = torch.tensor(starts, dtype=torch.int64, device=device).reshape(-1, 2)
         dims = (shape.dy, shape.dx) if shape.transposed else (shape.dx, shape.dy)
         return PassLaunch(shape, call.batch, call.time, call.heads, call.num_sequences, cu,
-                          offsets, dims)
+                          offsets, chunk_bounds, dims)
 
     @property
     def total_chunks(self) -> int:
-        return int(self.chunk_offsets[-1].item())
+        return self.chunk_bounds.shape[0]
 
-    def common(self, device):
+    def sequences(self, device):
+        """cu_seqlens (or a dummy), chunk offsets, T, H: the sequential kernels' arguments."""
         dummy = torch.empty(1, dtype=torch.int64, device=device)
         return (self.cu if self.cu is not None else dummy, self.chunk_offsets, self.time, self.heads)
+
+
+def _decay_grid(launch: PassLaunch, D: int):
+    return (launch.num_sequences * launch.heads, triton.cdiv(D, codegen.column_block(D)))
 
 
 def _cumsum(module, launch: PassLaunch, g: torch.Tensor) -> torch.Tensor:
     """Chunk-local cumulative sums of a log-decay [B, T, H] or [B, T, H, D], in fp32."""
     D = g.shape[3] if g.dim() == 4 else 1
     out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
-    cu, _, T, H = launch.common(g.device)
-    module.chunk_cumsum[(launch.num_sequences * H,)](
-        g, out, cu, T, H, D=D, BD=max(codegen.MIN_BLOCK, 1 << (D - 1).bit_length()),
-        BT=launch.shape.chunk, IS_VARLEN=launch.cu is not None)
+    cu, _, T, H = launch.sequences(g.device)
+    module.chunk_cumsum[_decay_grid(launch, D)](
+        g, out, cu, T, H, D=D, BD=codegen.column_block(D), BT=launch.shape.chunk,
+        IS_VARLEN=launch.cu is not None)
     return out
+
+
+def _carry(module, launch: PassLaunch, local: torch.Tensor, fin: Optional[torch.Tensor]):
+    """In place: chunk-local reverse cumulative sums -> whole-sequence ones (plus ``fin``)."""
+    D = local.shape[3] if local.dim() == 4 else 1
+    cu, _, T, H = launch.sequences(local.device)
+    module.chunk_carry[_decay_grid(launch, D)](
+        local, fin if fin is not None else local, cu, T, H, D=D, BD=codegen.column_block(D),
+        BT=launch.shape.chunk, USE_FINAL=fin is not None, IS_VARLEN=launch.cu is not None)
+    return local
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    """The sum of per-tile partial results (the leading axis)."""
+    return t.sum(0) if t.shape[0] > 1 else t[0]
 
 
 class _PassFunction(torch.autograd.Function):
@@ -112,17 +136,18 @@ class _PassFunction(torch.autograd.Function):
         gyc = _cumsum(module, launch, gy.contiguous()) if gy is not None else None
         needs_grad = any(ctx.needs_input_grad[1:])
         N, H = launch.num_sequences, launch.heads
-        out = torch.empty([launch.batch, launch.time, H, shape.dy], **f32)
+        B, T, NX, NY = launch.batch, launch.time, shape.x_tiles, shape.y_tiles
+        out = torch.empty([NX, B, T, H, shape.dy], **f32)  # partial sums over X tiles
         ht = torch.empty([N, H, *launch.state_dims], **f32)
         ckpt = (torch.empty([launch.total_chunks, H, shape.dx, shape.dy], **f32) if needs_grad
                 else torch.empty(1, **f32))
         dummy = torch.empty(1, **f32)
         extra_c = extra.contiguous() if extra is not None else None
         h0_c = h0.contiguous() if h0 is not None else None
-        module.chunk_fwd[(shape.y_tiles, N * H)](
+        module.chunk_fwd[(N * H, NX * NY)](
             u, kx, vy, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy,
             extra_c if extra_c is not None else dummy, h0_c if h0_c is not None else dummy,
-            out, ht, ckpt, *launch.common(device),
+            out, ht, ckpt, *launch.sequences(device), B * T * H,
             **shape.constexprs(USE_INITIAL=h0 is not None, HAS_EXTRA=extra is not None,
                                STORE_CKPT=needs_grad, IS_VARLEN=launch.cu is not None,
                                PRECISION=PRECISION),
@@ -131,7 +156,7 @@ class _PassFunction(torch.autograd.Function):
         ctx.meta = [(t.dtype, t.shape) if t is not None else None
                     for t in (u, kx, vy, gx, gy, extra, h0)]
         ctx.save_for_backward(u, kx, vy, gxc, gyc, ckpt, ht)
-        return out, ht
+        return _whole(out), ht
 
     @staticmethod
     def backward(ctx, d_out, d_ht):
@@ -142,26 +167,44 @@ class _PassFunction(torch.autograd.Function):
         device = u.device
         f32 = dict(dtype=torch.float32, device=device)
         dummy = torch.empty(1, **f32)
-        N, H, NY = launch.num_sequences, launch.heads, shape.y_tiles
+        N, H, NX, NY = launch.num_sequences, launch.heads, shape.x_tiles, shape.y_tiles
         B, T = launch.batch, launch.time
         d_out = d_out.contiguous() if d_out is not None else torch.zeros([B, T, H, shape.dy], **f32)
+        use_final = d_ht is not None
+        gx_dims = [shape.dx] if shape.gx == CHANNEL else []
+        gx_tiles = NY if shape.gx == CHANNEL else NX * NY
+        # 1. the state gradient walked backwards: dS leaving every chunk
+        dckpt = torch.empty([launch.total_chunks, H, shape.dx, shape.dy], **f32)
+        dh0 = torch.empty([N, H, *launch.state_dims], **f32)
+        fin_x = torch.zeros([gx_tiles, N, H] + gx_dims, **f32) if gxc is not None else dummy
+        fin_y = torch.zeros([NX, N, H, shape.dy], **f32) if gyc is not None else dummy
+        module.chunk_bwd_dh[(N * H, NX * NY)](
+            u, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy, ht, d_out,
+            d_ht.contiguous() if use_final else dummy, dckpt, dh0, fin_x, fin_y,
+            *launch.sequences(device), N * H,
+            **{k: v for k, v in shape.constexprs().items() if k != "EXACT"},
+            USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None, PRECISION=PRECISION,
+            num_warps=shape.num_warps)
+        # 2. every chunk's gradients at once (X side, Y side)
         du = torch.empty([NY, B, T, H, shape.dx], **f32)
         dkx = torch.empty([NY, B, T, H, shape.dx], **f32)
-        dvy = torch.empty([B, T, H, shape.dy], **f32)
-        dgx = (torch.empty([NY, B, T, H] + ([shape.dx] if shape.gx == CHANNEL else []), **f32)
-               if gxc is not None else dummy)
-        dgy = torch.empty([B, T, H, shape.dy], **f32) if gyc is not None else dummy
-        dh0 = torch.empty([N, H, *launch.state_dims], **f32)
-        module.chunk_bwd[(NY, N * H)](
-            u, kx, vy, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy,
-            ckpt, ht, d_out, d_ht.contiguous() if d_ht is not None else dummy,
-            du, dkx, dvy, dgx, dgy, dh0, *launch.common(device), B * T * H,
-            **shape.constexprs(USE_FINAL_GRAD=d_ht is not None, IS_VARLEN=launch.cu is not None,
-                               PRECISION=PRECISION),
-            num_warps=shape.num_warps)
-        grads = [du.sum(0) if NY > 1 else du[0], dkx.sum(0) if NY > 1 else dkx[0], dvy,
-                 (dgx.sum(0) if NY > 1 else dgx[0]) if gxc is not None else None,
-                 dgy if gyc is not None else None, d_out, dh0]
+        dvy = torch.empty([NX, B, T, H, shape.dy], **f32)
+        dgx = torch.empty([gx_tiles, B, T, H] + gx_dims, **f32) if gxc is not None else dummy
+        dgy = torch.empty([NX, B, T, H, shape.dy], **f32) if gyc is not None else dummy
+        grid = (launch.total_chunks, NX * NY, H)
+        tensors = (u, kx, vy, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy,
+                   ckpt, dckpt, d_out)
+        flags = {k: v for k, v in shape.constexprs(PRECISION=PRECISION).items() if k != "TRANSPOSED"}
+        module.chunk_bwd_x[grid](*tensors, du, dkx, dgx, launch.chunk_bounds, H, B * T * H,
+                                 **flags, num_warps=shape.num_warps)
+        module.chunk_bwd_y[grid](*tensors, dvy, dgy, launch.chunk_bounds, H, B * T * H,
+                                 **flags, num_warps=shape.num_warps)
+        # 3. the decay gradients: whole-sequence reverse cumulative sums
+        dgx = _carry(module, launch, _whole(dgx).contiguous(),
+                     _whole(fin_x).contiguous() if use_final else None) if gxc is not None else None
+        dgy = _carry(module, launch, _whole(dgy).contiguous(),
+                     _whole(fin_y).contiguous() if use_final else None) if gyc is not None else None
+        grads = [_whole(du), _whole(dkx), _whole(dvy), dgx, dgy, d_out, dh0]
         result = []
         for g, meta, need in zip(grads, ctx.meta, ctx.needs_input_grad[1:]):
             result.append(g.to(meta[0]).reshape(meta[1]) if need and meta is not None else None)
@@ -300,8 +343,9 @@ def run(rule, call, chunk_size: Optional[int] = None):
         launch = _StageLaunch(module, info, call, len(inputs) + len(stage.reads_in), len(params))
         flat = inputs + [reads[n] for n in stage.reads_in] + params
         values.update(zip(info["values"], _StageFunction.apply(launch, *flat)))
+        caps = TILE_CAPS or (None if call.device.type == "cuda" else (MAX_BLOCK, MAX_BLOCK))
         for p in stage.passes:
-            shape = p.shape(call.dim_sizes, chunk)
+            shape = p.shape(call.dim_sizes, chunk, caps)
             if shape not in launches:
                 launches[shape] = PassLaunch.make(shape, call)
             get = lambda name: values[name] if name is not None else None  # noqa: E731
