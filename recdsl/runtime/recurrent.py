@@ -94,7 +94,7 @@ class _RecurrentFunction(torch.autograd.Function):
         ckpts = [torch.empty([N * H * n_ckpt * launch.numel(s.dims)], **f32) if ckpt else launch.dummy()
                  for s in rule.states]
         kernel = getattr(launch.module, launch.spec.forward_name)
-        kernel[(N * H,)](*inputs, *params, *h0, *outs, *finals, *ckpts,
+        kernel[(N * H, launch.spec.tiles)](*inputs, *params, *h0, *outs, *finals, *ckpts,
                          launch.cu if launch.cu is not None else launch.dummy(),
                          call.time, H, n_ckpt,
                          USE_INITIAL=use_initial, STORE_FINAL=True,
@@ -123,18 +123,25 @@ class _RecurrentFunction(torch.autograd.Function):
         dht = [g.contiguous() if g is not None else torch.zeros(call.state_shape(s.name), **f32)
                for g, s in zip(d_final, rule.states)]
         scratch = [torch.empty([N * H * ctx.ckpt * launch.numel(s.dims)], **f32) for s in rule.states]
-        d_in = [torch.zeros(t.shape, **f32) for t in inputs]
-        d_par = [torch.zeros([N * H] + [call.dim_sizes[d] for d in p.dims], **f32) for p in rule.params]
-        dh0 = [torch.empty(call.state_shape(s.name), **f32) for s in rule.states]
-        kernel = getattr(launch.module, launch.spec.backward_name)
-        kernel[(N * H,)](*inputs, *params, *ckpts, *scratch, *d_out, *dht, *d_in, *d_par, *dh0,
-                         launch.cu if launch.cu is not None else launch.dummy(),
-                         call.time, H, ctx.n_ckpt,
-                         USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None, CKPT=ctx.ckpt,
-                         num_warps=launch.spec.backward_num_warps)
-        grads_in = [g.to(t.dtype) for g, t in zip(d_in, inputs)]
-        grads_par = [g.view(N, *p.shape).sum(0).to(p.dtype) for g, p in zip(d_par, params)]
-        grads_h0 = [g if has else None for g, has in zip(dh0, ctx.has_initial)]
+        spec = launch.spec
+
+        def partial(name, shape):
+            """Gradients not spanning the split dim come back as one partial sum per tile."""
+            return [1 if spec.spans_split.get(name) else spec.tiles] + list(shape)
+
+        d_in = [torch.zeros(partial(v.name, t.shape), **f32) for v, t in zip(rule.inputs, inputs)]
+        d_par = [torch.zeros(partial(p.name, [N * H] + [call.dim_sizes[d] for d in p.dims]), **f32)
+                 for p in rule.params]
+        dh0 = [torch.zeros(partial(s.name, call.state_shape(s.name)), **f32) for s in rule.states]
+        kernel = getattr(launch.module, spec.backward_name)
+        kernel[(N * H, spec.tiles)](*inputs, *params, *ckpts, *scratch, *d_out, *dht, *d_in, *d_par, *dh0,
+                                    launch.cu if launch.cu is not None else launch.dummy(),
+                                    call.time, H, ctx.n_ckpt, call.batch * call.time,
+                                    USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None,
+                                    CKPT=ctx.ckpt, num_warps=spec.backward_num_warps)
+        grads_in = [g.sum(0).to(t.dtype) for g, t in zip(d_in, inputs)]
+        grads_par = [g.sum(0).view(N, *p.shape).sum(0).to(p.dtype) for g, p in zip(d_par, params)]
+        grads_h0 = [g.sum(0) if has else None for g, has in zip(dh0, ctx.has_initial)]
         return (None, *grads_in, *grads_par, *grads_h0)
 
 
