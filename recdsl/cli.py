@@ -16,6 +16,7 @@ import torch
 from . import __version__, load
 from .errors import RecdslError, SpecError
 from .ir import pretty
+from .options import add_const_option, add_dims_option, merged
 from .runtime import sample
 
 # ---------------------------------------------------------------- shared pieces
@@ -26,56 +27,14 @@ def _report(err: RecdslError) -> None:
     print(str(err) if isinstance(err, SpecError) else f"error: {err}", file=sys.stderr)
 
 
-def _number(text: str):
-    try:
-        return int(text)
-    except ValueError:
-        return float(text)
-
-
-def _assignments(convert, what):
-    """An argparse type for ``NAME=VALUE[,NAME=VALUE...]``; a bad string is a usage error."""
-    def parse(text: str) -> dict:
-        out = {}
-        for part in text.split(","):
-            name, sep, value = part.partition("=")
-            name, value = name.strip(), value.strip()
-            try:
-                if not (sep and name.isidentifier()):
-                    raise ValueError
-                out[name] = convert(value)
-            except ValueError:
-                raise argparse.ArgumentTypeError(
-                    f"expected NAME={what}[,NAME={what}...], got {text!r}") from None
-        return out
-    return parse
-
-
-def _size(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
 def _positive_int(text: str) -> int:
     try:
-        return _size(text)
+        value = int(text)
+        if value < 1:
+            raise ValueError(text)
+        return value
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
-
-
-def _merged(dicts) -> dict:
-    out = {}
-    for d in dicts or ():
-        out.update(d)
-    return out
-
-
-def _add_const_option(parser):
-    parser.add_argument("--const", action="append", metavar="NAME=VALUE",
-                        type=_assignments(_number, "NUMBER"),
-                        help="override a const of the rule, e.g. --const topk=4 (repeatable)")
 
 
 # ---------------------------------------------------------------- recdsl check
@@ -87,7 +46,7 @@ def _add_check(sub):
                        "declarations, then every per-token statement with its line and the "
                        "shape of its value. Exits 1 if any file has an error.")
     p.add_argument("files", nargs="+", metavar="FILE", help="a .rec rule file")
-    _add_const_option(p)
+    add_const_option(p)
     p.set_defaults(handler=_check)
 
 
@@ -95,7 +54,7 @@ def _check(args) -> int:
     failed = shown = 0
     for path in args.files:
         try:
-            rule = load(path, **_merged(args.const))
+            rule = load(path, **merged(args.const))
         except RecdslError as err:
             _report(err)
             failed += 1
@@ -115,13 +74,11 @@ def _add_run(sub):
                        "of the sum of its outputs, and print statistics of the outputs, final "
                        "states and gradients. Exits 1 if any of them is not finite.")
     p.add_argument("file", metavar="FILE", help="a .rec rule file")
-    p.add_argument("--dims", action="append", metavar="K=64,V=64",
-                   type=_assignments(_size, "SIZE"),
-                   help="dim sizes (default 32, or 2 for a dim a 'for' loop runs over)")
+    add_dims_option(p, "default 32, or 2 for a dim a 'for' loop runs over")
     p.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
     p.add_argument("--time", type=_positive_int, default=64, help="sequence length (default 64)")
     p.add_argument("--heads", type=_positive_int, default=2, help="heads (default 2)")
-    _add_const_option(p)
+    add_const_option(p)
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32",
                    help="dtype of the inputs (default float32)")
     p.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
@@ -147,8 +104,8 @@ def _table(rows) -> str:
 
 
 def _run(args) -> int:
-    rule = load(args.file, **_merged(args.const))
-    dims = _merged(args.dims)
+    rule = load(args.file, **merged(args.const))
+    dims = merged(args.dims)
     dtype = getattr(torch, args.dtype)
     inputs = sample.sample_inputs(rule, batch=args.batch, time=args.time, heads=args.heads,
                                   dims=dims, dtype=dtype, seed=args.seed)
@@ -198,9 +155,8 @@ def _add_show(sub):
                        "token's forward and reverse-mode step.")
     p.add_argument("file", metavar="FILE", help="a .rec rule file")
     p.add_argument("--grad", action="store_true", help="also print the derivative code")
-    p.add_argument("--dims", action="append", metavar="K=64,V=64", type=_assignments(_size, "SIZE"),
-                   help="dim sizes for the derivative code (loops over dims are unrolled)")
-    _add_const_option(p)
+    add_dims_option(p, "for the derivative code; default 32, or 2 for a dim a 'for' loop runs over")
+    add_const_option(p)
     p.set_defaults(handler=_show)
 
 
@@ -209,10 +165,10 @@ def _show(args) -> int:
     from .ir.family import classify
     from .ir.show import render
 
-    rule = load(args.file, **_merged(args.const))
+    rule = load(args.file, **merged(args.const))
     grad = None
     if args.grad:
-        sizes = sample.dim_sizes(rule, _merged(args.dims))
+        sizes = sample.dim_sizes(rule, merged(args.dims))
         grad = step_source(rule.ir, sizes, grad=True).source
     print(render(rule.ir, grad_code=grad, family=classify(rule.ir, rule.analysis)))
     return 0
@@ -235,7 +191,23 @@ def _add_test(sub):
 
 # ---------------------------------------------------------------- the parser and main
 
-COMMANDS = (_add_check, _add_show, _add_run, _add_test)
+# ---------------------------------------------------------------- recdsl compile
+
+
+def _add_compile(sub):
+    from .codegen import export  # its options and command live beside the exporter
+
+    p = sub.add_parser("compile", help="write a rule's generated code; build it for a GPU",
+                       description="Write every generated source file of the rule (-o DIR), and "
+                       "with --arch build each kernel ahead of time for that GPU architecture "
+                       "(no GPU needed); --report prints registers, spills, shared memory and "
+                       "build time per kernel and exits 1 if a kernel spills or needs more shared "
+                       "memory than the architecture has.")
+    export.add_arguments(p)
+    p.set_defaults(handler=export.command)
+
+
+COMMANDS = (_add_check, _add_show, _add_run, _add_test, _add_compile)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -21,6 +21,7 @@ from ..grammar import ast
 from ..ir.checked import CheckedRule
 from ..ir.ssa import lower
 from ..ir.vjp import adjoint
+from ..options import add_const_option, add_dims_option, merged
 from . import aot
 from .printers import torch_program
 from .recurrent import generate as generate_recurrent
@@ -183,26 +184,13 @@ def write_sources(rule: CheckedRule, sizes: dict, out_dir) -> list:
 # --------------------------------------------------------------------- the command
 
 
-def _dims_option(text: str) -> dict:
-    out = {}
-    for part in text.split(","):
-        name, sep, value = part.partition("=")
-        name, value = name.strip(), value.strip()
-        if not (sep and name.isidentifier() and value.isdigit() and int(value) > 0):
-            raise argparse.ArgumentTypeError(f"expected NAME=SIZE[,NAME=SIZE...], got {text!r}")
-        out[name] = int(value)
-    return out
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("file", metavar="FILE", help="a .rec rule file")
     parser.add_argument("-o", "--output", metavar="DIR",
                         help="write the generated source files into DIR")
-    parser.add_argument("--dims", action="append", metavar="K=64,V=64", type=_dims_option,
-                        help=f"dim sizes (default {DEFAULT_DIM}, or {DEFAULT_LOOP_DIM} for a dim "
-                        "a 'for' loop runs over); repeatable")
-    parser.add_argument("--const", action="append", metavar="NAME=VALUE", default=[],
-                        help="override a const of the rule, e.g. --const topk=4 (repeatable)")
+    add_dims_option(parser, f"default {DEFAULT_DIM}, or {DEFAULT_LOOP_DIM} for a dim a 'for' loop "
+                    "runs over")
+    add_const_option(parser)
     parser.add_argument("--arch", choices=sorted(aot.ARCHS), action="append",
                         help="build every kernel ahead of time for this GPU architecture "
                         "(no GPU needed; repeatable)")
@@ -214,23 +202,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "(default float32)")
 
 
-def _consts(items) -> dict:
-    out = {}
-    for item in items:
-        for part in item.split(","):
-            name, sep, value = part.partition("=")
-            if not (sep and name.strip().isidentifier()):
-                raise RecdslError(f"--const expects NAME=VALUE, got {item!r}")
-            try:
-                out[name.strip()] = int(value)
-            except ValueError:
-                try:
-                    out[name.strip()] = float(value)
-                except ValueError:
-                    raise RecdslError(f"--const {name.strip()}: not a number: {value.strip()!r}") from None
-    return out
-
-
 def command(args) -> int:
     """Run ``recdsl compile``; returns the exit code. RecdslErrors propagate to the CLI."""
     from .. import load
@@ -239,7 +210,7 @@ def command(args) -> int:
                           "and/or --arch sm_80|sm_90 --report to build them")
     if args.report and not args.arch:
         raise RecdslError("--report needs --arch sm_80 or sm_90")
-    rule = load(args.file, **_consts(args.const or [])).ir
+    rule = load(args.file, **merged(args.const)).ir
     given = {}
     for d in args.dims or ():
         given.update(d)

@@ -29,6 +29,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ..options import add_const_option, add_dims_option, merged
+
 from ..errors import RecdslError
 from ..grammar import ast
 from . import backends as registry
@@ -465,38 +467,14 @@ def _progress_line(index, total, case: CaseResult) -> str:
 # ---------------------------------------------------------------- the command
 
 
-def _dims_option(text: str) -> dict:
-    out = {}
-    for part in text.split(","):
-        name, sep, value = (s.strip() for s in part.partition("="))
-        if not (sep and name.isidentifier() and value.isdigit() and int(value) > 0):
-            raise argparse.ArgumentTypeError(f"expected NAME=SIZE[,NAME=SIZE...], got {text!r}")
-        out[name] = int(value)
-    return out
-
-
-def _const_option(text: str) -> dict:
-    name, sep, value = (s.strip() for s in text.partition("="))
-    try:
-        if not (sep and name.isidentifier()):
-            raise ValueError
-        try:
-            return {name: int(value)}
-        except ValueError:
-            return {name: float(value)}
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The options of ``recdsl test``; ``command`` runs it."""
     parser.add_argument("file", metavar="FILE", help="a .rec rule file")
     parser.add_argument("--backend", action="append", metavar="NAME",
                         help="a backend to test (repeatable; default: every available one "
                         "except the naive loop, which is the reference)")
-    parser.add_argument("--dims", action="append", metavar="K=48,V=40", type=_dims_option,
-                        help="dim sizes (default K=48, V=40, 24 for other dims, 2 for a dim a "
-                        "'for' loop runs over)")
+    add_dims_option(parser, "default K=48, V=40, 24 for other dims, 2 for a dim a 'for' loop "
+                    "runs over", metavar="K=48,V=40")
     parser.add_argument("--dtype", action="append", choices=list(DTYPE_NAMES),
                         help="dtype of the inputs (repeatable; default float32; float16 and "
                         "bfloat16 test the forward only)")
@@ -504,8 +482,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verbose", action="store_true",
                         help="every quantity of every case, not only of failing ones")
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    parser.add_argument("--const", action="append", metavar="NAME=VALUE", type=_const_option,
-                        help="override a const of the rule, e.g. --const topk=4 (repeatable)")
+    add_const_option(parser)
 
 
 def command(args) -> int:
@@ -518,9 +495,9 @@ def command(args) -> int:
         # set before any kernel is built.
         os.environ["TRITON_INTERPRET"] = "1"
         print("no GPU: Triton backends run under TRITON_INTERPRET=1 (slow)", file=sys.stderr)
-    consts = {k: v for d in args.const or () for k, v in d.items()}
+    consts = merged(args.const)
     rule = load(args.file, **consts)
-    dims = {k: v for d in args.dims or () for k, v in d.items()}
+    dims = merged(args.dims)
     report = run_autotest(rule, backends=args.backend, dims=dims,
                           shapes=default_shapes(quick=args.quick), dtypes=args.dtype, seed=args.seed,
                           progress=lambda line: print(line, file=sys.stderr, flush=True))
