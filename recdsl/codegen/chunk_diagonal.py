@@ -32,10 +32,14 @@ contract over a tiled axis come out as partial sums, one per tile, added by the 
 outputs and ``dvy`` over the X tiles, ``du`` and ``dkx`` over the Y tiles. The products
 ``A = U Kᵀ`` are recomputed per Y tile (as partial sums over X).
 
-Decay gradients use ``dG_t = u_t ⊙ du_t - kx_t ⊙ dkx_t`` (X) and ``o_t ⊙ do_t - vy_t ⊙ dvy_t``
-(Y) for the cumulative log-decay ``G``, plus ``dS_T ⊙ S_T`` summed over the other axis at
-the last token, then ``dg_t = sum_{t' >= t} dG_t'``: every factor ``exp(G_t - G_s)`` gives
-``+`` to its query side and ``-`` to its key side.
+Decay gradients, per chunk: ``dG_t = u_t ⊙ du_t - kx_t ⊙ dkx_t`` (X) and
+``o_t ⊙ do_t - vy_t ⊙ dvy_t`` (Y) for the chunk-local cumulative log-decay ``G`` (every factor
+``exp(G_t - G_s)`` gives ``+`` to its query side and ``-`` to its key side), plus
+``dS_end ⊙ S_end`` summed over the other axis at the chunk's last token (the chunk's decay
+scales the state leaving it), then ``dg_t = sum_{t' >= t in the chunk} dG_t'``. A token's
+decay reaches later chunks only through the state leaving its own: nothing is carried across
+chunks, so the cancellations in ``u ⊙ du - kx ⊙ dkx`` stay within one chunk (carrying them
+over the sequence cost a 20x larger error in a per-head decay's gradient).
 
 Stability. Decays are chunk-local cumulative log-sums and every ``exp`` takes a difference
 ``G_t - G_s`` with ``s`` no later than ``t`` (masked to ``-inf`` above the diagonal before
@@ -124,21 +128,19 @@ def _row(ptr, tok, limit, H, i_h, D: tl.constexpr, col0, BD: tl.constexpr):
 
 
 @triton.jit
-def _vec(ptr, tok0, n_rows, H, i_h, BR: tl.constexpr):
-    """A per-token scalar [tokens, H] for BR tokens from tok0, fp32, zero past n_rows."""
-    rows = tl.arange(0, BR)
-    return tl.load(ptr + (tok0 + rows) * H + i_h, mask=rows < n_rows, other=0.0).to(tl.float32)
-
-
-@triton.jit
 def _gtile(ptr, tok0, n_rows, H, i_h, D: tl.constexpr, col0, KIND: tl.constexpr,
            BR: tl.constexpr, BD: tl.constexpr):
     """Cumulative log-decays of BR tokens: a [BR, BD] tile, or [BR, 1] for KIND 1 (one per
-    token, broadcast by the arithmetic)."""
+    token, broadcast by the arithmetic). Rows past n_rows repeat the last valid one: their
+    exponent differences stay finite (a zero there would make exp(0 - G) overflow, and the
+    zero rows of u or kx would turn it into NaN)."""
+    rows = tl.minimum(tl.arange(0, BR), n_rows - 1)
     if KIND == 1:
-        g = _vec(ptr, tok0, n_rows, H, i_h, BR)[:, None]
+        g = tl.load(ptr + (tok0 + rows) * H + i_h).to(tl.float32)[:, None]
     else:
-        g = _tile(ptr, tok0, n_rows, H, i_h, D, col0, BR, BD)
+        cols = col0 + tl.arange(0, BD)
+        offs = ((tok0 + rows[:, None]) * H + i_h) * D + cols[None, :]
+        g = tl.load(ptr + offs, mask=(rows[:, None] >= 0) & (cols[None, :] < D), other=0.0).to(tl.float32)
     return g
 
 
@@ -241,7 +243,7 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
             else:
                 o = tl.dot(U_i, S, input_precision=PRECISION)
             if GY != 0:
-                Gy_i = _tile(gy, t0, n_i, H, i_h, DY, y0, BC, BV)
+                Gy_i = _gtile(gy, t0, n_i, H, i_h, DY, y0, 2, BC, BV)
                 o = o * tl.exp(Gy_i)
             # earlier sub-chunks: decays factor through the last token of sub-chunk j
             for j in range(0, i):
@@ -258,7 +260,7 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
                     A = tl.dot(U_i, tl.trans(K_j), input_precision=PRECISION)
                 if GY != 0:
                     gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
-                    Gy_j = _tile(gy, tj, BC, H, i_h, DY, y0, BC, BV)
+                    Gy_j = _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV)
                     o += tl.exp(Gy_i - gy_l) * tl.dot(A, V_j * tl.exp(gy_l - Gy_j),
                                                       input_precision=PRECISION)
                 else:
@@ -311,22 +313,23 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
                 Gx_j = _gtile(gx, tj, n_j, H, i_h, DX, x0, GX, BC, BX)
                 K_j = K_j * tl.exp(tl.where(live, gx_e[None, :] - Gx_j, float("-inf")))
             if GY != 0:
-                Gy_j = _tile(gy, tj, n_j, H, i_h, DY, y0, BC, BV)
+                Gy_j = _gtile(gy, tj, n_j, H, i_h, DY, y0, 2, BC, BV)
                 V_j = V_j * tl.exp(tl.where(live, gy_e[None, :] - Gy_j, float("-inf")))
             S += tl.dot(tl.trans(K_j), V_j, input_precision=PRECISION)
+    if STORE_CKPT:  # the slot after the last chunk: the state leaving it
+        tl.store(ckpt + ((first_chunk + tl.cdiv(eos - bos, BT)) * H + i_h) * DX * DY + ck_offs,
+                 S, mask=m_s)
     tl.store(ht + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, S, mask=m_s)
 
 
 @triton.jit
-def chunk_bwd_dh(u, gx, gy, ht, do, dht, dckpt, dh0, fin_x, fin_y, cu_seqlens, chunk_offsets,
-                 T, H, NSH, DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr,
+def chunk_bwd_dh(u, gx, gy, do, dht, dckpt, dh0, cu_seqlens, chunk_offsets, T, H,
+                 DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr,
                  BV: tl.constexpr, NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                  GX: tl.constexpr, GY: tl.constexpr, TRANSPOSED: tl.constexpr,
                  USE_FINAL_GRAD: tl.constexpr, IS_VARLEN: tl.constexpr, PRECISION: tl.constexpr):
     """The state gradient walked backwards: dS leaving every chunk (``dckpt``, the kernel's
-    [X, Y] layout), dS_0 (``dh0``), and the final state's own term of the decay gradients,
-    ``dS_T ⊙ S_T`` summed over Y (``fin_x``, partial over Y tiles; over both for a scalar
-    decay) and over X (``fin_y``, partial over X tiles). NSH = sequences * H."""
+    [X, Y] layout) and dS_0 (``dh0``)."""
     i_nh = tl.program_id(0)
     i_x = tl.program_id(1) // NY
     i_y = tl.program_id(1) % NY
@@ -343,15 +346,6 @@ def chunk_bwd_dh(u, gx, gy, ht, do, dht, dckpt, dh0, fin_x, fin_y, cu_seqlens, c
     ck_offs = o_x[:, None] * DY + o_y[None, :]
     if USE_FINAL_GRAD:
         dS = tl.load(dht + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, mask=m_s, other=0.0).to(tl.float32)
-        S_T = tl.load(ht + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, mask=m_s, other=0.0)
-        if GX == 1:
-            tl.store(fin_x + tl.cast(tl.program_id(1), tl.int64) * NSH + i_nh, tl.sum(dS * S_T))
-        elif GX == 2:
-            tl.store(fin_x + (tl.cast(i_y, tl.int64) * NSH + i_nh) * DX + o_x,
-                     tl.sum(dS * S_T, axis=1), mask=o_x < DX)
-        if GY != 0:
-            tl.store(fin_y + (tl.cast(i_x, tl.int64) * NSH + i_nh) * DY + o_y,
-                     tl.sum(dS * S_T, axis=0), mask=o_y < DY)
     else:
         dS = tl.zeros([BX, BV], tl.float32)
     o_c = tl.arange(0, BC)
@@ -374,7 +368,7 @@ def chunk_bwd_dh(u, gx, gy, ht, do, dht, dckpt, dh0, fin_x, fin_y, cu_seqlens, c
             if GX != 0:
                 U_m = U_m * tl.exp(_gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX))
             if GY != 0:
-                dO_m = dO_m * tl.exp(_tile(gy, t0, n_m, H, i_h, DY, y0, BC, BV))
+                dO_m = dO_m * tl.exp(_gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV))
             dS += tl.dot(tl.trans(U_m), dO_m, input_precision=PRECISION)
     tl.store(dh0 + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, dS, mask=m_s)
 
@@ -384,8 +378,9 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
                 DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BV: tl.constexpr,
                 NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, EXACT: tl.constexpr,
                 GX: tl.constexpr, GY: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk's gradients of u and kx, and of the X log-decays within the chunk (a
-    reverse cumulative sum from the chunk's end; chunk_carry adds the later chunks).
+    """One chunk's gradients of u, kx and the X log-decays (a reverse cumulative sum over the
+    chunk: the decays are chunk-local sums, so a token's decay reaches no other chunk except
+    through the state leaving this one, the ``dS_end ⊙ S_end`` term).
 
     Program (chunk; X tile, Y tile; head). Partial sums over the Y tiles: du, dkx and a
     per-channel dgx ``[NY, tokens, H, DX]``; a scalar dgx ``[NX * NY, tokens, H]``."""
@@ -393,8 +388,9 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
     i_x = tl.program_id(1) // NY
     i_y = tl.program_id(1) % NY
     i_h = tl.program_id(2)
-    start = tl.load(chunk_bounds + 2 * i_c)
-    eos = tl.load(chunk_bounds + 2 * i_c + 1)
+    start = tl.load(chunk_bounds + 3 * i_c)
+    eos = tl.load(chunk_bounds + 3 * i_c + 1)
+    slot = tl.load(chunk_bounds + 3 * i_c + 2)  # of the chunk's state in ckpt and dckpt
     L = tl.minimum(BT, eos - start)
     last = start + L - 1
     x0 = i_x * BX
@@ -402,17 +398,20 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
     o_x = x0 + tl.arange(0, BX)
     o_y = y0 + tl.arange(0, BV)
     m_s = (o_x[:, None] < DX) & (o_y[None, :] < DY)
-    ck = (tl.cast(i_c, tl.int64) * H + i_h) * DX * DY + o_x[:, None] * DY + o_y[None, :]
+    ck = (slot * H + i_h) * DX * DY + o_x[:, None] * DY + o_y[None, :]
     du_p = du + tl.cast(i_y, tl.int64) * NTOK * DX
     dkx_p = dkx + tl.cast(i_y, tl.int64) * NTOK * DX
     o_c = tl.arange(0, BC)
     causal = o_c[:, None] >= o_c[None, :]
+    # the decay of the whole chunk scales the state leaving it: dS_end ⊙ S_end starts the
+    # reverse cumulative sums (with chunk-local sums, g_t reaches no other chunk)
+    S_end = tl.load(ckpt + ck + H * DX * DY, mask=m_s, other=0.0)
     if GX == 1:
         dgx_p = dgx + tl.cast(tl.program_id(1), tl.int64) * NTOK
-        carry_s = tl.zeros([], tl.float32)
+        carry_s = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end)
     else:
         dgx_p = dgx + tl.cast(i_y, tl.int64) * NTOK * DX
-        carry_x = tl.zeros([BX], tl.float32)
+        carry_x = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end, axis=1)
     if GX != 0:
         gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
     if GY != 0:
@@ -430,7 +429,7 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
         dOq = dO_m
         Vk = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
         if GY != 0:
-            Gy_m = _tile(gy, t0, n_m, H, i_h, DY, y0, BC, BV)
+            Gy_m = _gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
             dOq = dO_m * tl.exp(Gy_m)
             Vk = Vk * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
         S0 = tl.load(ckpt + ck, mask=m_s, other=0.0)
@@ -450,7 +449,7 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
             if GY != 0:
                 gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
                 dA = tl.dot(dO_m * tl.exp(Gy_m - gy_l),
-                            tl.trans(V_j * tl.exp(gy_l - _tile(gy, tj, BC, H, i_h, DY, y0, BC, BV))),
+                            tl.trans(V_j * tl.exp(gy_l - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))),
                             input_precision=PRECISION)
             else:
                 dA = tl.dot(dO_m, tl.trans(V_j), input_precision=PRECISION)
@@ -477,7 +476,7 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
             if GX != 0:
                 U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
             if GY != 0:
-                dO_i = dO_i * tl.exp(_tile(gy, ti, n_i, H, i_h, DY, y0, BC, BV) - gy_l)
+                dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gy_l)
             dA = tl.dot(dO_i, tl.trans(vg), input_precision=PRECISION)
             dKg += tl.dot(tl.trans(dA), U_i, input_precision=PRECISION)
         if GX != 0:
@@ -541,8 +540,9 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
     i_x = tl.program_id(1) // NY
     i_y = tl.program_id(1) % NY
     i_h = tl.program_id(2)
-    start = tl.load(chunk_bounds + 2 * i_c)
-    eos = tl.load(chunk_bounds + 2 * i_c + 1)
+    start = tl.load(chunk_bounds + 3 * i_c)
+    eos = tl.load(chunk_bounds + 3 * i_c + 1)
+    slot = tl.load(chunk_bounds + 3 * i_c + 2)  # of the chunk's state in ckpt and dckpt
     L = tl.minimum(BT, eos - start)
     last = start + L - 1
     x0 = i_x * BX
@@ -550,12 +550,14 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
     o_x = x0 + tl.arange(0, BX)
     o_y = y0 + tl.arange(0, BV)
     m_s = (o_x[:, None] < DX) & (o_y[None, :] < DY)
-    ck = (tl.cast(i_c, tl.int64) * H + i_h) * DX * DY + o_x[:, None] * DY + o_y[None, :]
+    ck = (slot * H + i_h) * DX * DY + o_x[:, None] * DY + o_y[None, :]
     dvy_p = dvy + tl.cast(i_x, tl.int64) * NTOK * DY
     dgy_p = dgy + tl.cast(i_x, tl.int64) * NTOK * DY
     o_c = tl.arange(0, BC)
     causal = o_c[:, None] >= o_c[None, :]
-    carry_y = tl.zeros([BV], tl.float32)
+    if GY != 0:
+        S_end = tl.load(ckpt + ck + H * DX * DY, mask=m_s, other=0.0)
+        carry_y = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end, axis=0)
     if GX != 0:
         gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
     if GY != 0:
@@ -575,7 +577,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
         dS = tl.load(dckpt + ck, mask=m_s, other=0.0)
         dV = tl.dot(Kk, dS, input_precision=PRECISION)
         if GY != 0:
-            Gy_m = _tile(gy, t0, n_m, H, i_h, DY, y0, BC, BV)
+            Gy_m = _gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
             dV = dV * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
             S0 = tl.load(ckpt + ck, mask=m_s, other=0.0)
             if GX != 0:
@@ -596,7 +598,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                     A = tl.dot(U_m, tl.trans(kg), input_precision=PRECISION)
                 gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
                 vg = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
-                vg = vg * tl.exp(gy_l - _tile(gy, tj, BC, H, i_h, DY, y0, BC, BV))
+                vg = vg * tl.exp(gy_l - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
                 O += tl.exp(Gy_m - gy_l) * tl.dot(A, vg, input_precision=PRECISION)
         # this one (keys) -> later sub-chunks i (queries)
         lm = t0 + n_m - 1
@@ -615,7 +617,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
             if GX != 0:
                 U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
             if GY != 0:
-                dO_i = dO_i * tl.exp(_tile(gy, ti, n_i, H, i_h, DY, y0, BC, BV) - gy_l)
+                dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gy_l)
             A = tl.dot(U_i, tl.trans(kg), input_precision=PRECISION)
             dVg += tl.dot(tl.trans(A), dO_i, input_precision=PRECISION)
         if GY != 0:
@@ -656,33 +658,6 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
             _put(dgy_p, tl.cumsum(dG, axis=0, reverse=True) + carry_y[None, :],
                  t0, n_m, H, i_h, DY, y0, BC, BV)
             carry_y += tl.sum(dG, axis=0)
-
-
-@triton.jit
-def chunk_carry(x, fin, cu_seqlens, T, H, D: tl.constexpr, BD: tl.constexpr,
-                BT: tl.constexpr, USE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """In place: add to every token's chunk-local reverse cumulative sum the sum over all
-    later chunks (each chunk's total is its first token's value) and the final term
-    ``fin`` [sequences, H, D]: the whole-sequence reverse cumulative sum. Program (sequence
-    and head, column tile)."""
-    i_nh = tl.program_id(0)
-    d0 = tl.program_id(1) * BD
-    i_n = i_nh // H
-    i_h = i_nh % H
-    bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    cols = d0 + tl.arange(0, BD)
-    if USE_FINAL:
-        carry = tl.load(fin + tl.cast(i_nh, tl.int64) * D + cols, mask=cols < D, other=0.0)
-    else:
-        carry = tl.zeros([BD], tl.float32)
-    rows = tl.arange(0, BT)
-    n_chunks = tl.cdiv(eos - bos, BT)
-    for c_rev in range(0, n_chunks):
-        start = bos + (n_chunks - 1 - c_rev) * BT
-        n = tl.minimum(BT, eos - start)
-        tile = _tile(x, start, n, H, i_h, D, d0, BT, BD)
-        _put(x, tile + carry[None, :], start, n, H, i_h, D, d0, BT, BD)
-        carry += tl.sum(tl.where((rows == 0)[:, None], tile, 0.0), axis=0)
 '''
 
 
@@ -753,8 +728,7 @@ def check_chunk(chunk: int):
 
 _FWD_ARGS = ["u", "kx", "vy", "gx", "gy", "extra", "h0", "out", "ht", "ckpt", "cu_seqlens",
              "chunk_offsets", "T", "H", "NTOK"]
-_DH_ARGS = ["u", "gx", "gy", "ht", "do", "dht", "dckpt", "dh0", "fin_x", "fin_y", "cu_seqlens",
-            "chunk_offsets", "T", "H", "NSH"]
+_DH_ARGS = ["u", "gx", "gy", "do", "dht", "dckpt", "dh0", "cu_seqlens", "chunk_offsets", "T", "H"]
 _BWD_X_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "du", "dkx", "dgx",
                "chunk_bounds", "H", "NTOK"]
 _BWD_Y_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "dvy", "dgy", "chunk_bounds",
@@ -792,11 +766,7 @@ def aot_module(shape: PassShape, name: str = "pass") -> GeneratedModule:
                                        "T": "i32", "H": "i32"},
                       dict(D=shape.dx, BD=column_block(shape.dx), BT=shape.chunk, IS_VARLEN=True), 4,
                       variant=f"{name} cumulative decays")
-    carry = KernelEntry("chunk_carry", {"x": "*fp32", "fin": "*fp32", "cu_seqlens": "*i64",
-                                        "T": "i32", "H": "i32"},
-                        dict(D=shape.dx, BD=column_block(shape.dx), BT=shape.chunk, USE_FINAL=True,
-                             IS_VARLEN=True), 4, variant=f"{name} decay gradient carries")
-    kernels = [fwd, dh, bx, by] + ([cum, carry] if shape.gx else [])
+    kernels = [fwd, dh, bx, by] + ([cum] if shape.gx else [])
     return GeneratedModule("chunk-diagonal", "chunk_diagonal.py", SOURCE, kernels)
 
 

@@ -63,8 +63,8 @@ class PassLaunch:
     heads: int
     num_sequences: int
     cu: Optional[torch.Tensor]  # int64 sequence boundaries, or None
-    chunk_offsets: torch.Tensor  # int64 [N + 1]: the first chunk of each sequence
-    chunk_bounds: torch.Tensor  # int64 [chunks, 2]: each chunk's first token, its sequence's end
+    chunk_offsets: torch.Tensor  # int64 [N + 1]: each sequence's first slot of chunk states
+    chunk_bounds: torch.Tensor  # int64 [chunks, 3]: first token, its sequence's end, state slot
     state_dims: tuple  # the rule's layout of the state: (DX, DY) or (DY, DX) when transposed
 
     @staticmethod
@@ -72,13 +72,14 @@ class PassLaunch:
         device = call.device
         chunk = shape.chunk
         bounds = call.cu_seqlens if call.packed else [b * call.time for b in range(call.batch + 1)]
-        counts, starts = [], []
+        # chunk states: one slot per chunk plus one for the state leaving the last chunk
+        slots, rows = [0], []
         for s, e in zip(bounds[:-1], bounds[1:]):
-            counts.append(-(-(e - s) // chunk))
-            starts += [[t, e] for t in range(s, e, chunk)]
+            rows += [[t, e, slots[-1] + i] for i, t in enumerate(range(s, e, chunk))]
+            slots.append(slots[-1] + -(-(e - s) // chunk) + 1)
         cu = torch.tensor(bounds, dtype=torch.int64, device=device) if call.packed else None
-        offsets = torch.tensor([0] + counts, dtype=torch.int64, device=device).cumsum(0)
-        chunk_bounds = torch.tensor(starts, dtype=torch.int64, device=device).reshape(-1, 2)
+        offsets = torch.tensor(slots, dtype=torch.int64, device=device)
+        chunk_bounds = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
         dims = (shape.dy, shape.dx) if shape.transposed else (shape.dx, shape.dy)
         return PassLaunch(shape, call.batch, call.time, call.heads, call.num_sequences, cu,
                           offsets, chunk_bounds, dims)
@@ -86,6 +87,10 @@ class PassLaunch:
     @property
     def total_chunks(self) -> int:
         return self.chunk_bounds.shape[0]
+
+    @property
+    def total_slots(self) -> int:
+        return int(self.chunk_offsets[-1].item())
 
     def sequences(self, device):
         """cu_seqlens (or a dummy), chunk offsets, T, H: the sequential kernels' arguments."""
@@ -106,16 +111,6 @@ def _cumsum(module, launch: PassLaunch, g: torch.Tensor) -> torch.Tensor:
         g, out, cu, T, H, D=D, BD=codegen.column_block(D), BT=launch.shape.chunk,
         IS_VARLEN=launch.cu is not None)
     return out
-
-
-def _carry(module, launch: PassLaunch, local: torch.Tensor, fin: Optional[torch.Tensor]):
-    """In place: chunk-local reverse cumulative sums -> whole-sequence ones (plus ``fin``)."""
-    D = local.shape[3] if local.dim() == 4 else 1
-    cu, _, T, H = launch.sequences(local.device)
-    module.chunk_carry[_decay_grid(launch, D)](
-        local, fin if fin is not None else local, cu, T, H, D=D, BD=codegen.column_block(D),
-        BT=launch.shape.chunk, USE_FINAL=fin is not None, IS_VARLEN=launch.cu is not None)
-    return local
 
 
 def _whole(t: torch.Tensor) -> torch.Tensor:
@@ -139,7 +134,7 @@ class _PassFunction(torch.autograd.Function):
         B, T, NX, NY = launch.batch, launch.time, shape.x_tiles, shape.y_tiles
         out = torch.empty([NX, B, T, H, shape.dy], **f32)  # partial sums over X tiles
         ht = torch.empty([N, H, *launch.state_dims], **f32)
-        ckpt = (torch.empty([launch.total_chunks, H, shape.dx, shape.dy], **f32) if needs_grad
+        ckpt = (torch.empty([launch.total_slots, H, shape.dx, shape.dy], **f32) if needs_grad
                 else torch.empty(1, **f32))
         dummy = torch.empty(1, **f32)
         extra_c = extra.contiguous() if extra is not None else None
@@ -155,7 +150,7 @@ class _PassFunction(torch.autograd.Function):
         ctx.launch = launch
         ctx.meta = [(t.dtype, t.shape) if t is not None else None
                     for t in (u, kx, vy, gx, gy, extra, h0)]
-        ctx.save_for_backward(u, kx, vy, gxc, gyc, ckpt, ht)
+        ctx.save_for_backward(u, kx, vy, gxc, gyc, ckpt)
         return _whole(out), ht
 
     @staticmethod
@@ -163,7 +158,7 @@ class _PassFunction(torch.autograd.Function):
         module = kernels()
         launch = ctx.launch
         shape = launch.shape
-        u, kx, vy, gxc, gyc, ckpt, ht = ctx.saved_tensors
+        u, kx, vy, gxc, gyc, ckpt = ctx.saved_tensors
         device = u.device
         f32 = dict(dtype=torch.float32, device=device)
         dummy = torch.empty(1, **f32)
@@ -174,14 +169,11 @@ class _PassFunction(torch.autograd.Function):
         gx_dims = [shape.dx] if shape.gx == CHANNEL else []
         gx_tiles = NY if shape.gx == CHANNEL else NX * NY
         # 1. the state gradient walked backwards: dS leaving every chunk
-        dckpt = torch.empty([launch.total_chunks, H, shape.dx, shape.dy], **f32)
+        dckpt = torch.empty([launch.total_slots, H, shape.dx, shape.dy], **f32)
         dh0 = torch.empty([N, H, *launch.state_dims], **f32)
-        fin_x = torch.zeros([gx_tiles, N, H] + gx_dims, **f32) if gxc is not None else dummy
-        fin_y = torch.zeros([NX, N, H, shape.dy], **f32) if gyc is not None else dummy
         module.chunk_bwd_dh[(N * H, NX * NY)](
-            u, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy, ht, d_out,
-            d_ht.contiguous() if use_final else dummy, dckpt, dh0, fin_x, fin_y,
-            *launch.sequences(device), N * H,
+            u, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy, d_out,
+            d_ht.contiguous() if use_final else dummy, dckpt, dh0, *launch.sequences(device),
             **{k: v for k, v in shape.constexprs().items() if k != "EXACT"},
             USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None, PRECISION=PRECISION,
             num_warps=shape.num_warps)
@@ -199,12 +191,8 @@ class _PassFunction(torch.autograd.Function):
                                  **flags, num_warps=shape.num_warps)
         module.chunk_bwd_y[grid](*tensors, dvy, dgy, launch.chunk_bounds, H, B * T * H,
                                  **flags, num_warps=shape.num_warps)
-        # 3. the decay gradients: whole-sequence reverse cumulative sums
-        dgx = _carry(module, launch, _whole(dgx).contiguous(),
-                     _whole(fin_x).contiguous() if use_final else None) if gxc is not None else None
-        dgy = _carry(module, launch, _whole(dgy).contiguous(),
-                     _whole(fin_y).contiguous() if use_final else None) if gyc is not None else None
-        grads = [_whole(du), _whole(dkx), _whole(dvy), dgx, dgy, d_out, dh0]
+        grads = [_whole(du), _whole(dkx), _whole(dvy), _whole(dgx) if gxc is not None else None,
+                 _whole(dgy) if gyc is not None else None, d_out, dh0]
         result = []
         for g, meta, need in zip(grads, ctx.meta, ctx.needs_input_grad[1:]):
             result.append(g.to(meta[0]).reshape(meta[1]) if need and meta is not None else None)

@@ -1,0 +1,293 @@
+"""backend="chunk" for the diagonal family (generated prologue + Triton pass kernels, run by
+the interpreter) against the naive loop in float64: outputs, every final state and the
+gradients of every input, param and initial state, with random upstream gradients.
+
+Pass rule (TESTING.md): the backend's RMS error against the float64 result is at most 10x
+the naive loop's own float32 error (2x its own error in half precision), with a floor for
+values near zero. The gradient of a per-head param (a sum over every token) has a floor of
+1e-5: when the param sets a decay, its gradient comes from the chunk's reverse sums of
+``u ⊙ du - kx ⊙ dkx`` (the identity flash-linear-attention uses too), whose cancellations
+cost 10-20x the naive loop's float32 rounding there (measured: 2e-6 to 3e-6 against 2e-7 for
+retention's gamma and Raven's dt_bias); a wrong term shows up orders of magnitude above.
+Shapes are small (interpreted Triton is slow): chunks of 16 tokens unless a test says
+otherwise, dims that are not powers of two."""
+import pytest
+import torch
+
+import recdsl
+from recdsl.codegen import chunk_diagonal as codegen
+from recdsl.errors import BackendError
+from recdsl.runtime import chunk_diagonal
+from recdsl.runtime.sample import sample_inputs
+from tests.helpers import EXAMPLES
+
+SIZES = {"K": 6, "V": 5, "N": 6, "P": 5, "M": 7}
+FLOOR = 3e-6
+PARAM_FLOOR = 1e-5
+
+VALUE_DECAY = """rule value_decay
+dims K, V
+state S[K, V]
+input q[K], k[K], v[V], gv[V]
+S = S @ diag(exp(gv)) + outer(k, v)
+output o = q @ S
+"""
+
+# two writes (a pass each), a scalar and a row decay, a decay after the first write, and an
+# output of two reads
+TWO_WRITES = """rule two_writes
+dims K, V
+state S[K, V]
+input q[K], k[K], v[V], k2[K], v2[V], g
+S = exp(g) * S + outer(k, v)
+S = diag(sigmoid(k2)) @ S + 0.5 * outer(k2, v2)
+output o = q @ S + 2 * (k @ S)
+"""
+
+# decays on both axes, read S @ q (the pass on the transposed state)
+RIGHT_READ = """rule right_read
+dims K, V
+state S[K, V]
+input q[V], k[K], v[V], gk[K], gv[V]
+S = diag(exp(gk)) @ S @ diag(exp(gv)) + outer(k, v)
+output o = S @ q
+"""
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    monkeypatch.setattr(chunk_diagonal, "CHUNK_SIZE", 16)
+
+
+def _load(name, **consts):
+    if name == "raven":
+        consts.setdefault("topk", 3)
+    return recdsl.load(EXAMPLES / f"{name}.rec", **consts)
+
+
+def _as_list(x):
+    return [] if x is None else list(x) if isinstance(x, tuple) else [x]
+
+
+def _rms_ratio(x, golden):
+    return ((x.double() - golden).pow(2).mean().sqrt()
+            / golden.pow(2).mean().sqrt().clamp_min(1e-30)).item()
+
+
+def _run(rule, tensors, initial, backend, dtype, cu_seqlens=None):
+    leaves = {k: v.to(dtype).clone().requires_grad_(True) for k, v in tensors.items()}
+    init = tuple(s.to(dtype).clone().requires_grad_(True) for s in initial) if initial else None
+    out, final = rule(**leaves, initial_state=init, output_final_state=True, backend=backend,
+                      cu_seqlens=cu_seqlens)
+    results = _as_list(out) + _as_list(final)
+    names = [f"out {o.name}" for o in rule.outputs] + [f"final {s.name}" for s in rule.states]
+    values = {n: r.detach().double() for n, r in zip(names, results)}
+    g = torch.Generator().manual_seed(5)
+    ups = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in results]
+    loss = sum((r.double() * u).sum() for r, u in zip(results, ups))
+    wrt = list(leaves.values()) + list(init or ())
+    got = torch.autograd.grad(loss, wrt, allow_unused=True)
+    wrt_names = [f"d{k}" for k in leaves] + [f"d{s.name}0" for s in rule.states][:len(init or ())]
+    for n, gr, w in zip(wrt_names, got, wrt):
+        values[n] = (gr if gr is not None else torch.zeros_like(w)).double()
+    return values
+
+
+def _compare(rule, tensors, initial=None, cu_seqlens=None, dtype=torch.float32):
+    golden = _run(rule, tensors, initial, "naive", torch.float64, cu_seqlens)
+    reference = _run(rule, tensors, initial, "naive", dtype, cu_seqlens)
+    got = _run(rule, tensors, initial, "chunk", dtype, cu_seqlens)
+    factor, floor = (10, FLOOR) if dtype == torch.float32 else (2, 2e-3)
+    params = {f"d{p.name}" for p in rule.params}
+    assert got.keys() == golden.keys()
+    for name in golden:
+        assert torch.isfinite(got[name]).all(), f"{rule.name} {name}: not finite"
+        err = _rms_ratio(got[name], golden[name])
+        low = max(floor, PARAM_FLOOR) if name in params else floor
+        allowed = max(factor * _rms_ratio(reference[name], golden[name]), low)
+        assert err <= allowed, f"{rule.name} {name}: rms ratio {err:.2e} > {allowed:.2e}"
+
+
+def _inputs(rule, T, B=1, H=2, seed=0, initial=False, sequences=None, sizes=None):
+    sizes = sizes or {d: SIZES[d] for d in rule.dims}
+    tensors = sample_inputs(rule, batch=B, time=T, heads=H, dims=sizes, dtype=torch.float64, seed=seed)
+    states = None
+    if initial:
+        g = torch.Generator().manual_seed(seed + 100)
+        states = [0.5 * torch.randn([sequences or B, H] + [sizes[d] for d in s.dims], generator=g,
+                                    dtype=torch.float64) for s in rule.states]
+    return tensors, states
+
+
+# ------------------------------------------------------------------ the canonical rules
+
+
+@pytest.mark.parametrize("name, T", [("linear_attention", 1), ("retention", 33), ("mamba2", 33),
+                                     ("gla", 33), ("raven", 20)])
+def test_matches_naive_with_initial_state(name, T):
+    rule = _load(name)
+    tensors, states = _inputs(rule, T, initial=True)
+    _compare(rule, tensors, states)
+
+
+@pytest.mark.parametrize("name", ["retention", "gla"])
+@pytest.mark.parametrize("T", [63, 64, 65])
+def test_chunk_boundaries(name, T):
+    rule = _load(name)
+    tensors, _ = _inputs(rule, T, H=1, seed=T)
+    _compare(rule, tensors)
+
+
+def test_default_chunk_of_64(monkeypatch):
+    """Four sub-chunks per chunk (the cross-sub-chunk products) and a second, partial chunk."""
+    monkeypatch.setattr(chunk_diagonal, "CHUNK_SIZE", 64)
+    rule = _load("gla")
+    tensors, states = _inputs(rule, 65, H=1, initial=True)
+    _compare(rule, tensors, states)
+
+
+def test_three_packed_sequences():
+    rule = _load("gla")
+    cu = torch.tensor([0, 7, 23, 40])
+    tensors, states = _inputs(rule, 40, initial=True, sequences=3)
+    _compare(rule, tensors, states, cu_seqlens=cu)
+
+
+@pytest.mark.parametrize("topk", [1, 7])
+def test_raven_topk_one_and_all_slots(topk):
+    """topk = 1: one slot moves per token; topk = M = 7: every slot, keep_topk keeps all."""
+    rule = _load("raven", topk=topk)
+    tensors, states = _inputs(rule, 18, H=1, initial=True)
+    _compare(rule, tensors, states)
+
+
+def test_value_axis_decay():
+    """S @ diag(exp(gv)) read by q @ S: the per-channel decay is on the returned axis."""
+    rule = recdsl.compile(VALUE_DECAY)
+    tensors, states = _inputs(rule, 20, initial=True)
+    _compare(rule, tensors, states)
+
+
+def test_tiles_of_both_axes(monkeypatch):
+    """Dims wider than the tile caps: outputs and gradients summed over X and Y tiles."""
+    monkeypatch.setattr(chunk_diagonal, "TILE_CAPS", (16, 16))
+    rule = _load("mamba2")
+    tensors, states = _inputs(rule, 20, H=1, initial=True, sizes={"N": 40, "P": 20})
+    _compare(rule, tensors, states)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_inputs(dtype):
+    rule = _load("retention")
+    tensors, states = _inputs(rule, 20, initial=True)
+    _compare(rule, tensors, states, dtype=dtype)
+
+
+def test_gates_at_zero_and_very_negative():
+    """gk = 0 (no decay) on half the channels, gk = -30 (the state forgets at once) on the
+    rest: everything stays finite and exact."""
+    rule = _load("gla")
+    tensors, _ = _inputs(rule, 20, H=1)
+    gk = torch.zeros_like(tensors["gk"])
+    gk[..., 3:] = -30.0
+    tensors["gk"] = gk
+    _compare(rule, tensors)
+
+
+# ------------------------------------------------------------------ lowering and errors
+
+
+def test_raven_lowers_to_two_chained_passes():
+    plan = codegen.plan(_load("raven"))
+    first, second = plan.passes
+    # pass 1 scores the slots: Sk @ q contracts K; the slot decay is on the returned axis
+    assert (first.state, first.x_dim, first.y_dim, first.transposed) == ("Sk", "K", "M", True)
+    assert (first.gx, first.gy) == (codegen.NONE, codegen.CHANNEL)
+    # pass 2 reads the value slots with p = softmax(scores), computed between the passes
+    assert (second.state, second.x_dim, second.y_dim, second.transposed) == ("Sv", "M", "V", False)
+    assert (second.gx, second.gy) == (codegen.CHANNEL, codegen.NONE)
+    assert [st.reads_in for st in plan.stages] == [[], ["read0"]]
+    assert list(plan.stages[1].values.values())[0].fn == "softmax"
+    # both passes share the routing quantities (1 - lam and log lam) of stage 0
+    assert second.kx == first.vy and second.gx_value == first.gy_value
+
+
+def test_rules_outside_the_family_are_refused():
+    mlstm = recdsl.load(EXAMPLES / "mlstm.rec")
+    assert chunk_diagonal.problem(mlstm) == "rule 'mlstm' is in the recurrent family, not diagonal"
+    looped = recdsl.compile("""rule looped
+dims K, V, NH
+state S[K, V]
+input q[K], k[NH, K], v[NH, V]
+for j in NH:
+    S = S + outer(k[j], v[j])
+output o = q @ S
+""")
+    assert looped.family == "diagonal"
+    assert chunk_diagonal.problem(looped) == ("the update of S inside a for block is not "
+                                              "supported chunkwise")
+    tensors, _ = _inputs(looped, 3, sizes={"K": 6, "V": 5, "NH": 2})
+    with pytest.raises(BackendError, match="inside a for block"):
+        looped(**tensors, backend="chunk")
+
+
+def test_axis_too_wide_for_the_chip_is_refused_before_launch():
+    rule = _load("gla")
+    tensors, _ = _inputs(rule, 2, sizes={"K": 300, "V": 5})
+    with pytest.raises(BackendError, match="K = 300 .* at most 256; use backend='recurrent'"):
+        rule(**tensors, backend="chunk")
+
+
+# ------------------------------------------------------------------ slow: longer, wider
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["linear_attention", "retention", "mamba2", "gla", "raven"])
+def test_130_tokens_default_chunk(name, monkeypatch):
+    monkeypatch.setattr(chunk_diagonal, "CHUNK_SIZE", 64)
+    rule = _load(name)
+    tensors, states = _inputs(rule, 130, H=1, initial=True)
+    _compare(rule, tensors, states)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["retention", "mamba2", "raven"])
+def test_three_packed_sequences_more_rules(name):
+    rule = _load(name)
+    cu = torch.tensor([0, 7, 23, 40])
+    tensors, states = _inputs(rule, 40, initial=True, sequences=3)
+    _compare(rule, tensors, states, cu_seqlens=cu)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("text", [TWO_WRITES, RIGHT_READ])
+def test_several_writes_terms_and_both_axes(text):
+    rule = recdsl.compile(text)
+    tensors, states = _inputs(rule, 37, B=2, initial=True)
+    _compare(rule, tensors, states)
+
+
+@pytest.mark.slow
+def test_tiles_with_per_channel_decays(monkeypatch):
+    monkeypatch.setattr(chunk_diagonal, "TILE_CAPS", (16, 16))
+    monkeypatch.setattr(chunk_diagonal, "CHUNK_SIZE", 32)
+    rule = recdsl.compile(RIGHT_READ)
+    tensors, states = _inputs(rule, 40, H=1, initial=True, sizes={"K": 20, "V": 40})
+    cu = torch.tensor([0, 5, 40])
+    states = [torch.cat([s, s.flip(0)]) for s in states]
+    _compare(rule, tensors, states, cu_seqlens=cu)
+
+
+@pytest.mark.slow
+def test_long_sequence_strong_gates_stay_finite(monkeypatch):
+    """1024 tokens with log-decays down to -20 per token: chunk-local sums, no overflow."""
+    monkeypatch.setattr(chunk_diagonal, "CHUNK_SIZE", 64)
+    rule = _load("gla")
+    tensors, _ = _inputs(rule, 1024, H=1)
+    tensors["gk"] = -20 * torch.rand(tensors["gk"].shape, generator=torch.Generator().manual_seed(1),
+                                     dtype=torch.float64)
+    out, final = rule(**{k: v.float() for k, v in tensors.items()}, output_final_state=True,
+                      backend="chunk")
+    gold, gold_final = rule(**tensors, output_final_state=True, backend="naive")
+    assert torch.isfinite(out).all() and torch.isfinite(final).all()
+    assert _rms_ratio(out, gold) < 1e-5 and _rms_ratio(final, gold_final) < 1e-5
