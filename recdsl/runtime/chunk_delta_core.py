@@ -13,10 +13,13 @@ i (``i >= j``), the state after step i is
     S_i = Γ_i0 S_0 + sum_{j <= i} Γ_ij k_j v'_jᵀ,     V' = U - W S_0,
     (I + A) [W | U] = [diag(b) (K ⊙ exp(γ)) | Û],     A = strict_lower(diag(b) (K Kᵀ ⊙ Γ)),
 
-solved by forward substitution (``torch.linalg.solve_triangular``). Everything inside the
-chunks is computed for all chunks of all sequences at once; only the state passing,
+with ``(I + A)^{-1}`` from one ``torch.linalg.solve_triangular`` against the identity (a unit
+lower triangular solve, in the compute precision). Everything inside the chunks is computed
+for many chunks of all sequences at once (all of them for short inputs; long ones go through
+in groups of bounded size, see ``chunk_delta``); only the state passing,
 ``V'_c = U_c - W_c S`` then ``S <- exp(γ_L) S + K_endᵀ V'_c``, is a loop over chunks (two
-batched matmuls per chunk). The gradient is autograd through these ops.
+batched matmuls per chunk). The gradient is autograd through these ops, with two explicit
+backwards (``_UnitLowerSolve``, ``_PairDecays``) where autograd's own would be slow.
 
 Numerics: decays live in log space as chunk-local cumulative sums, taken in float64 whatever
 the compute precision, so that their differences (the log of ``Γ_ij``) are exact to the compute
@@ -29,15 +32,19 @@ contiguous blocks), then ``Z`` = sequences x heads, then the steps of the chunk.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 LOG_FLOOR = -1000.0
+GROUP_ELEMENTS = 1 << 21  # elements of the largest per-group temporary (see chunk_delta)
 
 
-def _masks(L, device):
+def _lower(L, device):
+    """The lower triangle with the diagonal, ``i >= j``."""
     i = torch.arange(L, device=device)
-    return i[:, None] >= i[None, :], i[:, None] > i[None, :]
+    return i[:, None] >= i[None, :]
 
 
 class _UnitLowerSolve(torch.autograd.Function):
@@ -108,14 +115,36 @@ def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, ne
     """
     nc, Z, L, K = k.shape
     V = u.shape[-1]
+    # chunks go through in groups whose L x L and L x (K + V) temporaries stay near 8 MB:
+    # small enough to be reused by the allocator instead of being mapped afresh (and
+    # page-faulted in) on every call, which cost more than the arithmetic at T = 16K
+    group = max(1, GROUP_ELEMENTS // (Z * L * max(L, K + V)))
+    if nc <= group:
+        return _chunk_group(k, b, u, g, S0, steps_per_token, q_left, q_right, neg)
+    # split, not slicing: one backward node per tensor instead of a full-size zero gradient
+    # per group
+    pieces = lambda x: (None,) * math.ceil(nc / group) if x is None else x.split(group)
+    lefts, rights = [], []
+    S = S0
+    for k_, b_, u_, g_, ql_, qr_, neg_ in zip(*map(pieces, (k, b, u, g, q_left, q_right, neg))):
+        o_left, o_right, S = _chunk_group(k_, b_, u_, g_, S, steps_per_token, ql_, qr_, neg_)
+        lefts.append(o_left)
+        rights.append(o_right)
+    cat = lambda parts: None if parts[0] is None else torch.cat(parts)
+    return cat(lefts), cat(rights), S
+
+
+def _chunk_group(k, b, u, g, S0, steps_per_token, q_left, q_right, neg):
+    """chunk_delta on consecutive chunks, all at once but for the state passing."""
+    nc, Z, L, K = k.shape
+    V = u.shape[-1]
     m = steps_per_token
     C = L // m
-    lower, strict = _masks(L, k.device)
+    lower = _lower(L, k.device)
 
-    # decays inside the chunk, all chunks at once, from cumulative log sums in float64
-    # (their differences are then exact to the compute precision even past -1e4)
-    # a log-decay below -1000 is a decay of exactly 0 in every float format (exp(-746) == 0 in
-    # float64): the floor keeps -inf out of the differences and changes no value
+    # decays inside the chunk, from cumulative log sums in float64. A log-decay below -1000 is
+    # a decay of exactly 0 in every float format (exp(-746) == 0 in float64): the floor keeps
+    # -inf out of the differences and changes no value
     gamma = _PairDecays.apply(g, lower)  # [nc, Z, L, L]: from after step j to after step i
     cum = g.to(torch.float64).clamp(min=LOG_FLOOR).cumsum(-1)  # from the chunk's start to after i
     start = cum.exp().to(g.dtype)
@@ -128,9 +157,9 @@ def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, ne
         to_end = to_end * _parity_sign(count[..., L - 1:] - count)
         total = start[..., L - 1]
 
-    # the WY / UT factors: (I + A) [W | U] = [diag(b) (K ⊙ start) | U_hat]
-    # the solve reads only the strict lower triangle (unitriangular), and its gradient is
-    # zero elsewhere, so A needs no mask beyond gamma's
+    # the WY / UT factors: (I + A) [W | U] = [diag(b) (K ⊙ start) | U_hat]. The solve reads
+    # only A's strict lower triangle and its gradient is zero elsewhere, so A needs no mask
+    # beyond gamma's
     A = ((k * b.unsqueeze(-1)) @ k.transpose(-1, -2)) * gamma
     rhs = torch.cat([k * (b * start).unsqueeze(-1), u], dim=-1)
     solved = _UnitLowerSolve.apply(A, rhs)

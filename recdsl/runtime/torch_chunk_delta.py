@@ -376,7 +376,7 @@ def run(rule, call, chunk_size: Optional[int] = None):
                 parts[name].append(layout.merge(o[..., r, :]))
         finals.append(S.reshape(call.num_sequences, H, Kd, Vd))
 
-    outputs = []
+    outputs = {}
     for name, shape, _, extra in reads:
         full = (B, T, H) + tuple(sizes[d] for d in shape)
         value = None
@@ -388,8 +388,8 @@ def run(rule, call, chunk_size: Optional[int] = None):
             value = e if value is None else value + e
         if value is None:
             value = torch.zeros(full, dtype=dt, device=call.device)
-        outputs.append(value.to(dt))
-    return outputs, finals
+        outputs[name] = value.to(dt)
+    return [outputs[o.name] for o in rule.ir.outputs], finals
 
 
 def _read_block(layout, reads):
