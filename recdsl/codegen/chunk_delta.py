@@ -5,253 +5,555 @@ Per token t: a scalar log-decay g_t, then NH Householder-like steps
 then the read ``o_t = Sᵀ q_t``. The rule-specific math that produces k, beta, u, g and q is the
 generated prologue (``recdsl.codegen.prologue``); this core never changes with the rule.
 
-A chunk is C tokens; its R = C * NHP rows are the tokens' steps, NHP = NH rounded up to a power
-of two (a padding step has k = 0, beta = 0, u = 0: the identity). With γ the decay from the
-chunk start to a row's token (a chunk-local sum of log-decays), S0 the state entering the chunk:
+A chunk is C tokens; its R = C * NHP rows are the tokens' steps in order (NHP = NH rounded up
+to a power of two; a padding step has k = 0, beta = 0, u = 0: the identity). With γ the decay
+from the chunk start to a row's token, S0 the state entering the chunk:
 
     M   = strict_lower(diag(beta) (K Kᵀ ⊙ exp(γ_r - γ_s)))         (R x R)
-    T   = (I + M)^{-1}                  forward substitution in fp32 (registers, no tf32)
-    Δ   = T (U - diag(beta exp(γ)) K S0)                             (the steps' new values)
-    O   = diag(exp(γ_t)) Q S0 + P Δ,    P_tr = q_t·k_r exp(γ_t - γ_r) [token(r) <= t]
+    T   = (I + M)^{-1}              forward substitution in fp32 registers (no tensor cores)
+    W   = T diag(beta exp(γ)) K,    Ũ = T U                          (the WY factors)
+    Δ   = Ũ - W S0                                                   (the steps' new values)
+    O   = diag(exp(γ_t)) Q S0 + P Δ,  P_tr = q_t·k_r exp(γ_t - γ_r) [token(r) <= t]
     S1  = exp(γ_C) S0 + (K ⊙ exp(γ_C - γ_r))ᵀ Δ
 
-Every decay exponent is a segment sum of the log-decays (masked cumulative sums), never a
-difference of two cumulative sums, so very negative gates cost no precision; exponents are
-masked before exp() where the decay would not apply.
+Every decay exponent is a segment sum of the rule's log-decays (sums over masked ranges),
+never a difference of two running sums, so very negative gates lose no precision; exponents
+are masked before exp() where the decay does not apply.
 
-Kernels (all fp32, tl.dot with input_precision="ieee"):
-- ``chunk_delta_fwd``: one program per (sequence, head, V tile); walks the chunks with the
-  state in registers, stores it once per chunk (for the backward), writes O and the final state.
-- ``chunk_delta_bwd_dh``: the same walk backwards: the gradient of the state entering each
-  chunk, dS0 = diag(exp γ)Qᵀ dO + exp(γ_C) dS1 - (diag(beta exp γ) K)ᵀ Tᵀ dΔ, with
-  dΔ = Pᵀ dO + (K ⊙ exp(γ_C - γ_r)) dS1; stores dS1 per chunk and dS of the initial state.
-- ``chunk_delta_bwd``: one program per (chunk, head), chunks in parallel: recomputes M, T, P
-  and (per V tile) Δ from the stored states, then the gradients of k, beta, u, g and q.
+Gradients, with dS1 the gradient of the state leaving a chunk and dY = Tᵀ dΔ:
+    dΔ  = Pᵀ dO + (K ⊙ exp(γ_C - γ_r)) dS1,     dU = dY
+    dS0 = exp(γ_C) dS1 + (Q ⊙ exp(γ_t))ᵀ dO - (diag(beta exp γ) K)ᵀ dY
+    dM  = strict_lower(-dY Δᵀ),  dP = dO Δᵀ,  and through B = diag(beta exp γ) K: dB = -dY S0ᵀ
+then the chain rule through M, P, B, the S1 write and the Q S0 read to k, beta, q and the
+exponents γ, and from the exponents to g (a reverse running sum inside the chunk).
+
+Kernels, each holding few large tiles so that they build without spills (grid in brackets):
+  forward   prepare  [chunk, head]          T (kept for the backward), W, Ũ
+            fwd_h    [sequence, head, V]    the walk over chunks: S per chunk, Δ, final state
+            fwd_o    [chunk, head, V]       the outputs
+  backward  bwd_dh   [sequence, head, V]    the walk back: dS1 per chunk, dU = dY, dS of h0
+            bwd_dk   [chunk, head]          dk, dbeta, dg (key side)
+            bwd_dq   [chunk, head]          dq, dg (read side, added)
 
 Layouts (NTOK = all tokens, packed; every sequence is a range of ``cu_seqlens``):
-k [NTOK, H, NH, KD], beta [NTOK, H, NH], u [NTOK, H, NH, VD], g [NTOK, H], q [NTOK, H, KD],
-o / do [NTOK, H, VD]; states [chunks, H, KD, VD]; h0 / ht [N, H, KD, VD].
+rows [NTOK, H, NH, *] (k, W: KD; u, Ũ, Δ: VD; beta), tokens [NTOK, H, *] (q: KD; o, do: VD;
+g); T [chunks, H, R, R]; states [chunks, H, KD, VD]; h0 / ht [N, H, KD, VD].
+``DOT`` is the input precision of the products other than the solve's (which never uses a
+tensor-core product): "ieee", or "tf32x3" (fp32-accurate on tensor cores) on a GPU.
 """
 from __future__ import annotations
 
 import triton
 import triton.language as tl
 
+# ------------------------------------------------------------------ shared pieces
+# Addresses: a 64-bit scalar base per chunk plus 32-bit offsets inside it (registers are the
+# budget: a tile of 64-bit offsets costs twice as many).
+
 
 @triton.jit
-def _chunk_setup(k, beta, g, q, tok0, tok_end, i_h, H, KD: tl.constexpr, NH: tl.constexpr,
-                 NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BK: tl.constexpr):
-    """Load one chunk's keys, betas, decays and reads; build T = (I + M)^{-1} and P."""
+def _rows(tok0, tok_end, i_h, H, NH: tl.constexpr, NHP: tl.constexpr, R: tl.constexpr):
+    """A chunk's R step rows in [NTOK, H, NH, *] buffers: (base row, row offsets, mask)."""
     o_r = tl.arange(0, R)
     tok_r = o_r // NHP
     step_r = o_r % NHP
-    o_c = tl.arange(0, C)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < KD
     m_r = (step_r < NH) & (tok0 + tok_r < tok_end)
-    m_c = tok0 + o_c < tok_end
-    row = ((tok0 + tok_r) * H + i_h) * NH + step_r
-    b_k = tl.load(k + row[:, None] * KD + o_k[None, :], mask=m_r[:, None] & m_k[None, :], other=0.0)
-    b_beta = tl.load(beta + row, mask=m_r, other=0.0)
-    b_q = tl.load(q + ((tok0 + o_c) * H + i_h)[:, None] * KD + o_k[None, :],
-                  mask=m_c[:, None] & m_k[None, :], other=0.0)
-    g_c = tl.load(g + (tok0 + o_c) * H + i_h, mask=m_c, other=0.0)
-    # a token's decay sits on its first step's row
-    g_r = tl.load(g + (tok0 + tok_r) * H + i_h, mask=m_r & (step_r == 0), other=0.0)
-    # prefix sums from the chunk start (γ), and the suffix after each token (to the chunk end)
-    gam_c = tl.sum(tl.where(o_c[None, :] <= o_c[:, None], g_c[None, :], 0.0), axis=1)
-    suf_c = tl.sum(tl.where(o_c[None, :] > o_c[:, None], g_c[None, :], 0.0), axis=1)
-    gam_last = tl.sum(g_c, axis=0)
-    same_tok = tok_r[:, None] == o_c[None, :]
-    gam_r = tl.sum(tl.where(same_tok, gam_c[None, :], 0.0), axis=1)
-    suf_r = tl.sum(tl.where(same_tok, suf_c[None, :], 0.0), axis=1)
-    # segment sums: seg_rr[r, s] = sum of decays of rows in (s, r]; seg_cr[t, r] = of tokens in (token(r), t]
+    return (tok0 * H + i_h) * NH, tok_r * (H * NH) + step_r, m_r
+
+
+@triton.jit
+def _tokens(tok0, tok_end, i_h, H, C: tl.constexpr):
+    """A chunk's C tokens in [NTOK, H, *] buffers: (base row, row offsets, mask)."""
+    o_c = tl.arange(0, C)
+    return tok0 * H + i_h, o_c * H, tok0 + o_c < tok_end
+
+
+@triton.jit
+def _tile(ptr, base, offs, mask, cols, m_cols, width):
+    return tl.load(ptr + base * width + offs[:, None] * width + cols[None, :],
+                   mask=mask[:, None] & m_cols[None, :], other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _put(ptr, base, offs, mask, cols, m_cols, width, value):
+    tl.store(ptr + base * width + offs[:, None] * width + cols[None, :], value,
+             mask=mask[:, None] & m_cols[None, :])
+
+
+@triton.jit
+def _state_tile(ptr, base, o_k, m_k, o_v, m_v, VD: tl.constexpr):
+    """A [BKT, BV] tile of a [KD, VD] state at ``ptr + base``."""
+    return tl.load(ptr + base + o_k[:, None] * VD + o_v[None, :], mask=m_k[:, None] & m_v[None, :],
+                   other=0.0)
+
+
+@triton.jit
+def _put_state(ptr, base, o_k, m_k, o_v, m_v, VD: tl.constexpr, value):
+    tl.store(ptr + base + o_k[:, None] * VD + o_v[None, :], value, mask=m_k[:, None] & m_v[None, :])
+
+
+@triton.jit
+def _gates(g, tok0, tok_end, i_h, H, NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr):
+    """Log-decays of the chunk: per token (g_c) and per row (g_r: the token's decay on its
+    first step); γ from the chunk start to each token (gam_c) and row (gam_r); the decay after
+    each row's token to the chunk end (suf_r); γ_C (gam_last). Running sums of vectors only:
+    the suffix is a reverse running sum of the next tokens' decays, not a difference."""
+    o_c = tl.arange(0, C)
+    g_c = tl.load(g + (tok0 + o_c) * H + i_h, mask=tok0 + o_c < tok_end, other=0.0)
+    g_next = tl.load(g + (tok0 + o_c + 1) * H + i_h, mask=(o_c + 1 < C) & (tok0 + o_c + 1 < tok_end),
+                     other=0.0)
+    gam_c = tl.cumsum(g_c, axis=0)
+    suf_c = tl.cumsum(g_next, axis=0, reverse=True)
+    first = (tl.arange(0, NHP) == 0)[None, :]
+    g_r = tl.reshape(tl.where(first, g_c[:, None], 0.0), [R])
+    gam_r = tl.reshape(tl.broadcast_to(gam_c[:, None], [C, NHP]), [R])
+    suf_r = tl.reshape(tl.broadcast_to(suf_c[:, None], [C, NHP]), [R])
+    return g_c, g_r, gam_c, gam_r, suf_r, tl.sum(g_c, axis=0)
+
+
+@triton.jit
+def _row_decays(g_r, R: tl.constexpr):
+    """exp(γ_r - γ_s) for s < r (0 elsewhere), as segment sums of the rows' log-decays."""
+    o_r = tl.arange(0, R)
     lower = o_r[:, None] > o_r[None, :]
-    seg_rr = tl.cumsum(tl.where(lower, g_r[:, None], 0.0), axis=0)
-    dec_rr = tl.where(lower, tl.exp(tl.where(lower, seg_rr, 0.0)), 0.0)
+    seg = tl.cumsum(tl.where(lower, g_r[:, None], 0.0), axis=0)
+    return tl.where(lower, tl.exp(tl.where(lower, seg, 0.0)), 0.0)
+
+
+@triton.jit
+def _read_decays(g_c, NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr):
+    """exp(γ_t - γ_r) where token(r) <= t (0 elsewhere), as segment sums over tokens."""
+    o_c = tl.arange(0, C)
+    tok_r = tl.arange(0, R) // NHP
     causal = tok_r[None, :] <= o_c[:, None]
-    seg_cr = tl.cumsum(tl.where(o_c[:, None] > tok_r[None, :], g_c[:, None], 0.0), axis=0)
-    dec_cr = tl.where(causal, tl.exp(tl.where(causal, seg_cr, 0.0)), 0.0)
-    kk = tl.dot(b_k, tl.trans(b_k), input_precision="ieee")
-    m = b_beta[:, None] * kk * dec_rr
-    # forward substitution for N = T - I (strictly lower): row i is -M_i - M_i N
+    seg = tl.cumsum(tl.where(o_c[:, None] > tok_r[None, :], g_c[:, None], 0.0), axis=0)
+    return tl.where(causal, tl.exp(tl.where(causal, seg, 0.0)), 0.0)
+
+
+@triton.jit
+def _solve(m, R: tl.constexpr):
+    """(I + M)^{-1} for strictly lower M by forward substitution, in fp32 registers:
+    N = T - I has rows N_i = -M_i - M_i N."""
+    o_r = tl.arange(0, R)
     n = tl.zeros([R, R], dtype=tl.float32)
     for i in range(1, R):
         m_i = tl.sum(tl.where(o_r[:, None] == i, m, 0.0), axis=0)
         n_i = -m_i - tl.sum(m_i[:, None] * n, axis=0)
         n = tl.where(o_r[:, None] == i, n_i[None, :], n)
-    t = n + tl.where(o_r[:, None] == o_r[None, :], 1.0, 0.0)
-    p = tl.dot(b_q, tl.trans(b_k), input_precision="ieee") * dec_cr
-    return b_k, b_beta, b_q, gam_c, gam_r, suf_r, gam_last, kk, dec_rr, dec_cr, t, p
+    return n + tl.where(o_r[:, None] == o_r[None, :], 1.0, 0.0)
 
 
 @triton.jit
-def chunk_delta_fwd(k, beta, u, g, q, h0, o, ht, states, cu_seqlens, chunk_offsets, H,
-                    KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
-                    C: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                    USE_INITIAL: tl.constexpr, STORE_STATES: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k < KD)[:, None] & (o_v < VD)[None, :]
-    o_r = tl.arange(0, R)
-    o_c = tl.arange(0, C)
-    state_offs = o_k[:, None] * VD + o_v[None, :]
-    seq_state = (tl.cast(i_n, tl.int64) * H + i_h) * KD * VD
-    if USE_INITIAL:
-        s = tl.load(h0 + seq_state + state_offs, mask=m_kv, other=0.0)
-    else:
-        s = tl.zeros([BK, BV], dtype=tl.float32)
-    for i_c in range(0, tl.cdiv(eos - bos, C)):
-        tok0 = bos + i_c * C
-        if STORE_STATES:
-            tl.store(states + ((first_chunk + i_c) * H + i_h) * KD * VD + state_offs, s, mask=m_kv)
-        b_k, b_beta, b_q, gam_c, gam_r, suf_r, gam_last, kk, dec_rr, dec_cr, t, p = _chunk_setup(
-            k, beta, g, q, tok0, eos, i_h, H, KD, NH, NHP, C, R, BK)
-        tok_r = o_r // NHP
-        m_r = (o_r % NHP < NH) & (tok0 + tok_r < eos)
-        m_c = tok0 + o_c < eos
-        row = ((tok0 + tok_r) * H + i_h) * NH + o_r % NHP
-        b_u = tl.load(u + row[:, None] * VD + o_v[None, :], mask=m_r[:, None] & (o_v < VD)[None, :],
-                      other=0.0)
-        ks = tl.dot(b_k, s, input_precision="ieee")
-        y = b_u - (b_beta * tl.exp(gam_r))[:, None] * ks
-        delta = tl.dot(t, y, input_precision="ieee")
-        b_o = tl.exp(gam_c)[:, None] * tl.dot(b_q, s, input_precision="ieee") \
-            + tl.dot(p, delta, input_precision="ieee")
-        tl.store(o + ((tok0 + o_c) * H + i_h)[:, None] * VD + o_v[None, :],
-                 b_o.to(o.dtype.element_ty), mask=m_c[:, None] & (o_v < VD)[None, :])
-        s = tl.exp(gam_last) * s + tl.dot(tl.trans(b_k * tl.exp(suf_r)[:, None]), delta,
-                                          input_precision="ieee")
-    tl.store(ht + seq_state + state_offs, s, mask=m_kv)
+def _to_log_decays(d_gam_c, d_gam_r, d_gam_last, NHP: tl.constexpr, C: tl.constexpr):
+    """Gradients of the exponents γ_t, γ_r, γ_C -> gradients of the tokens' log-decays
+    (γ_t is the sum of g up to t, γ_r the same at the row's token, γ_C of all of them)."""
+    d_tok = d_gam_c + tl.sum(tl.reshape(d_gam_r, [C, NHP]), axis=1)
+    return tl.cumsum(d_tok, axis=0, reverse=True) + d_gam_last
 
 
 @triton.jit
-def chunk_delta_bwd_dh(k, beta, g, q, do, dht, dstates, dh0, cu_seqlens, chunk_offsets, H,
-                       KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
-                       C: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
-                       USE_FINAL_GRAD: tl.constexpr):
-    i_n = tl.program_id(0)
-    i_h = tl.program_id(1)
-    i_v = tl.program_id(2)
-    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
-    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
-    first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
-    o_k = tl.arange(0, BK)
-    o_v = i_v * BV + tl.arange(0, BV)
-    m_kv = (o_k < KD)[:, None] & (o_v < VD)[None, :]
-    o_c = tl.arange(0, C)
-    state_offs = o_k[:, None] * VD + o_v[None, :]
-    seq_state = (tl.cast(i_n, tl.int64) * H + i_h) * KD * VD
-    if USE_FINAL_GRAD:
-        ds = tl.load(dht + seq_state + state_offs, mask=m_kv, other=0.0)
-    else:
-        ds = tl.zeros([BK, BV], dtype=tl.float32)
-    n_chunks = tl.cdiv(eos - bos, C)
-    for i_rev in range(0, n_chunks):
-        i_c = n_chunks - 1 - i_rev
-        tok0 = bos + i_c * C
-        tl.store(dstates + ((first_chunk + i_c) * H + i_h) * KD * VD + state_offs, ds, mask=m_kv)
-        b_k, b_beta, b_q, gam_c, gam_r, suf_r, gam_last, kk, dec_rr, dec_cr, t, p = _chunk_setup(
-            k, beta, g, q, tok0, eos, i_h, H, KD, NH, NHP, C, R, BK)
-        m_c = tok0 + o_c < eos
-        b_do = tl.load(do + ((tok0 + o_c) * H + i_h)[:, None] * VD + o_v[None, :],
-                       mask=m_c[:, None] & (o_v < VD)[None, :], other=0.0).to(tl.float32)
-        ddelta = tl.dot(tl.trans(p), b_do, input_precision="ieee") \
-            + tl.exp(suf_r)[:, None] * tl.dot(b_k, ds, input_precision="ieee")
-        dy = tl.dot(tl.trans(t), ddelta, input_precision="ieee")
-        ds = tl.exp(gam_last) * ds \
-            + tl.dot(tl.trans(b_q * tl.exp(gam_c)[:, None]), b_do, input_precision="ieee") \
-            - tl.dot(tl.trans(b_k * (b_beta * tl.exp(gam_r))[:, None]), dy, input_precision="ieee")
-    tl.store(dh0 + seq_state + state_offs, ds, mask=m_kv)
+def _kk(k, rbase, roffs, m_r, KD: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, DOT: tl.constexpr):
+    """K Kᵀ over K tiles."""
+    kk = tl.zeros([R, R], dtype=tl.float32)
+    for kt in tl.range(0, KD, BKT, num_stages=1):
+        o_k = kt + tl.arange(0, BKT)
+        k_t = _tile(k, rbase, roffs, m_r, o_k, o_k < KD, KD)
+        kk += tl.dot(k_t, tl.trans(k_t), input_precision=DOT)
+    return kk
 
 
 @triton.jit
-def chunk_delta_bwd(k, beta, u, g, q, states, dstates, do, dk, dbeta, du, dg, dq,
-                    chunk_starts, chunk_ends, H,
-                    KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
-                    C: tl.constexpr, R: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr):
+def _qk(q, k, tbase, toffs, m_c, rbase, roffs, m_r, KD: tl.constexpr, C: tl.constexpr,
+        R: tl.constexpr, BKT: tl.constexpr, DOT: tl.constexpr):
+    """Q Kᵀ over K tiles."""
+    qk = tl.zeros([C, R], dtype=tl.float32)
+    for kt in tl.range(0, KD, BKT, num_stages=1):
+        o_k = kt + tl.arange(0, BKT)
+        m_k = o_k < KD
+        qk += tl.dot(_tile(q, tbase, toffs, m_c, o_k, m_k, KD),
+                     tl.trans(_tile(k, rbase, roffs, m_r, o_k, m_k, KD)), input_precision=DOT)
+    return qk
+
+
+# ------------------------------------------------------------------ forward
+
+
+@triton.jit
+def chunk_delta_prepare(k, beta, u, g, t_out, w, u_t, chunk_starts, chunk_ends, H,
+                        KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
+                        C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
+                        DOT: tl.constexpr):
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
     eos = tl.load(chunk_ends + i_chunk).to(tl.int64)
-    b_k, b_beta, b_q, gam_c, gam_r, suf_r, gam_last, kk, dec_rr, dec_cr, t, p = _chunk_setup(
-        k, beta, g, q, tok0, eos, i_h, H, KD, NH, NHP, C, R, BK)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < KD
+    rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
     o_r = tl.arange(0, R)
-    o_c = tl.arange(0, C)
-    tok_r = o_r // NHP
-    m_r = (o_r % NHP < NH) & (tok0 + tok_r < eos)
-    m_c = tok0 + o_c < eos
-    row = ((tok0 + tok_r) * H + i_h) * NH + o_r % NHP
-    tok_c = (tok0 + o_c) * H + i_h
-    state = (tl.cast(i_chunk, tl.int64) * H + i_h) * KD * VD
-    bg = b_beta * tl.exp(gam_r)  # the rows of B = diag(beta exp γ) K
-    dec_last = tl.exp(suf_r)
-    e_c = tl.exp(gam_c)
-    d_k = tl.zeros([R, BK], dtype=tl.float32)
-    d_q = tl.zeros([C, BK], dtype=tl.float32)
-    d_m = tl.zeros([R, R], dtype=tl.float32)  # dL of L = I + M, summed over V tiles
-    d_p = tl.zeros([C, R], dtype=tl.float32)
-    d_beta = tl.zeros([R], dtype=tl.float32)
-    d_gam_r = tl.zeros([R], dtype=tl.float32)  # gradients of the exponents γ_r, γ_t, γ_C
-    d_gam_c = tl.zeros([C], dtype=tl.float32)
-    d_gam_last = tl.zeros([], dtype=tl.float32)
-    for i_v in range(0, tl.cdiv(VD, BV)):
-        o_v = i_v * BV + tl.arange(0, BV)
+    b_beta = tl.load(beta + rbase + roffs, mask=m_r, other=0.0)
+    g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
+    kk = _kk(k, rbase, roffs, m_r, KD, R, BKT, "ieee")
+    t = _solve(b_beta[:, None] * kk * _row_decays(g_r, R), R)
+    tl.store(t_out + (tl.cast(i_chunk, tl.int64) * H + i_h) * R * R + o_r[:, None] * R + o_r[None, :], t)
+    bg = b_beta * tl.exp(gam_r)
+    for kt in tl.range(0, KD, BKT, num_stages=1):
+        o_k = kt + tl.arange(0, BKT)
+        m_k = o_k < KD
+        b_w = tl.dot(t, _tile(k, rbase, roffs, m_r, o_k, m_k, KD) * bg[:, None], input_precision=DOT)
+        _put(w, rbase, roffs, m_r, o_k, m_k, KD, b_w)
+    for vt in tl.range(0, VD, BV, num_stages=1):
+        o_v = vt + tl.arange(0, BV)
         m_v = o_v < VD
-        m_kv = m_k[:, None] & m_v[None, :]
-        s0 = tl.load(states + state + o_k[:, None] * VD + o_v[None, :], mask=m_kv, other=0.0)
-        ds1 = tl.load(dstates + state + o_k[:, None] * VD + o_v[None, :], mask=m_kv, other=0.0)
-        b_u = tl.load(u + row[:, None] * VD + o_v[None, :], mask=m_r[:, None] & m_v[None, :], other=0.0)
-        b_do = tl.load(do + tok_c[:, None] * VD + o_v[None, :], mask=m_c[:, None] & m_v[None, :],
-                       other=0.0).to(tl.float32)
-        ks = tl.dot(b_k, s0, input_precision="ieee")
-        delta = tl.dot(t, b_u - bg[:, None] * ks, input_precision="ieee")
-        kds = tl.dot(b_k, ds1, input_precision="ieee")
-        ddelta = tl.dot(tl.trans(p), b_do, input_precision="ieee") + dec_last[:, None] * kds
-        dy = tl.dot(tl.trans(t), ddelta, input_precision="ieee")
-        tl.store(du + row[:, None] * VD + o_v[None, :], dy, mask=m_r[:, None] & m_v[None, :])
-        d_m -= tl.dot(dy, tl.trans(delta), input_precision="ieee")
-        d_p += tl.dot(b_do, tl.trans(delta), input_precision="ieee")
-        # through B in Y = U - B S0, through (K ⊙ exp(γ_C - γ_r))ᵀ Δ in S1, through Q S0 in O
-        d_k += -bg[:, None] * tl.dot(dy, tl.trans(s0), input_precision="ieee") \
-            + dec_last[:, None] * tl.dot(delta, tl.trans(ds1), input_precision="ieee")
-        d_q += e_c[:, None] * tl.dot(b_do, tl.trans(s0), input_precision="ieee")
-        d_bg = -tl.sum(dy * ks, axis=1)
-        d_beta += tl.exp(gam_r) * d_bg
-        d_gam_r += bg * d_bg
-        kd_dot = dec_last * tl.sum(delta * kds, axis=1)
-        d_gam_r -= kd_dot
-        d_gam_last += tl.sum(kd_dot, axis=0) + tl.exp(gam_last) * tl.sum(tl.sum(s0 * ds1, axis=1), axis=0)
-        d_gam_c += e_c * tl.sum(b_do * tl.dot(b_q, s0, input_precision="ieee"), axis=1)
+        b_u = _tile(u, rbase, roffs, m_r, o_v, m_v, VD)
+        _put(u_t, rbase, roffs, m_r, o_v, m_v, VD, tl.dot(t, b_u, input_precision=DOT))
+
+
+@triton.jit
+def chunk_delta_fwd_h(k, g, w, u_t, h0, delta, ht, states, cu_seqlens, chunk_offsets, H,
+                      KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
+                      C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
+                      DOT: tl.constexpr, USE_INITIAL: tl.constexpr):
+    """The walk over a sequence's chunks for one V tile. The state entering chunk c is
+    states[c] (the next chunk's is written tile by tile from it; the last one goes to ht)."""
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < VD
+    final = (tl.cast(i_n, tl.int64) * H + i_h) * KD * VD
+    start = (first_chunk * H + i_h) * KD * VD
+    for kt in tl.range(0, KD, BKT, num_stages=1):
+        o_k = kt + tl.arange(0, BKT)
+        m_k = o_k < KD
+        if USE_INITIAL:
+            s_t = _state_tile(h0, final, o_k, m_k, o_v, m_v, VD)
+        else:
+            s_t = tl.zeros([BKT, BV], dtype=tl.float32)
+        _put_state(states, start, o_k, m_k, o_v, m_v, VD, s_t)
+    tl.debug_barrier()
+    for i_c in tl.range(0, n_chunks, num_stages=1):
+        tok0 = bos + i_c * C
+        cur = ((first_chunk + i_c) * H + i_h) * KD * VD
+        rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
+        ws = tl.zeros([R, BV], dtype=tl.float32)
+        for kt in tl.range(0, KD, BKT, num_stages=1):
+            o_k = kt + tl.arange(0, BKT)
+            m_k = o_k < KD
+            ws += tl.dot(_tile(w, rbase, roffs, m_r, o_k, m_k, KD),
+                         _state_tile(states, cur, o_k, m_k, o_v, m_v, VD), input_precision=DOT)
+        b_delta = _tile(u_t, rbase, roffs, m_r, o_v, m_v, VD) - ws
+        _put(delta, rbase, roffs, m_r, o_v, m_v, VD, b_delta)
+        g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
+        dec = tl.exp(suf_r)
+        carry = tl.exp(gam_last)
+        for kt in tl.range(0, KD, BKT, num_stages=1):
+            o_k = kt + tl.arange(0, BKT)
+            m_k = o_k < KD
+            k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD) * dec[:, None]
+            s_t = carry * _state_tile(states, cur, o_k, m_k, o_v, m_v, VD) \
+                + tl.dot(tl.trans(k_t), b_delta, input_precision=DOT)
+            if i_c + 1 < n_chunks:
+                _put_state(states, cur + H * KD * VD, o_k, m_k, o_v, m_v, VD, s_t)
+            else:
+                _put_state(ht, final, o_k, m_k, o_v, m_v, VD, s_t)
+        tl.debug_barrier()
+
+
+@triton.jit
+def chunk_delta_fwd_o(k, g, q, delta, states, o, chunk_starts, chunk_ends, H,
+                      KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
+                      C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
+                      DOT: tl.constexpr):
+    i_chunk = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
+    eos = tl.load(chunk_ends + i_chunk).to(tl.int64)
+    rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
+    tbase, toffs, m_c = _tokens(tok0, eos, i_h, H, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < VD
+    state = (tl.cast(i_chunk, tl.int64) * H + i_h) * KD * VD
+    qs = tl.zeros([C, BV], dtype=tl.float32)
+    qk = tl.zeros([C, R], dtype=tl.float32)
+    for kt in tl.range(0, KD, BKT, num_stages=1):
+        o_k = kt + tl.arange(0, BKT)
+        m_k = o_k < KD
+        q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD)
+        qs += tl.dot(q_t, _state_tile(states, state, o_k, m_k, o_v, m_v, VD), input_precision=DOT)
+        qk += tl.dot(q_t, tl.trans(_tile(k, rbase, roffs, m_r, o_k, m_k, KD)), input_precision=DOT)
+    g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
+    p = qk * _read_decays(g_c, NHP, C, R)
+    b_o = tl.exp(gam_c)[:, None] * qs \
+        + tl.dot(p, _tile(delta, rbase, roffs, m_r, o_v, m_v, VD), input_precision=DOT)
+    _put(o, tbase, toffs, m_c, o_v, m_v, VD, b_o.to(o.dtype.element_ty))
+
+
+# ------------------------------------------------------------------ backward
+
+
+@triton.jit
+def chunk_delta_bwd_dv(k, g, q, do, du, dread, chunk_starts, chunk_ends, H, KD: tl.constexpr,
+                       VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr, C: tl.constexpr,
+                       R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
+    """The parts of the backward walk that need no state: Pᵀ dO into du (bwd_dh completes
+    dΔ) and the read's share of dS0, (Q ⊙ exp(γ_t))ᵀ dO, into dread."""
+    i_chunk = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
+    eos = tl.load(chunk_ends + i_chunk).to(tl.int64)
+    rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
+    tbase, toffs, m_c = _tokens(tok0, eos, i_h, H, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < VD
+    state = (tl.cast(i_chunk, tl.int64) * H + i_h) * KD * VD
+    g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
+    b_do = _tile(do, tbase, toffs, m_c, o_v, m_v, VD)
+    p = _qk(q, k, tbase, toffs, m_c, rbase, roffs, m_r, KD, C, R, BKT, DOT) \
+        * _read_decays(g_c, NHP, C, R)
+    _put(du, rbase, roffs, m_r, o_v, m_v, VD, tl.dot(tl.trans(p), b_do, input_precision=DOT))
+    e_c = tl.exp(gam_c)
+    for kt in tl.range(0, KD, BKT, num_stages=1):
+        o_k = kt + tl.arange(0, BKT)
+        m_k = o_k < KD
+        q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD) * e_c[:, None]
+        _put_state(dread, state, o_k, m_k, o_v, m_v, VD, tl.dot(tl.trans(q_t), b_do, input_precision=DOT))
+
+
+@triton.jit
+def chunk_delta_bwd_dh(k, beta, g, t_in, dread, dht, du, dstates, dh0, cu_seqlens, chunk_offsets,
+                       H, KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr,
+                       NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr,
+                       BV: tl.constexpr, DOT: tl.constexpr, USE_FINAL_GRAD: tl.constexpr):
+    """The walk back over a sequence's chunks for one V tile. dstates[c] is the gradient of
+    the state leaving chunk c (the previous chunk's is written from it; the first's goes to
+    dh0); dU = dY is written for every chunk."""
+    i_n = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_v = tl.program_id(2)
+    bos = tl.load(cu_seqlens + i_n).to(tl.int64)
+    eos = tl.load(cu_seqlens + i_n + 1).to(tl.int64)
+    first_chunk = tl.load(chunk_offsets + i_n).to(tl.int64)
+    n_chunks = tl.cdiv(eos - bos, C)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < VD
+    o_r = tl.arange(0, R)
+    final = (tl.cast(i_n, tl.int64) * H + i_h) * KD * VD
+    last = ((first_chunk + n_chunks - 1) * H + i_h) * KD * VD
+    for kt in tl.range(0, KD, BKT, num_stages=1):
+        o_k = kt + tl.arange(0, BKT)
+        m_k = o_k < KD
+        if USE_FINAL_GRAD:
+            ds_t = _state_tile(dht, final, o_k, m_k, o_v, m_v, VD)
+        else:
+            ds_t = tl.zeros([BKT, BV], dtype=tl.float32)
+        _put_state(dstates, last, o_k, m_k, o_v, m_v, VD, ds_t)
+    tl.debug_barrier()
+    for i_rev in tl.range(0, n_chunks, num_stages=1):
+        i_c = n_chunks - 1 - i_rev
+        tok0 = bos + i_c * C
+        chunk = (first_chunk + i_c) * H + i_h
+        cur = chunk * KD * VD
+        rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
+        g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
+        kds = tl.zeros([R, BV], dtype=tl.float32)
+        for kt in tl.range(0, KD, BKT, num_stages=1):
+            o_k = kt + tl.arange(0, BKT)
+            m_k = o_k < KD
+            kds += tl.dot(_tile(k, rbase, roffs, m_r, o_k, m_k, KD),
+                          _state_tile(dstates, cur, o_k, m_k, o_v, m_v, VD), input_precision=DOT)
+        # du holds Pᵀ dO (from bwd_dv); it is replaced by dY
+        ddelta = _tile(du, rbase, roffs, m_r, o_v, m_v, VD) + tl.exp(suf_r)[:, None] * kds
+        t = tl.load(t_in + chunk * R * R + o_r[:, None] * R + o_r[None, :])
+        dy = tl.dot(tl.trans(t), ddelta, input_precision=DOT)
+        _put(du, rbase, roffs, m_r, o_v, m_v, VD, dy)
+        bg = tl.load(beta + rbase + roffs, mask=m_r, other=0.0) * tl.exp(gam_r)
+        carry = tl.exp(gam_last)
+        for kt in tl.range(0, KD, BKT, num_stages=1):
+            o_k = kt + tl.arange(0, BKT)
+            m_k = o_k < KD
+            k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD) * bg[:, None]
+            ds_t = carry * _state_tile(dstates, cur, o_k, m_k, o_v, m_v, VD) \
+                + _state_tile(dread, cur, o_k, m_k, o_v, m_v, VD) \
+                - tl.dot(tl.trans(k_t), dy, input_precision=DOT)
+            if i_c > 0:
+                _put_state(dstates, cur - H * KD * VD, o_k, m_k, o_v, m_v, VD, ds_t)
+            else:
+                _put_state(dh0, final, o_k, m_k, o_v, m_v, VD, ds_t)
+        tl.debug_barrier()
+
+
+@triton.jit
+def chunk_delta_bwd_dk(k, beta, g, q, delta, du, states, dstates, do, dk, dbeta, dg,
+                       chunk_starts, chunk_ends, H, KD: tl.constexpr, VD: tl.constexpr,
+                       NH: tl.constexpr, NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
+                       BKT: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
+    """Through B (in Y = U - B S0), the write of S1 and M: dk (bwd_dq adds the part through
+    P), dbeta, and the part of dg these carry."""
+    i_chunk = tl.program_id(0)
+    i_h = tl.program_id(1)
+    tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
+    eos = tl.load(chunk_ends + i_chunk).to(tl.int64)
+    rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
+    tbase, toffs, m_c = _tokens(tok0, eos, i_h, H, C)
+    o_r = tl.arange(0, R)
+    state = (tl.cast(i_chunk, tl.int64) * H + i_h) * KD * VD
+    # dL (L = I + M) needs all of V first
+    d_m = tl.zeros([R, R], dtype=tl.float32)
+    for vt in tl.range(0, VD, BV, num_stages=1):
+        o_v = vt + tl.arange(0, BV)
+        m_v = o_v < VD
+        d_m -= tl.dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD),
+                      tl.trans(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD)), input_precision=DOT)
+    g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
+    b_beta = tl.load(beta + rbase + roffs, mask=m_r, other=0.0)
     # through M_rs = beta_r (k_r·k_s) exp(γ_r - γ_s), s < r
-    lower = o_r[:, None] > o_r[None, :]
-    d_m = tl.where(lower, d_m, 0.0)
-    gm = d_m * dec_rr
-    d_beta += tl.sum(gm * kk, axis=1)
+    kk = _kk(k, rbase, roffs, m_r, KD, R, BKT, DOT)
+    gm = tl.where(o_r[:, None] > o_r[None, :], d_m, 0.0) * _row_decays(g_r, R)
+    d_beta = tl.sum(gm * kk, axis=1)
     bgm = b_beta[:, None] * gm
-    d_k += tl.dot(bgm, b_k, input_precision="ieee") + tl.dot(tl.trans(bgm), b_k, input_precision="ieee")
-    dmm = d_m * (b_beta[:, None] * kk * dec_rr)
-    d_gam_r += tl.sum(dmm, axis=1) - tl.sum(dmm, axis=0)
-    # through P_tr = (q_t·k_r) exp(γ_t - γ_r)
-    dpm = d_p * dec_cr
-    d_q += tl.dot(dpm, b_k, input_precision="ieee")
-    d_k += tl.dot(tl.trans(dpm), b_q, input_precision="ieee")
-    dpp = d_p * p
-    d_gam_c += tl.sum(dpp, axis=1)
-    d_gam_r -= tl.sum(dpp, axis=0)
-    # exponents -> log-decays: γ_t is the sum of g up to t, γ_C of all of them
-    same_tok = tok_r[None, :] == o_c[:, None]
-    d_tok = d_gam_c + tl.sum(tl.where(same_tok, d_gam_r[None, :], 0.0), axis=1)
-    d_g = tl.sum(tl.where(o_c[None, :] >= o_c[:, None], d_tok[None, :], 0.0), axis=1) + d_gam_last
-    tl.store(dk + row[:, None] * KD + o_k[None, :], d_k, mask=m_r[:, None] & m_k[None, :])
-    tl.store(dbeta + row, d_beta, mask=m_r)
-    tl.store(dq + tok_c[:, None] * KD + o_k[None, :], d_q, mask=m_c[:, None] & m_k[None, :])
-    tl.store(dg + tok_c, d_g, mask=m_c)
+    dmm = bgm * kk
+    d_gam_r = tl.sum(dmm, axis=1) - tl.sum(dmm, axis=0)
+    sym = bgm + tl.trans(bgm)  # d(K Kᵀ) is bgm; its product with K counts it both ways
+    bg = b_beta * tl.exp(gam_r)  # the rows of B = diag(beta exp γ) K
+    dec = tl.exp(suf_r)
+    d_bg = tl.zeros([R], dtype=tl.float32)
+    d_write = tl.zeros([R], dtype=tl.float32)  # k_r · (Δ dS1ᵀ)_r
+    d_carry = tl.zeros([], dtype=tl.float32)  # <S0, dS1>
+    for kt in tl.range(0, KD, BKT, num_stages=1):
+        o_k = kt + tl.arange(0, BKT)
+        m_k = o_k < KD
+        a1 = tl.zeros([R, BKT], dtype=tl.float32)  # dY S0ᵀ
+        a2 = tl.zeros([R, BKT], dtype=tl.float32)  # Δ dS1ᵀ
+        for vt in tl.range(0, VD, BV, num_stages=1):
+            o_v = vt + tl.arange(0, BV)
+            m_v = o_v < VD
+            s0 = _state_tile(states, state, o_k, m_k, o_v, m_v, VD)
+            ds1 = _state_tile(dstates, state, o_k, m_k, o_v, m_v, VD)
+            a1 += tl.dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(s0), input_precision=DOT)
+            a2 += tl.dot(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(ds1), input_precision=DOT)
+            d_carry += tl.sum(tl.sum(s0 * ds1, axis=1), axis=0)
+        k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD)
+        d_k = dec[:, None] * a2 - bg[:, None] * a1 + tl.dot(sym, k_t, input_precision=DOT)
+        _put(dk, rbase, roffs, m_r, o_k, m_k, KD, d_k)
+        d_bg -= tl.sum(k_t * a1, axis=1)
+        d_write += tl.sum(k_t * a2, axis=1)
+    d_beta += tl.exp(gam_r) * d_bg
+    d_gam_r += bg * d_bg - dec * d_write
+    d_gam_last = tl.sum(dec * d_write, axis=0) + tl.exp(gam_last) * d_carry
+    tl.store(dbeta + rbase + roffs, d_beta, mask=m_r)
+    tl.store(dg + tbase + toffs,
+             _to_log_decays(tl.zeros([C], dtype=tl.float32), d_gam_r, d_gam_last, NHP, C), mask=m_c)
+
+
+@triton.jit
+def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dk, dg, chunk_starts, chunk_ends, H,
+                       KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
+                       C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
+                       DOT: tl.constexpr):
+    """Through the read O = diag(exp γ) Q S0 + P Δ: dq, and the parts of dk and dg through P
+    (added to bwd_dk's)."""
+    i_chunk = tl.program_id(0)
+    i_h = tl.program_id(1)
+    tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
+    eos = tl.load(chunk_ends + i_chunk).to(tl.int64)
+    rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
+    tbase, toffs, m_c = _tokens(tok0, eos, i_h, H, C)
+    state = (tl.cast(i_chunk, tl.int64) * H + i_h) * KD * VD
+    d_p = tl.zeros([C, R], dtype=tl.float32)
+    for vt in tl.range(0, VD, BV, num_stages=1):
+        o_v = vt + tl.arange(0, BV)
+        m_v = o_v < VD
+        d_p += tl.dot(_tile(do, tbase, toffs, m_c, o_v, m_v, VD),
+                      tl.trans(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD)), input_precision=DOT)
+    g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
+    dpm = d_p * _read_decays(g_c, NHP, C, R)
+    dpp = dpm * _qk(q, k, tbase, toffs, m_c, rbase, roffs, m_r, KD, C, R, BKT, DOT)
+    e_c = tl.exp(gam_c)
+    d_gam_c = tl.sum(dpp, axis=1)
+    for kt in tl.range(0, KD, BKT, num_stages=1):
+        o_k = kt + tl.arange(0, BKT)
+        m_k = o_k < KD
+        b = tl.zeros([C, BKT], dtype=tl.float32)  # dO S0ᵀ
+        for vt in tl.range(0, VD, BV, num_stages=1):
+            o_v = vt + tl.arange(0, BV)
+            m_v = o_v < VD
+            b += tl.dot(_tile(do, tbase, toffs, m_c, o_v, m_v, VD),
+                        tl.trans(_state_tile(states, state, o_k, m_k, o_v, m_v, VD)), input_precision=DOT)
+        q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD)
+        d_q = e_c[:, None] * b + tl.dot(dpm, _tile(k, rbase, roffs, m_r, o_k, m_k, KD), input_precision=DOT)
+        _put(dq, tbase, toffs, m_c, o_k, m_k, KD, d_q)
+        _put(dk, rbase, roffs, m_r, o_k, m_k, KD, _tile(dk, rbase, roffs, m_r, o_k, m_k, KD)
+             + tl.dot(tl.trans(dpm), q_t, input_precision=DOT))
+        d_gam_c += e_c * tl.sum(q_t * b, axis=1)
+    d_g = _to_log_decays(d_gam_c, -tl.sum(dpp, axis=0), 0.0, NHP, C)
+    tl.store(dg + tbase + toffs, tl.load(dg + tbase + toffs, mask=m_c, other=0.0) + d_g, mask=m_c)
+
+
+# ------------------------------------------------------------------ launch configuration
+
+CHUNK_SIZES = (16, 32, 64)
+ROWS = 64  # step rows per chunk by default: 64 tokens of one step, 32 of two, 16 of three or four
+
+
+def config(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = None,
+           gpu: bool = True) -> dict:
+    """The constexprs of every core kernel for these sizes. On a GPU, K and V are walked in
+    tiles of 32 and products run on tensor cores at fp32 accuracy (tf32x3); under the
+    interpreter (``gpu=False``) one tile covers K or V (fewer, larger steps) and DOT is ieee."""
+    steps_p2 = triton.next_power_of_2(steps)
+    chunk = chunk_size or max(16, ROWS // steps_p2)
+    if chunk not in CHUNK_SIZES:
+        raise ValueError(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))}; got {chunk}")
+    bk = max(16, triton.next_power_of_2(key_dim))
+    bv = max(16, triton.next_power_of_2(value_dim))
+    return dict(KD=key_dim, VD=value_dim, NH=steps, NHP=steps_p2, C=chunk, R=chunk * steps_p2,
+                BKT=min(bk, 32) if gpu else bk, BV=min(bv, 32) if gpu else bv,
+                DOT="tf32x3" if gpu else "ieee")
+
+
+# the kernels with the most live tiles take 8 warps once K passes 64 (ptxas reports spills
+# at 4); the others 4
+_WIDE = ("chunk_delta_bwd_dk", "chunk_delta_bwd_dq")
+
+
+def num_warps(kernel: str, cfg: dict) -> int:
+    return 8 if kernel in _WIDE and cfg["KD"] > 64 else 4
+
+
+# argument types of each kernel for ahead-of-time builds (pointers to fp32 buffers, int64
+# boundaries, the head count) and the variant built: every feature on
+_P, _I = "*fp32", "*i64"
+KERNELS = {
+    "chunk_delta_prepare": ("k beta u g t_out w u_t", "chunk_starts chunk_ends", {}),
+    "chunk_delta_fwd_h": ("k g w u_t h0 delta ht states", "cu_seqlens chunk_offsets",
+                          {"USE_INITIAL": True}),
+    "chunk_delta_fwd_o": ("k g q delta states o", "chunk_starts chunk_ends", {}),
+    "chunk_delta_bwd_dv": ("k g q do du dread", "chunk_starts chunk_ends", {}),
+    "chunk_delta_bwd_dh": ("k beta g t_in dread dht du dstates dh0", "cu_seqlens chunk_offsets",
+                           {"USE_FINAL_GRAD": True}),
+    "chunk_delta_bwd_dk": ("k beta g q delta du states dstates do dk dbeta dg",
+                           "chunk_starts chunk_ends", {}),
+    "chunk_delta_bwd_dq": ("k g q delta states do dq dk dg", "chunk_starts chunk_ends", {}),
+}
+
+
+def aot_module(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = None):
+    """This file's kernels as an ``aot.GeneratedModule`` for a build report at these sizes."""
+    from pathlib import Path
+
+    from . import aot
+    cfg = config(key_dim, value_dim, steps, chunk_size)
+    variant = (f"K={key_dim} V={value_dim} NH={steps} chunk {cfg['C']} (rows {cfg['R']}), "
+               f"V tile {cfg['BV']}, {cfg['DOT']}")
+    entries = []
+    for name, (pointers, bounds, flags) in KERNELS.items():
+        types = {a: _P for a in pointers.split()}
+        types.update({a: _I for a in bounds.split()})
+        types["H"] = "i32"
+        entries.append(aot.KernelEntry(name, types, {**cfg, **flags}, num_warps(name, cfg), variant))
+    return aot.GeneratedModule("chunk-delta", "chunk_delta_core.py", Path(__file__).read_text(), entries)

@@ -19,17 +19,11 @@ from ..errors import BackendError
 from .cache import cache_key, load_module
 from .recurrent import check_device
 
-CHUNK_SIZES = (16, 32, 64)
-ROWS = 64  # rows (token steps) per chunk by default: 64 tokens of one step, 32 of two, ...
 TOKENS_PER_PROGRAM = 16  # prologue: tokens per program
 
 
 def problem(rule) -> str | None:
     return prologue_gen.problem(rule)
-
-
-def default_chunk_size(steps: int) -> int:
-    return max(16, ROWS // triton.next_power_of_2(steps))
 
 
 def _prologue(rule, dim_sizes: dict):
@@ -66,18 +60,13 @@ class _Launch:
         self.KD = call.dim_sizes[spec.key_dim]
         self.VD = call.dim_sizes[spec.value_dim]
         self.NH = spec.steps
-        self.NHP = triton.next_power_of_2(self.NH)
-        self.C = chunk_size or default_chunk_size(self.NH)
-        if self.C not in CHUNK_SIZES:
-            raise BackendError(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))}; "
-                               f"got {self.C}")
-        self.R = self.C * self.NHP
-        self.BK = max(16, triton.next_power_of_2(self.KD))
-        # V tiles: the whole V under the interpreter (fewer programs), 32 columns on a GPU
-        full = max(16, triton.next_power_of_2(self.VD))
-        self.BV = full if call.device.type == "cpu" else min(full, 32)
+        try:
+            cfg = self.core.config(self.KD, self.VD, self.NH, chunk_size, gpu=call.device.type != "cpu")
+        except ValueError as err:
+            raise BackendError(str(err)) from None
+        self.R, self.BV, self.NHP, self.C = cfg["R"], cfg["BV"], cfg["NHP"], cfg["C"]
+        self.cfg = cfg
         self.NV = triton.cdiv(self.VD, self.BV)
-        self.num_warps = 4 if self.BK <= 64 else 8
         device = call.device
         bounds = call.cu_seqlens if call.packed else [b * call.time for b in range(call.batch + 1)]
         self.N = len(bounds) - 1
@@ -99,9 +88,20 @@ class _Launch:
         self.chunk_starts = torch.tensor(starts, **i64)
         self.chunk_ends = torch.tensor(ends, **i64)
 
-    def constexprs(self):
-        return dict(KD=self.KD, VD=self.VD, NH=self.NH, NHP=self.NHP, C=self.C, R=self.R,
-                    BK=self.BK, BV=self.BV)
+    def _launch(self, kernel, grid, args, flags):
+        name = f"chunk_delta_{kernel}"
+        getattr(self.core, name)[grid](*args, **self.cfg, **flags,
+                                       num_warps=self.core.num_warps(name, self.cfg))
+
+    def chunks(self, kernel, *args, v_tiles=False):
+        """A core kernel with one program per (chunk, head[, V tile])."""
+        grid = (self.n_chunks, self.H, self.NV) if v_tiles else (self.n_chunks, self.H)
+        self._launch(kernel, grid, args + (self.chunk_starts, self.chunk_ends, self.H), {})
+
+    def sequences(self, kernel, *args, **flags):
+        """A core kernel walking the chunks: one program per (sequence, head, V tile)."""
+        self._launch(kernel, (self.N, self.H, self.NV),
+                     args + (self.cu, self.chunk_offsets, self.H), flags)
 
     def f32(self, *shape):
         return torch.empty(shape, dtype=torch.float32, device=self.call.device)
@@ -130,24 +130,25 @@ class _ChunkDeltaFunction(torch.autograd.Function):
         quantities = {name: launch.f32(*shape) for name, shape in launch.quantity_shapes().items()}
         getattr(launch.module, launch.spec.forward_name)[launch.prologue_grid()](
             *inputs, *params, *quantities.values(), launch.ntok, launch.H, TOKB=TOKENS_PER_PROGRAM)
-        needs_grad = any(ctx.needs_input_grad[1:])
+        key, beta, u, g, q = (quantities[n] for n in ("key", "beta", "u", "g", "q"))
         KD, VD, H = launch.KD, launch.VD, launch.H
-        o = launch.f32(launch.ntok, H, VD)
+        t = launch.f32(launch.n_chunks, H, launch.R, launch.R)
+        w, u_t, delta = torch.empty_like(key), torch.empty_like(u), torch.empty_like(u)
+        launch.chunks("prepare", key, beta, u, g, t, w, u_t)
         ht = launch.f32(launch.N, H, KD, VD)
-        states = launch.f32(launch.n_chunks, H, KD, VD) if needs_grad else launch.f32(1)
+        states = launch.f32(launch.n_chunks, H, KD, VD)
         use_initial = h0 is not None
         h0_arg = h0.to(torch.float32).contiguous() if use_initial else launch.f32(1)
-        launch.core.chunk_delta_fwd[(launch.N, H, launch.NV)](
-            quantities["key"], quantities["beta"], quantities["u"], quantities["g"], quantities["q"],
-            h0_arg, o, ht, states, launch.cu, launch.chunk_offsets, H, **launch.constexprs(),
-            USE_INITIAL=use_initial, STORE_STATES=needs_grad, num_warps=launch.num_warps)
+        launch.sequences("fwd_h", key, g, w, u_t, h0_arg, delta, ht, states, USE_INITIAL=use_initial)
+        del w, u_t
+        o = launch.f32(launch.ntok, H, VD)
+        launch.chunks("fwd_o", key, g, q, delta, states, o, v_tiles=True)
         if launch.spec.has_extra:
             o = o + quantities["extra"]
         ctx.launch = launch
         ctx.initial_dtype = h0.dtype if use_initial else None
-        ctx.save_for_backward(*inputs, *params, *quantities.values(), states)
-        out = o.view(call.batch, call.time, H, VD)
-        return out, ht
+        ctx.save_for_backward(*inputs, *params, key, beta, g, q, t, delta, states)
+        return o.view(call.batch, call.time, H, VD), ht
 
     @staticmethod
     def backward(ctx, d_out, d_ht):
@@ -156,36 +157,33 @@ class _ChunkDeltaFunction(torch.autograd.Function):
         n_in, n_par = len(rule.inputs), len(rule.params)
         saved = ctx.saved_tensors
         inputs, params = saved[:n_in], saved[n_in:n_in + n_par]
-        names = list(launch.quantity_shapes())
-        quantities = dict(zip(names, saved[n_in + n_par:n_in + n_par + len(names)]))
-        states = saved[-1]
+        key, beta, g, q, t, delta, states = saved[n_in + n_par:]
         KD, VD, H = launch.KD, launch.VD, launch.H
         do = (d_out.reshape(launch.ntok, H, VD).to(torch.float32).contiguous() if d_out is not None
               else torch.zeros(launch.ntok, H, VD, dtype=torch.float32, device=call.device))
         use_final = d_ht is not None
         dht = d_ht.to(torch.float32).contiguous() if use_final else launch.f32(1)
+        grads = {name: launch.f32(*shape) for name, shape in launch.quantity_shapes().items()}
         dstates = launch.f32(launch.n_chunks, H, KD, VD)
+        dread = launch.f32(launch.n_chunks, H, KD, VD)
         dh0 = launch.f32(launch.N, H, KD, VD)
-        launch.core.chunk_delta_bwd_dh[(launch.N, H, launch.NV)](
-            quantities["key"], quantities["beta"], quantities["g"], quantities["q"], do, dht,
-            dstates, dh0, launch.cu, launch.chunk_offsets, H, **launch.constexprs(),
-            USE_FINAL_GRAD=use_final, num_warps=launch.num_warps)
-        grads = {name: launch.f32(*t.shape) for name, t in quantities.items()}
-        launch.core.chunk_delta_bwd[(launch.n_chunks, H)](
-            quantities["key"], quantities["beta"], quantities["u"], quantities["g"], quantities["q"],
-            states, dstates, do, grads["key"], grads["beta"], grads["u"], grads["g"], grads["q"],
-            launch.chunk_starts, launch.chunk_ends, H, **launch.constexprs(),
-            num_warps=launch.num_warps)
+        launch.chunks("bwd_dv", key, g, q, do, grads["u"], dread, v_tiles=True)
+        launch.sequences("bwd_dh", key, beta, g, t, dread, dht, grads["u"], dstates, dh0,
+                         USE_FINAL_GRAD=use_final)
+        del dread
+        launch.chunks("bwd_dk", key, beta, g, q, delta, grads["u"], states, dstates, do,
+                      grads["key"], grads["beta"], grads["g"])
+        launch.chunks("bwd_dq", key, g, q, delta, states, do, grads["q"], grads["key"], grads["g"])
         if "extra" in grads:
             grads["extra"] = do
         blocks = launch.prologue_grid()[0]
-        d_in = [torch.zeros(t.shape, dtype=torch.float32, device=call.device) for t in inputs]
+        d_in = [torch.zeros(x.shape, dtype=torch.float32, device=call.device) for x in inputs]
         d_par = [launch.f32(blocks, H, *p.shape[1:]) for p in params]
         getattr(launch.module, launch.spec.backward_name)[launch.prologue_grid()](
             *inputs, *params, *grads.values(), *d_in, *d_par, launch.ntok, H,
             TOKB=TOKENS_PER_PROGRAM)
-        grads_in = [g.to(t.dtype) for g, t in zip(d_in, inputs)]
-        grads_par = [g.sum(0).to(p.dtype) for g, p in zip(d_par, params)]
+        grads_in = [gr.to(x.dtype) for gr, x in zip(d_in, inputs)]
+        grads_par = [gr.sum(0).to(p.dtype) for gr, p in zip(d_par, params)]
         dh0 = dh0.to(ctx.initial_dtype) if ctx.initial_dtype is not None else None
         return (None, *grads_in, *grads_par, dh0)
 
