@@ -374,16 +374,18 @@ def chunk_bwd_dh(u, gx, gy, do, dht, dckpt, dh0, cu_seqlens, chunk_offsets, T, H
 
 
 @triton.jit
-def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, H, NTOK,
+def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, NTOK,
                 DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BV: tl.constexpr,
                 NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, EXACT: tl.constexpr,
-                GX: tl.constexpr, GY: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk's gradients of u, kx and the X log-decays (a reverse cumulative sum over the
-    chunk: the decays are chunk-local sums, so a token's decay reaches no other chunk except
-    through the state leaving this one, the ``dS_end ⊙ S_end`` term).
+                GX: tl.constexpr, GY: tl.constexpr, SIDE: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk's gradient of u (SIDE 0) or of kx (SIDE 1), and that side's part of the X
+    log-decays' gradient: ``+u ⊙ du`` or ``-kx ⊙ dkx`` (plus ``dS_end ⊙ S_end`` at the chunk's
+    end), reverse-summed over the chunk. The decays are chunk-local sums: a token's decay
+    reaches other chunks only through the state leaving its own. (Two launches of one kernel
+    rather than one: half the live tiles, no spills.)
 
-    Program (chunk; X tile, Y tile; head). Partial sums over the Y tiles: du, dkx and a
-    per-channel dgx ``[NY, tokens, H, DX]``; a scalar dgx ``[NX * NY, tokens, H]``."""
+    Program (chunk; X tile, Y tile; head). Partial sums over the Y tiles: ``dux`` (du or dkx)
+    and a per-channel dgx ``[NY, tokens, H, DX]``; a scalar dgx ``[NX * NY, tokens, H]``."""
     i_c = tl.program_id(0)
     i_x = tl.program_id(1) // NY
     i_y = tl.program_id(1) % NY
@@ -399,19 +401,22 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
     o_y = y0 + tl.arange(0, BV)
     m_s = (o_x[:, None] < DX) & (o_y[None, :] < DY)
     ck = (slot * H + i_h) * DX * DY + o_x[:, None] * DY + o_y[None, :]
-    du_p = du + tl.cast(i_y, tl.int64) * NTOK * DX
-    dkx_p = dkx + tl.cast(i_y, tl.int64) * NTOK * DX
+    dux_p = dux + tl.cast(i_y, tl.int64) * NTOK * DX
     o_c = tl.arange(0, BC)
     causal = o_c[:, None] >= o_c[None, :]
-    # the decay of the whole chunk scales the state leaving it: dS_end ⊙ S_end starts the
-    # reverse cumulative sums (with chunk-local sums, g_t reaches no other chunk)
-    S_end = tl.load(ckpt + ck + H * DX * DY, mask=m_s, other=0.0)
     if GX == 1:
         dgx_p = dgx + tl.cast(tl.program_id(1), tl.int64) * NTOK
-        carry_s = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end)
+        carry_s = tl.zeros([], tl.float32)
     else:
         dgx_p = dgx + tl.cast(i_y, tl.int64) * NTOK * DX
-        carry_x = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end, axis=1)
+        carry_x = tl.zeros([BX], tl.float32)
+    if SIDE == 1:
+        # the chunk's whole decay scales the state leaving it: dS_end ⊙ S_end
+        S_end = tl.load(ckpt + ck + H * DX * DY, mask=m_s, other=0.0)
+        if GX == 1:
+            carry_s = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end)
+        else:
+            carry_x = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end, axis=1)
     if GX != 0:
         gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
     if GY != 0:
@@ -422,72 +427,79 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
         t0 = start + m * BC
         n_m = tl.minimum(BC, L - m * BC)
         live = (o_c < n_m)[:, None]
-        U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
-        K_m = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
         dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
-        # through the state entering the chunk and the gradient leaving it
-        dOq = dO_m
-        Vk = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
-        if GY != 0:
-            Gy_m = _gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
-            dOq = dO_m * tl.exp(Gy_m)
-            Vk = Vk * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
-        S0 = tl.load(ckpt + ck, mask=m_s, other=0.0)
-        dU = tl.dot(dOq, tl.trans(S0), input_precision=PRECISION)
-        dS = tl.load(dckpt + ck, mask=m_s, other=0.0)
-        dK = tl.dot(Vk, tl.trans(dS), input_precision=PRECISION)
         if GX != 0:
             Gx_m = _gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
-            dU = dU * tl.exp(Gx_m)
-            dK = dK * tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
-        # earlier sub-chunks j (keys) -> this one (queries)
-        for j in range(0, m):
-            tj = start + j * BC
-            lj = tj + BC - 1
-            kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
-            V_j = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
-            if GY != 0:
-                gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
-                dA = tl.dot(dO_m * tl.exp(Gy_m - gy_l),
-                            tl.trans(V_j * tl.exp(gy_l - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))),
-                            input_precision=PRECISION)
-            else:
-                dA = tl.dot(dO_m, tl.trans(V_j), input_precision=PRECISION)
-            if GX != 0:
-                gx_l = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
-                kg = kg * tl.exp(gx_l - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
-                dU += tl.exp(Gx_m - gx_l) * tl.dot(dA, kg, input_precision=PRECISION)
-            else:
-                dU += tl.dot(dA, kg, input_precision=PRECISION)
-        # this one (keys) -> later sub-chunks i (queries)
-        lm = t0 + n_m - 1  # with later sub-chunks, sub-chunk m is full
-        vg = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
         if GY != 0:
-            gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
-            vg = vg * tl.exp(tl.where(live, gy_l - Gy_m, float("-inf")))
-        if GX != 0:
-            gx_l = _grow(gx, lm, eos, H, i_h, DX, x0, GX, BX)[None, :]
-        dKg = tl.zeros([BC, BX], tl.float32)
-        for i in range(m + 1, n_sub):
-            ti = start + i * BC
-            n_i = tl.minimum(BC, L - i * BC)
-            U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
-            dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
-            if GX != 0:
-                U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
+            Gy_m = _gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
+        if SIDE == 0:
+            U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
+            # through the state entering the chunk
+            dOq = dO_m
             if GY != 0:
-                dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gy_l)
-            dA = tl.dot(dO_i, tl.trans(vg), input_precision=PRECISION)
-            dKg += tl.dot(tl.trans(dA), U_i, input_precision=PRECISION)
-        if GX != 0:
-            dK += dKg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
+                dOq = dO_m * tl.exp(Gy_m)
+            S0 = tl.load(ckpt + ck, mask=m_s, other=0.0)
+            dX = tl.dot(dOq, tl.trans(S0), input_precision=PRECISION)
+            if GX != 0:
+                dX = dX * tl.exp(Gx_m)
+            # earlier sub-chunks j (keys) -> this one (queries)
+            for j in range(0, m):
+                tj = start + j * BC
+                lj = tj + BC - 1
+                kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
+                V_j = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
+                if GY != 0:
+                    gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
+                    dA = tl.dot(dO_m * tl.exp(Gy_m - gy_l),
+                                tl.trans(V_j * tl.exp(gy_l - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))),
+                                input_precision=PRECISION)
+                else:
+                    dA = tl.dot(dO_m, tl.trans(V_j), input_precision=PRECISION)
+                if GX != 0:
+                    gx_l = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
+                    kg = kg * tl.exp(gx_l - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
+                    dX += tl.exp(Gx_m - gx_l) * tl.dot(dA, kg, input_precision=PRECISION)
+                else:
+                    dX += tl.dot(dA, kg, input_precision=PRECISION)
         else:
-            dK += dKg
+            K_m = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
+            # through the gradient leaving the chunk
+            Vk = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
+            if GY != 0:
+                Vk = Vk * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
+            dS = tl.load(dckpt + ck, mask=m_s, other=0.0)
+            dX = tl.dot(Vk, tl.trans(dS), input_precision=PRECISION)
+            if GX != 0:
+                dX = dX * tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
+            # this one (keys) -> later sub-chunks i (queries)
+            lm = t0 + n_m - 1  # with later sub-chunks, sub-chunk m is full
+            vg = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
+            if GY != 0:
+                gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
+                vg = vg * tl.exp(tl.where(live, gy_l - Gy_m, float("-inf")))
+            if GX != 0:
+                gx_l = _grow(gx, lm, eos, H, i_h, DX, x0, GX, BX)[None, :]
+            dKg = tl.zeros([BC, BX], tl.float32)
+            for i in range(m + 1, n_sub):
+                ti = start + i * BC
+                n_i = tl.minimum(BC, L - i * BC)
+                U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
+                dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
+                if GX != 0:
+                    U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
+                if GY != 0:
+                    dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gy_l)
+                dA = tl.dot(dO_i, tl.trans(vg), input_precision=PRECISION)
+                dKg += tl.dot(tl.trans(dA), U_i, input_precision=PRECISION)
+            if GX != 0:
+                dX += dKg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
+            else:
+                dX += dKg
+            U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
         # the sub-chunk itself
         if EXACT:  # one key token s at a time, exact decays per channel
             for s in range(0, n_m):  # a run-time bound: not unrolled (registers)
                 ts = t0 + s
-                k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :]
                 v_s = _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
                 after = (o_c >= s)[:, None]
                 if GY != 0:
@@ -499,12 +511,12 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
                 if GX != 0:
                     gx_s = _grow(gx, ts, t0 + n_m, H, i_h, DX, x0, GX, BX)[None, :]
                     ex = tl.exp(tl.where(after, Gx_m - gx_s, float("-inf")))
-                    dU += da * k_s * ex
-                    dk_s = tl.sum(da * U_m * ex, axis=0)
                 else:
-                    dU += da * k_s
-                    dk_s = tl.sum(da * U_m, axis=0)
-                dK += tl.where((o_c == s)[:, None], dk_s[None, :], 0.0)
+                    ex = tl.where(after, 1.0, 0.0)
+                if SIDE == 0:
+                    dX += da * _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :] * ex
+                else:
+                    dX += tl.where((o_c == s)[:, None], tl.sum(da * U_m * ex, axis=0)[None, :], 0.0)
         else:  # a scalar decay: masked products
             V_m = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
             dA = tl.dot(dO_m, tl.trans(V_m), input_precision=PRECISION)
@@ -512,21 +524,26 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, du, dkx, dgx, chunk_bounds, 
                 dA = dA * tl.exp(tl.where(causal, Gx_m - tl.trans(Gx_m), float("-inf")))
             else:
                 dA = tl.where(causal, dA, 0.0)
-            dU += tl.dot(dA, K_m, input_precision=PRECISION)
-            dK += tl.dot(tl.trans(dA), U_m, input_precision=PRECISION)
-        _put(du_p, dU, t0, n_m, H, i_h, DX, x0, BC, BX)
-        _put(dkx_p, dK, t0, n_m, H, i_h, DX, x0, BC, BX)
-        if GX == 1:
-            dG = tl.sum(U_m * dU - K_m * dK, axis=1)
-            rows = tl.arange(0, BC)
-            tl.store(dgx_p + (t0 + rows) * H + i_h,
-                     tl.cumsum(dG, axis=0, reverse=True) + carry_s, mask=rows < n_m)
-            carry_s += tl.sum(dG, axis=0)
-        elif GX == 2:
-            dG = U_m * dU - K_m * dK
-            _put(dgx_p, tl.cumsum(dG, axis=0, reverse=True) + carry_x[None, :],
-                 t0, n_m, H, i_h, DX, x0, BC, BX)
-            carry_x += tl.sum(dG, axis=0)
+            if SIDE == 0:
+                dX += tl.dot(dA, _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX), input_precision=PRECISION)
+            else:
+                dX += tl.dot(tl.trans(dA), U_m, input_precision=PRECISION)
+        _put(dux_p, dX, t0, n_m, H, i_h, DX, x0, BC, BX)
+        if GX != 0:
+            if SIDE == 0:
+                dG = U_m * dX
+            else:
+                dG = -K_m * dX
+            if GX == 1:
+                dG = tl.sum(dG, axis=1)
+                rows = tl.arange(0, BC)
+                tl.store(dgx_p + (t0 + rows) * H + i_h,
+                         tl.cumsum(dG, axis=0, reverse=True) + carry_s, mask=rows < n_m)
+                carry_s += tl.sum(dG, axis=0)
+            else:
+                _put(dgx_p, tl.cumsum(dG, axis=0, reverse=True) + carry_x[None, :],
+                     t0, n_m, H, i_h, DX, x0, BC, BX)
+                carry_x += tl.sum(dG, axis=0)
 
 
 @triton.jit
@@ -729,8 +746,8 @@ def check_chunk(chunk: int):
 _FWD_ARGS = ["u", "kx", "vy", "gx", "gy", "extra", "h0", "out", "ht", "ckpt", "cu_seqlens",
              "chunk_offsets", "T", "H", "NTOK"]
 _DH_ARGS = ["u", "gx", "gy", "do", "dht", "dckpt", "dh0", "cu_seqlens", "chunk_offsets", "T", "H"]
-_BWD_X_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "du", "dkx", "dgx",
-               "chunk_bounds", "H", "NTOK"]
+_BWD_X_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "dux", "dgx", "chunk_bounds",
+               "H", "NTOK"]
 _BWD_Y_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "dvy", "dgy", "chunk_bounds",
                "H", "NTOK"]
 
@@ -756,17 +773,19 @@ def aot_module(shape: PassShape, name: str = "pass") -> GeneratedModule:
     dh = KernelEntry("chunk_bwd_dh", _arg_types(_DH_ARGS),
                      {k: v for k, v in ce.items() if k != "EXACT"} | dict(USE_FINAL_GRAD=True, IS_VARLEN=True),
                      shape.num_warps, variant=f"{name} backward: state gradient")
-    bx = KernelEntry("chunk_bwd_x", _arg_types(_BWD_X_ARGS),
-                     {k: v for k, v in ce.items() if k != "TRANSPOSED"}, shape.num_warps,
-                     variant=f"{name} backward: X side")
+    side = {k: v for k, v in ce.items() if k != "TRANSPOSED"}
+    bq = KernelEntry("chunk_bwd_x", _arg_types(_BWD_X_ARGS), side | dict(SIDE=0),
+                     shape.num_warps, variant=f"{name} backward: u")
+    bk = KernelEntry("chunk_bwd_x", _arg_types(_BWD_X_ARGS), side | dict(SIDE=1),
+                     shape.num_warps, variant=f"{name} backward: kx")
     by = KernelEntry("chunk_bwd_y", _arg_types(_BWD_Y_ARGS),
                      {k: v for k, v in ce.items() if k != "TRANSPOSED"}, shape.num_warps,
-                     variant=f"{name} backward: Y side")
+                     variant=f"{name} backward: vy")
     cum = KernelEntry("chunk_cumsum", {"g": "*fp32", "gc": "*fp32", "cu_seqlens": "*i64",
                                        "T": "i32", "H": "i32"},
                       dict(D=shape.dx, BD=column_block(shape.dx), BT=shape.chunk, IS_VARLEN=True), 4,
                       variant=f"{name} cumulative decays")
-    kernels = [fwd, dh, bx, by] + ([cum] if shape.gx else [])
+    kernels = [fwd, dh, bq, bk, by] + ([cum] if shape.gx else [])
     return GeneratedModule("chunk-diagonal", "chunk_diagonal.py", SOURCE, kernels)
 
 

@@ -178,20 +178,23 @@ class _PassFunction(torch.autograd.Function):
             USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None, PRECISION=PRECISION,
             num_warps=shape.num_warps)
         # 2. every chunk's gradients at once (X side, Y side)
-        du = torch.empty([NY, B, T, H, shape.dx], **f32)
-        dkx = torch.empty([NY, B, T, H, shape.dx], **f32)
+        dux = torch.empty([2, NY, B, T, H, shape.dx], **f32)  # du, dkx
         dvy = torch.empty([NX, B, T, H, shape.dy], **f32)
-        dgx = torch.empty([gx_tiles, B, T, H] + gx_dims, **f32) if gxc is not None else dummy
+        dgx = (torch.empty([2, gx_tiles, B, T, H] + gx_dims, **f32) if gxc is not None
+               else torch.empty(2, 1, **f32))
         dgy = torch.empty([NX, B, T, H, shape.dy], **f32) if gyc is not None else dummy
         grid = (launch.total_chunks, NX * NY, H)
         tensors = (u, kx, vy, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy,
                    ckpt, dckpt, d_out)
         flags = {k: v for k, v in shape.constexprs(PRECISION=PRECISION).items() if k != "TRANSPOSED"}
-        module.chunk_bwd_x[grid](*tensors, du, dkx, dgx, launch.chunk_bounds, H, B * T * H,
-                                 **flags, num_warps=shape.num_warps)
+        for side in (0, 1):
+            module.chunk_bwd_x[grid](*tensors, dux[side], dgx[side], launch.chunk_bounds, H,
+                                     B * T * H, **flags, SIDE=side, num_warps=shape.num_warps)
         module.chunk_bwd_y[grid](*tensors, dvy, dgy, launch.chunk_bounds, H, B * T * H,
                                  **flags, num_warps=shape.num_warps)
-        grads = [_whole(du), _whole(dkx), _whole(dvy), _whole(dgx) if gxc is not None else None,
+        du, dkx = dux[0], dux[1]
+        dgx = dgx.flatten(0, 1) if gxc is not None else None  # both sides' partial sums
+        grads = [_whole(du), _whole(dkx), _whole(dvy), _whole(dgx) if dgx is not None else None,
                  _whole(dgy) if gyc is not None else None, d_out, dh0]
         result = []
         for g, meta, need in zip(grads, ctx.meta, ctx.needs_input_grad[1:]):
