@@ -374,15 +374,40 @@ def chunk_bwd_dh(u, gx, gy, do, dht, dckpt, dh0, cu_seqlens, chunk_offsets, T, H
 
 
 @triton.jit
+def _red(x, KIND: tl.constexpr):
+    """A decay-gradient term [R, BX] as the decay has it: summed over X for a scalar decay
+    (KIND 1, [R, 1])."""
+    if KIND == 1:
+        x = tl.sum(x, axis=1)[:, None]
+    return x
+
+
+@triton.jit
+def _excl(x):
+    """Exclusive cumulative sum down the rows (exact zero in the first row)."""
+    return tl.cumsum(x, axis=0) - x
+
+
+@triton.jit
+def _put_decay(ptr, dG, t0, n, H, i_h, D: tl.constexpr, col0, KIND: tl.constexpr,
+               BR: tl.constexpr, BD: tl.constexpr):
+    if KIND == 1:
+        rows = tl.arange(0, BR)
+        tl.store(ptr + (t0 + rows) * H + i_h, tl.sum(dG, axis=1), mask=rows < n)
+    else:
+        _put(ptr, dG, t0, n, H, i_h, D, col0, BR, BD)
+
+
+@triton.jit
 def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, NTOK,
                 DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BV: tl.constexpr,
                 NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, EXACT: tl.constexpr,
                 GX: tl.constexpr, GY: tl.constexpr, SIDE: tl.constexpr, PRECISION: tl.constexpr):
     """One chunk's gradient of u (SIDE 0) or of kx (SIDE 1), and that side's part of the X
-    log-decays' gradient: ``+u ⊙ du`` or ``-kx ⊙ dkx`` (plus ``dS_end ⊙ S_end`` at the chunk's
-    end), reverse-summed over the chunk. The decays are chunk-local sums: a token's decay
-    reaches other chunks only through the state leaving its own. (Two launches of one kernel
-    rather than one: half the live tiles, no spills.)
+    log-decays' gradient (see "Decay gradients" in the module's docstring): SIDE 0 the terms
+    of the queries (reverse sums), SIDE 1 those of the keys and the state leaving the chunk
+    (forward sums), each with its share of the crossing pairs. Two launches of one kernel
+    rather than one: half the live tiles, no spills.
 
     Program (chunk; X tile, Y tile; head). Partial sums over the Y tiles: ``dux`` (du or dkx)
     and a per-channel dgx ``[NY, tokens, H, DX]``; a scalar dgx ``[NX * NY, tokens, H]``."""
@@ -406,34 +431,35 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
     causal = o_c[:, None] >= o_c[None, :]
     if GX == 1:
         dgx_p = dgx + tl.cast(tl.program_id(1), tl.int64) * NTOK
-        carry_s = tl.zeros([], tl.float32)
     else:
         dgx_p = dgx + tl.cast(i_y, tl.int64) * NTOK * DX
-        carry_x = tl.zeros([BX], tl.float32)
-    if SIDE == 1:
-        # the chunk's whole decay scales the state leaving it: dS_end ⊙ S_end
-        S_end = tl.load(ckpt + ck + H * DX * DY, mask=m_s, other=0.0)
-        if GX == 1:
-            carry_s = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end)
-        else:
-            carry_x = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end, axis=1)
     if GX != 0:
         gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
+        carry = _red(tl.zeros([1, BX], tl.float32), GX)
     if GY != 0:
         gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)[None, :]
+    if SIDE == 1 and GX != 0:
+        # the state entering the chunk, carried to its end: e^{G_end} ⊙ (S0 ⊙ dS_end) over Y
+        S0dS = tl.load(ckpt + ck, mask=m_s, other=0.0) * tl.load(dckpt + ck, mask=m_s, other=0.0)
+        if GY != 0:
+            S0dS = S0dS * tl.exp(gy_e)
+        base = _red(tl.sum(S0dS, axis=1)[None, :] * tl.exp(gx_e), GX)
     n_sub = tl.cdiv(L, BC)
-    for m_rev in range(0, n_sub):  # last to first: the reverse cumulative sums run with them
-        m = n_sub - 1 - m_rev
+    for step in range(0, n_sub):  # SIDE 0 last to first (reverse sums), SIDE 1 first to last
+        if SIDE == 0:
+            m = n_sub - 1 - step
+        else:
+            m = step
         t0 = start + m * BC
         n_m = tl.minimum(BC, L - m * BC)
         live = (o_c < n_m)[:, None]
         dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
+        U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
         if GX != 0:
             Gx_m = _gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
         if GY != 0:
             Gy_m = _gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
         if SIDE == 0:
-            U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
             # through the state entering the chunk
             dOq = dO_m
             if GY != 0:
@@ -442,7 +468,11 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
             dX = tl.dot(dOq, tl.trans(S0), input_precision=PRECISION)
             if GX != 0:
                 dX = dX * tl.exp(Gx_m)
+                dG = _red(U_m * dX, GX)
+                dG = tl.cumsum(dG, axis=0, reverse=True) + carry
+                carry += tl.sum(_red(U_m * dX, GX), axis=0)[None, :]
             # earlier sub-chunks j (keys) -> this one (queries)
+            dX_off = tl.zeros([BC, BX], tl.float32)
             for j in range(0, m):
                 tj = start + j * BC
                 lj = tj + BC - 1
@@ -458,9 +488,12 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
                 if GX != 0:
                     gx_l = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
                     kg = kg * tl.exp(gx_l - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
-                    dX += tl.exp(Gx_m - gx_l) * tl.dot(dA, kg, input_precision=PRECISION)
+                    dX_off += tl.exp(Gx_m - gx_l) * tl.dot(dA, kg, input_precision=PRECISION)
                 else:
-                    dX += tl.dot(dA, kg, input_precision=PRECISION)
+                    dX_off += tl.dot(dA, kg, input_precision=PRECISION)
+            dX += dX_off
+            if GX != 0:  # crossing pairs: keys of earlier sub-chunks, queries from here on
+                dG += tl.cumsum(_red(U_m * dX_off, GX), axis=0, reverse=True)
         else:
             K_m = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
             # through the gradient leaving the chunk
@@ -471,6 +504,9 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
             dX = tl.dot(Vk, tl.trans(dS), input_precision=PRECISION)
             if GX != 0:
                 dX = dX * tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
+                end = _red(K_m * dX, GX)  # the keys before a token reach the chunk's end
+                dG = base + _excl(end) + carry
+                carry += tl.sum(end, axis=0)[None, :]
             # this one (keys) -> later sub-chunks i (queries)
             lm = t0 + n_m - 1  # with later sub-chunks, sub-chunk m is full
             vg = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
@@ -492,12 +528,36 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
                 dA = tl.dot(dO_i, tl.trans(vg), input_precision=PRECISION)
                 dKg += tl.dot(tl.trans(dA), U_i, input_precision=PRECISION)
             if GX != 0:
-                dX += dKg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
-            else:
-                dX += dKg
-            U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
+                dKg = dKg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
+                # crossing pairs: keys up to here in this sub-chunk, queries after it
+                dG += _excl(_red(K_m * dKg, GX))
+                # ... and keys before this sub-chunk with queries after it
+                for j in range(0, m):
+                    tj = start + j * BC
+                    lj = tj + BC - 1
+                    gxj = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
+                    kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
+                    kg = kg * tl.exp(gxj - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
+                    vgj = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
+                    if GY != 0:
+                        gyj = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
+                        vgj = vgj * tl.exp(gyj - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
+                    for i in range(m + 1, n_sub):
+                        ti = start + i * BC
+                        n_i = tl.minimum(BC, L - i * BC)
+                        U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
+                        U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gxj)
+                        dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
+                        if GY != 0:
+                            dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gyj)
+                        dA = tl.dot(dO_i, tl.trans(vgj), input_precision=PRECISION)
+                        P = U_i * tl.dot(dA, kg, input_precision=PRECISION)
+                        dG += _red(tl.sum(P, axis=0)[None, :], GX)
+            dX += dKg
         # the sub-chunk itself
         if EXACT:  # one key token s at a time, exact decays per channel
+            if SIDE == 0:
+                stair = tl.zeros([BC, BX], tl.float32)
             for s in range(0, n_m):  # a run-time bound: not unrolled (registers)
                 ts = t0 + s
                 v_s = _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
@@ -514,9 +574,15 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
                 else:
                     ex = tl.where(after, 1.0, 0.0)
                 if SIDE == 0:
-                    dX += da * _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :] * ex
+                    pair = da * _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :] * ex
+                    dX += pair
+                    if GX != 0:  # pairs (t, s) crossing the queries' positions after s
+                        stair += tl.where((o_c > s)[:, None],
+                                          tl.cumsum(U_m * pair, axis=0, reverse=True), 0.0)
                 else:
                     dX += tl.where((o_c == s)[:, None], tl.sum(da * U_m * ex, axis=0)[None, :], 0.0)
+            if SIDE == 0 and GX != 0:
+                dG += _red(stair, GX)
         else:  # a scalar decay: masked products
             V_m = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
             dA = tl.dot(dO_m, tl.trans(V_m), input_precision=PRECISION)
@@ -525,41 +591,34 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
             else:
                 dA = tl.where(causal, dA, 0.0)
             if SIDE == 0:
-                dX += tl.dot(dA, _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX), input_precision=PRECISION)
+                K_d = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
+                dX += tl.dot(dA, K_d, input_precision=PRECISION)
+                if GX != 0:  # the pairs (t, s) with s < tau <= t, tau in this sub-chunk
+                    P = tl.dot(U_m, tl.trans(K_d), input_precision=PRECISION) * dA
+                    P = tl.cumsum(P, axis=0, reverse=True)
+                    dG += tl.sum(tl.where(o_c[None, :] < o_c[:, None], P, 0.0), axis=1)[:, None]
             else:
                 dX += tl.dot(tl.trans(dA), U_m, input_precision=PRECISION)
         _put(dux_p, dX, t0, n_m, H, i_h, DX, x0, BC, BX)
         if GX != 0:
-            if SIDE == 0:
-                dG = U_m * dX
-            else:
-                dG = -K_m * dX
-            if GX == 1:
-                dG = tl.sum(dG, axis=1)
-                rows = tl.arange(0, BC)
-                tl.store(dgx_p + (t0 + rows) * H + i_h,
-                         tl.cumsum(dG, axis=0, reverse=True) + carry_s, mask=rows < n_m)
-                carry_s += tl.sum(dG, axis=0)
-            else:
-                _put(dgx_p, tl.cumsum(dG, axis=0, reverse=True) + carry_x[None, :],
-                     t0, n_m, H, i_h, DX, x0, BC, BX)
-                carry_x += tl.sum(dG, axis=0)
+            _put_decay(dgx_p, dG, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
 
 
 @triton.jit
 def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, NTOK,
                 DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr, BV: tl.constexpr,
                 NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr, EXACT: tl.constexpr,
-                GX: tl.constexpr, GY: tl.constexpr, PRECISION: tl.constexpr):
-    """One chunk's gradient of vy, and of the Y log-decays within the chunk (which need the
-    read o_t itself, recomputed). Partial sums over the X tiles: ``[NX, tokens, H, DY]``."""
+                GX: tl.constexpr, GY: tl.constexpr, SIDE: tl.constexpr, PRECISION: tl.constexpr):
+    """One chunk's gradient of vy with the keys' part of the Y log-decays' gradient (SIDE 0,
+    forward sums), or the queries' part, which needs the read o itself, recomputed (SIDE 1,
+    reverse sums; only with Y decays). Partial sums over the X tiles: ``[NX, tokens, H, DY]``."""
     i_c = tl.program_id(0)
     i_x = tl.program_id(1) // NY
     i_y = tl.program_id(1) % NY
     i_h = tl.program_id(2)
     start = tl.load(chunk_bounds + 3 * i_c)
     eos = tl.load(chunk_bounds + 3 * i_c + 1)
-    slot = tl.load(chunk_bounds + 3 * i_c + 2)  # of the chunk's state in ckpt and dckpt
+    slot = tl.load(chunk_bounds + 3 * i_c + 2)
     L = tl.minimum(BT, eos - start)
     last = start + L - 1
     x0 = i_x * BX
@@ -572,37 +631,131 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
     dgy_p = dgy + tl.cast(i_x, tl.int64) * NTOK * DY
     o_c = tl.arange(0, BC)
     causal = o_c[:, None] >= o_c[None, :]
-    if GY != 0:
-        S_end = tl.load(ckpt + ck + H * DX * DY, mask=m_s, other=0.0)
-        carry_y = tl.sum(tl.load(dckpt + ck, mask=m_s, other=0.0) * S_end, axis=0)
+    carry = tl.zeros([1, BV], tl.float32)
     if GX != 0:
         gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
     if GY != 0:
         gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)[None, :]
+        if SIDE == 0:  # the state entering the chunk, carried to its end, over X
+            S0dS = tl.load(ckpt + ck, mask=m_s, other=0.0) * tl.load(dckpt + ck, mask=m_s, other=0.0)
+            if GX != 0:
+                S0dS = S0dS * tl.exp(tl.trans(gx_e))
+            base = tl.sum(S0dS, axis=0)[None, :] * tl.exp(gy_e)
     n_sub = tl.cdiv(L, BC)
-    for m_rev in range(0, n_sub):
-        m = n_sub - 1 - m_rev
+    for step in range(0, n_sub):
+        if SIDE == 0:
+            m = step
+        else:
+            m = n_sub - 1 - step
         t0 = start + m * BC
         n_m = tl.minimum(BC, L - m * BC)
         live = (o_c < n_m)[:, None]
         U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
         dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
-        Kk = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
         if GX != 0:
             Gx_m = _gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
-            Kk = Kk * tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
-        dS = tl.load(dckpt + ck, mask=m_s, other=0.0)
-        dV = tl.dot(Kk, dS, input_precision=PRECISION)
         if GY != 0:
             Gy_m = _gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
-            dV = dV * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
+        if SIDE == 0:
+            V_m = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
+            # through the gradient leaving the chunk
+            Kk = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
+            if GX != 0:
+                Kk = Kk * tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
+            dS = tl.load(dckpt + ck, mask=m_s, other=0.0)
+            dV = tl.dot(Kk, dS, input_precision=PRECISION)
+            if GY != 0:
+                dV = dV * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
+                end = V_m * dV
+                dG = base + _excl(end) + carry
+                carry += tl.sum(end, axis=0)[None, :]
+            # this one (keys) -> later sub-chunks i (queries)
+            lm = t0 + n_m - 1
+            kg = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
+            if GX != 0:
+                gx_l = _grow(gx, lm, eos, H, i_h, DX, x0, GX, BX)[None, :]
+                kg = kg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
+            if GY != 0:
+                gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
+            dVg = tl.zeros([BC, BV], tl.float32)
+            for i in range(m + 1, n_sub):
+                ti = start + i * BC
+                n_i = tl.minimum(BC, L - i * BC)
+                U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
+                dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
+                if GX != 0:
+                    U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
+                if GY != 0:
+                    dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gy_l)
+                A = tl.dot(U_i, tl.trans(kg), input_precision=PRECISION)
+                dVg += tl.dot(tl.trans(A), dO_i, input_precision=PRECISION)
+            if GY != 0:
+                dVg = dVg * tl.exp(tl.where(live, gy_l - Gy_m, float("-inf")))
+                # crossing pairs: keys up to here in this sub-chunk, queries after it
+                dG += _excl(V_m * dVg)
+                # ... and keys before this sub-chunk with queries after it
+                for j in range(0, m):
+                    tj = start + j * BC
+                    lj = tj + BC - 1
+                    kgj = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
+                    if GX != 0:
+                        gxj = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
+                        kgj = kgj * tl.exp(gxj - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
+                    gyj = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
+                    vgj = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
+                    vgj = vgj * tl.exp(gyj - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
+                    for i in range(m + 1, n_sub):
+                        ti = start + i * BC
+                        n_i = tl.minimum(BC, L - i * BC)
+                        U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
+                        if GX != 0:
+                            U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gxj)
+                        dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
+                        dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gyj)
+                        A = tl.dot(U_i, tl.trans(kgj), input_precision=PRECISION)
+                        P = dO_i * tl.dot(A, vgj, input_precision=PRECISION)
+                        dG += tl.sum(P, axis=0)[None, :]
+            dV += dVg
+            # the sub-chunk itself
+            if EXACT:
+                for s in range(0, n_m):  # a run-time bound: not unrolled (registers)
+                    ts = t0 + s
+                    k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :]
+                    after = (o_c >= s)[:, None]
+                    if GX != 0:
+                        gx_s = _grow(gx, ts, t0 + n_m, H, i_h, DX, x0, GX, BX)[None, :]
+                        a = tl.sum(U_m * k_s * tl.exp(tl.where(after, Gx_m - gx_s, float("-inf"))),
+                                   axis=1)[:, None]
+                    else:
+                        a = tl.sum(tl.where(after, U_m * k_s, 0.0), axis=1)[:, None]
+                    if GY != 0:
+                        gy_s = _row(gy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
+                        dv_s = tl.sum(a * dO_m * tl.exp(tl.where(after, Gy_m - gy_s, float("-inf"))),
+                                      axis=0)
+                    else:
+                        dv_s = tl.sum(a * dO_m, axis=0)
+                    dV += tl.where((o_c == s)[:, None], dv_s[None, :], 0.0)
+            else:
+                K_m = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
+                A = tl.dot(U_m, tl.trans(K_m), input_precision=PRECISION)
+                if GX != 0:
+                    A = A * tl.exp(tl.where(causal, Gx_m - tl.trans(Gx_m), float("-inf")))
+                else:
+                    A = tl.where(causal, A, 0.0)
+                dV += tl.dot(tl.trans(A), dO_m, input_precision=PRECISION)
+            _put(dvy_p, dV, t0, n_m, H, i_h, DY, y0, BC, BV)
+        else:
+            # the read o (recomputed): through the state entering the chunk ...
             S0 = tl.load(ckpt + ck, mask=m_s, other=0.0)
             if GX != 0:
                 O = tl.dot(U_m * tl.exp(Gx_m), S0, input_precision=PRECISION)
             else:
                 O = tl.dot(U_m, S0, input_precision=PRECISION)
             O = O * tl.exp(Gy_m)
-            # earlier sub-chunks j (keys) -> this one (queries): the read, for dgy
+            dG = tl.cumsum(O * dO_m, axis=0, reverse=True) + carry
+            carry += tl.sum(O * dO_m, axis=0)[None, :]
+            # ... from earlier sub-chunks j (keys) ...
+            O = tl.zeros([BC, BV], tl.float32)
             for j in range(0, m):
                 tj = start + j * BC
                 lj = tj + BC - 1
@@ -617,32 +770,9 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                 vg = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
                 vg = vg * tl.exp(gy_l - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
                 O += tl.exp(Gy_m - gy_l) * tl.dot(A, vg, input_precision=PRECISION)
-        # this one (keys) -> later sub-chunks i (queries)
-        lm = t0 + n_m - 1
-        kg = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
-        if GX != 0:
-            gx_l = _grow(gx, lm, eos, H, i_h, DX, x0, GX, BX)[None, :]
-            kg = kg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
-        if GY != 0:
-            gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
-        dVg = tl.zeros([BC, BV], tl.float32)
-        for i in range(m + 1, n_sub):
-            ti = start + i * BC
-            n_i = tl.minimum(BC, L - i * BC)
-            U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
-            dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
-            if GX != 0:
-                U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
-            if GY != 0:
-                dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gy_l)
-            A = tl.dot(U_i, tl.trans(kg), input_precision=PRECISION)
-            dVg += tl.dot(tl.trans(A), dO_i, input_precision=PRECISION)
-        if GY != 0:
-            dV += dVg * tl.exp(tl.where(live, gy_l - Gy_m, float("-inf")))
-        else:
-            dV += dVg
-        # the sub-chunk itself
-        if EXACT:
+            dG += tl.cumsum(O * dO_m, axis=0, reverse=True)
+            # ... and within the sub-chunk: the pairs crossing each position
+            stair = tl.zeros([BC, BV], tl.float32)
             for s in range(0, n_m):  # a run-time bound: not unrolled (registers)
                 ts = t0 + s
                 k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :]
@@ -653,28 +783,13 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                                axis=1)[:, None]
                 else:
                     a = tl.sum(tl.where(after, U_m * k_s, 0.0), axis=1)[:, None]
-                if GY != 0:
-                    gy_s = _row(gy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
-                    ey = tl.exp(tl.where(after, Gy_m - gy_s, float("-inf")))
-                    O += a * _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :] * ey
-                    dv_s = tl.sum(a * dO_m * ey, axis=0)
-                else:
-                    dv_s = tl.sum(a * dO_m, axis=0)
-                dV += tl.where((o_c == s)[:, None], dv_s[None, :], 0.0)
-        else:
-            K_m = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
-            A = tl.dot(U_m, tl.trans(K_m), input_precision=PRECISION)
-            if GX != 0:
-                A = A * tl.exp(tl.where(causal, Gx_m - tl.trans(Gx_m), float("-inf")))
-            else:
-                A = tl.where(causal, A, 0.0)
-            dV += tl.dot(tl.trans(A), dO_m, input_precision=PRECISION)
-        _put(dvy_p, dV, t0, n_m, H, i_h, DY, y0, BC, BV)
+                gy_s = _row(gy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
+                pair = a * _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :] * dO_m \
+                    * tl.exp(tl.where(after, Gy_m - gy_s, float("-inf")))
+                stair += tl.where((o_c > s)[:, None], tl.cumsum(pair, axis=0, reverse=True), 0.0)
+            dG += stair
         if GY != 0:
-            dG = O * dO_m - _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV) * dV
-            _put(dgy_p, tl.cumsum(dG, axis=0, reverse=True) + carry_y[None, :],
-                 t0, n_m, H, i_h, DY, y0, BC, BV)
-            carry_y += tl.sum(dG, axis=0)
+            _put(dgy_p, dG, t0, n_m, H, i_h, DY, y0, BC, BV)
 '''
 
 
@@ -778,14 +893,15 @@ def aot_module(shape: PassShape, name: str = "pass") -> GeneratedModule:
                      shape.num_warps, variant=f"{name} backward: u")
     bk = KernelEntry("chunk_bwd_x", _arg_types(_BWD_X_ARGS), side | dict(SIDE=1),
                      shape.num_warps, variant=f"{name} backward: kx")
-    by = KernelEntry("chunk_bwd_y", _arg_types(_BWD_Y_ARGS),
-                     {k: v for k, v in ce.items() if k != "TRANSPOSED"}, shape.num_warps,
-                     variant=f"{name} backward: vy")
+    by = KernelEntry("chunk_bwd_y", _arg_types(_BWD_Y_ARGS), side | dict(SIDE=0),
+                     shape.num_warps, variant=f"{name} backward: vy")
+    bo = KernelEntry("chunk_bwd_y", _arg_types(_BWD_Y_ARGS), side | dict(SIDE=1),
+                     shape.num_warps, variant=f"{name} backward: o (Y decays)")
     cum = KernelEntry("chunk_cumsum", {"g": "*fp32", "gc": "*fp32", "cu_seqlens": "*i64",
                                        "T": "i32", "H": "i32"},
                       dict(D=shape.dx, BD=column_block(shape.dx), BT=shape.chunk, IS_VARLEN=True), 4,
                       variant=f"{name} cumulative decays")
-    kernels = [fwd, dh, bq, bk, by] + ([cum] if shape.gx else [])
+    kernels = [fwd, dh, bq, bk, by] + ([bo] if shape.gy else []) + ([cum] if shape.gx else [])
     return GeneratedModule("chunk-diagonal", "chunk_diagonal.py", SOURCE, kernels)
 
 

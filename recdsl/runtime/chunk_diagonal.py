@@ -182,7 +182,8 @@ class _PassFunction(torch.autograd.Function):
         dvy = torch.empty([NX, B, T, H, shape.dy], **f32)
         dgx = (torch.empty([2, gx_tiles, B, T, H] + gx_dims, **f32) if gxc is not None
                else torch.empty(2, 1, **f32))
-        dgy = torch.empty([NX, B, T, H, shape.dy], **f32) if gyc is not None else dummy
+        dgy = (torch.empty([2, NX, B, T, H, shape.dy], **f32) if gyc is not None
+               else torch.empty(2, 1, **f32))
         grid = (launch.total_chunks, NX * NY, H)
         tensors = (u, kx, vy, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy,
                    ckpt, dckpt, d_out)
@@ -190,12 +191,14 @@ class _PassFunction(torch.autograd.Function):
         for side in (0, 1):
             module.chunk_bwd_x[grid](*tensors, dux[side], dgx[side], launch.chunk_bounds, H,
                                      B * T * H, **flags, SIDE=side, num_warps=shape.num_warps)
-        module.chunk_bwd_y[grid](*tensors, dvy, dgy, launch.chunk_bounds, H, B * T * H,
-                                 **flags, num_warps=shape.num_warps)
+        for side in (0, 1) if gyc is not None else (0,):
+            module.chunk_bwd_y[grid](*tensors, dvy, dgy[side], launch.chunk_bounds, H, B * T * H,
+                                     **flags, SIDE=side, num_warps=shape.num_warps)
         du, dkx = dux[0], dux[1]
         dgx = dgx.flatten(0, 1) if gxc is not None else None  # both sides' partial sums
+        dgy = dgy.flatten(0, 1) if gyc is not None else None
         grads = [_whole(du), _whole(dkx), _whole(dvy), _whole(dgx) if dgx is not None else None,
-                 _whole(dgy) if gyc is not None else None, d_out, dh0]
+                 _whole(dgy) if dgy is not None else None, d_out, dh0]
         result = []
         for g, meta, need in zip(grads, ctx.meta, ctx.needs_input_grad[1:]):
             result.append(g.to(meta[0]).reshape(meta[1]) if need and meta is not None else None)
