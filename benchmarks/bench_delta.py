@@ -41,27 +41,38 @@ L2NORM_EPS = 1e-6  # recdsl's l2norm: x / sqrt(sum(x^2) + 1e-6)
 # ---------------------------------------------------------------- timing
 
 
+def seconds(fn):
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def timed(fn, reps, budget):
     """Median seconds of ``fn()`` over ``reps`` runs after one warm-up; fewer runs when one
     run takes more than ``budget`` seconds (never fewer than one)."""
-    start = time.perf_counter()
-    fn()
-    first = time.perf_counter() - start
-    times = [first]
-    if first < budget:
-        times = []
-        for _ in range(reps):
-            start = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    first = seconds(fn)
+    if first >= budget:
+        return first
+    return statistics.median(seconds(fn) for _ in range(reps))
+
+
+def timed_together(fns: dict, reps, budget) -> dict:
+    """Median seconds of each function, the runs interleaved (A B C, A B C, ...) after one
+    warm-up each, so that a change in the machine's load hits every contender alike. A
+    function whose warm-up takes more than ``budget`` seconds is timed by that run alone."""
+    first = {name: seconds(fn) for name, fn in fns.items()}
+    times = {name: [] for name in fns}
+    for _ in range(reps):
+        for name, fn in fns.items():
+            if first[name] < budget:
+                times[name].append(seconds(fn))
+    return {name: statistics.median(times[name]) if times[name] else first[name] for name in fns}
 
 
 def matmul_rate(reps=10) -> float:
     """The machine's fp32 matmul rate in GFLOP/s: a 1024 x 1024 by 1024 x 1024 product."""
     a, b = torch.randn(1024, 1024), torch.randn(1024, 1024)
-    seconds = timed(lambda: a @ b, reps, 1.0)
-    return 2 * 1024 ** 3 / seconds / 1e9
+    return 2 * 1024 ** 3 / timed(lambda: a @ b, reps, 1.0) / 1e9
 
 
 def chunk_flops(T, chunk=CHUNK, m=1) -> float:
@@ -149,7 +160,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="T = 256, 1024 only; no long run")
     p.add_argument("--T", type=int, nargs="+", help="sequence lengths (default 1024 4096 16384)")
-    p.add_argument("--reps", type=int, default=3, help="timed runs per figure (median)")
+    p.add_argument("--reps", type=int, default=5, help="timed runs per figure (median)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--loop-max-t", type=int, default=1024,
                    help="time the per-token loops only up to this T, extrapolate beyond")
@@ -183,14 +194,16 @@ def main(argv=None):
                 ours, theirs = fns["torch-chunk"](inputs), fns["fla naive_chunk"](inputs)
             print(f"# check at T={T}: max |torch-chunk - fla naive_chunk| = "
                   f"{(ours - theirs).abs().max().item():.2e}")
-        for name, fn in fns.items():
-            for backward in (False, True):
+        for backward in (False, True):
+            measured = {}
+            for name, fn in fns.items():
                 if name in LOOPS and T > args.loop_max_t and T != lengths[0]:
                     base = max([t for t in lengths if t <= args.loop_max_t] or lengths[:1])
                     results[(name, T, backward)] = (results[(name, base, backward)][0] * T / base, True)
-                    continue
-                seconds = timed(run_once(fn, inputs, backward), args.reps, budget=20.0)
-                results[(name, T, backward)] = (seconds, False)
+                else:
+                    measured[name] = run_once(fn, inputs, backward)
+            for name, median in timed_together(measured, args.reps, budget=20.0).items():
+                results[(name, T, backward)] = (median, False)
 
     print_table(results, fns, lengths, rate)
     if long_t:

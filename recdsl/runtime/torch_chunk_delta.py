@@ -9,8 +9,13 @@ DeltaProduct's ``for j in NH``, 1 otherwise)
 
 where ``d_h`` gathers the scalar decays: those before the token's first erase go to its first
 step; a decay met after a step's erase multiplies that step's decay and the writes it has made
-so far (``a ((I - b k kᵀ) S + k uᵀ) = a (I - b k kᵀ) S + k (a u)ᵀ``). Reads
-``o = sum(coef * x @ S) + extra`` become one read vector per output, state and side.
+so far (``a ((I - b k kᵀ) S + k uᵀ) = a (I - b k kᵀ) S + k (a u)ᵀ``). Decays are taken in
+log space (``Tokenwise.log_decay``); one that is not positive by construction (``exp``,
+``sigmoid``, ``softplus``, ... of anything) is taken as ``log |d|`` and a sign. (A decay of
+exactly 0 has the right value; the gradient through it may be NaN, as log space cannot
+differentiate there.)
+Reads ``o = sum(coef * x @ S) + extra`` become one read vector per output, state and side
+(``x @ S`` or ``S @ x``).
 
 Not run here (``problem`` says why; the recurrent backend and the naive loop run them): a
 per-channel decay ``diag(x) @ S`` before the erase, loops inside loops, and reads whose vector
