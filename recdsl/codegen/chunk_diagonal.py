@@ -26,7 +26,7 @@ Kernels (``B*T`` tokens laid out ``[B, T, H, D]``, fp32 accumulation):
                     gradients of u, kx, vy, the log-decays (reverse cumulative sums, carried
                     across chunks) and the initial state.
 
-Tiling both axes keeps the per-program registers small (on a GPU 16 x 32; see ``PassShape``).
+Tiling both axes keeps the per-program registers small (on a GPU 32 x 32; see ``PassShape``).
 Everything a tile computes is linear in its slice of the contraction, so the values that
 contract over a tiled axis come out as partial sums, one per tile, added by the caller: the
 outputs and ``dvy`` over the X tiles, ``du`` and ``dkx`` over the Y tiles. The products
@@ -58,6 +58,9 @@ over the whole chunk: ``exp(-G_s)`` overflows fp32 once a chunk's decays add up 
   ``BC x BC x channels`` tensor at once would not fit in registers.
 * otherwise (no decay or a scalar one: linear attention, retention, Mamba-2): the masked
   product ``(U Kᵀ) ⊙ exp(g_t - g_s)``, as in Mamba-2's segment sums.
+
+Loops are ``tl.range(..., num_stages=1)``: Triton's default software pipelining of loops
+holding dots (3 stages) doubles the registers of these kernels and made them spill.
 
 Dots take fp32 operands (``PRECISION``: "tf32" on GPUs unless asked for "ieee"; the
 interpreter computes exactly and cannot multiply bf16). ``tl.dot`` needs every side >= 16:
@@ -186,7 +189,7 @@ def chunk_cumsum(g, gc, cu_seqlens, T, H, D: tl.constexpr, BD: tl.constexpr, BT:
     i_n = i_nh // H
     i_h = i_nh % H
     bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    for c in range(0, tl.cdiv(eos - bos, BT)):
+    for c in tl.range(0, tl.cdiv(eos - bos, BT), num_stages=1):
         start = bos + c * BT
         n = tl.minimum(BT, eos - start)
         x = _tile(g, start, n, H, i_h, D, d0, BT, BD)
@@ -226,13 +229,13 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
         S = tl.zeros([BX, BV], tl.float32)
     o_c = tl.arange(0, BC)
     causal = o_c[:, None] >= o_c[None, :]
-    for c in range(0, tl.cdiv(eos - bos, BT)):
+    for c in tl.range(0, tl.cdiv(eos - bos, BT), num_stages=1):
         start = bos + c * BT
         L = tl.minimum(BT, eos - start)
         last = start + L - 1
         if STORE_CKPT:
             tl.store(ckpt + ((first_chunk + c) * H + i_h) * DX * DY + ck_offs, S, mask=m_s)
-        for i in range(0, tl.cdiv(L, BC)):
+        for i in tl.range(0, tl.cdiv(L, BC), num_stages=1):
             t0 = start + i * BC
             n_i = tl.minimum(BC, L - i * BC)
             U_i = _tile(u, t0, n_i, H, i_h, DX, x0, BC, BX)
@@ -246,7 +249,7 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
                 Gy_i = _gtile(gy, t0, n_i, H, i_h, DY, y0, 2, BC, BV)
                 o = o * tl.exp(Gy_i)
             # earlier sub-chunks: decays factor through the last token of sub-chunk j
-            for j in range(0, i):
+            for j in tl.range(0, i, num_stages=1):
                 tj = start + j * BC
                 lj = tj + BC - 1
                 K_j = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
@@ -267,7 +270,7 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
                     o += tl.dot(A, V_j, input_precision=PRECISION)
             # the sub-chunk itself
             if EXACT:  # one key token s at a time, exact decays per channel
-                for s in range(0, n_i):  # a run-time bound: not unrolled (registers)
+                for s in tl.range(0, n_i, num_stages=1):  # a run-time bound: not unrolled (registers)
                     ts = t0 + s
                     k_s = _row(kx, ts, t0 + n_i, H, i_h, DX, x0, BX)
                     v_s = _row(vy, ts, t0 + n_i, H, i_h, DY, y0, BV)
@@ -303,7 +306,7 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
         if GY != 0:
             gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)
             S = S * tl.exp(gy_e)[None, :]
-        for j in range(0, tl.cdiv(L, BC)):
+        for j in tl.range(0, tl.cdiv(L, BC), num_stages=1):
             tj = start + j * BC
             n_j = tl.minimum(BC, L - j * BC)
             live = (o_c < n_j)[:, None]
@@ -350,7 +353,7 @@ def chunk_bwd_dh(u, gx, gy, do, dht, dckpt, dh0, cu_seqlens, chunk_offsets, T, H
         dS = tl.zeros([BX, BV], tl.float32)
     o_c = tl.arange(0, BC)
     n_chunks = tl.cdiv(eos - bos, BT)
-    for c_rev in range(0, n_chunks):
+    for c_rev in tl.range(0, n_chunks, num_stages=1):
         c = n_chunks - 1 - c_rev
         start = bos + c * BT
         L = tl.minimum(BT, eos - start)
@@ -360,7 +363,7 @@ def chunk_bwd_dh(u, gx, gy, do, dht, dckpt, dh0, cu_seqlens, chunk_offsets, T, H
             dS = dS * tl.exp(_grow(gx, last, eos, H, i_h, DX, x0, GX, BX))[:, None]
         if GY != 0:
             dS = dS * tl.exp(_row(gy, last, eos, H, i_h, DY, y0, BV))[None, :]
-        for m in range(0, tl.cdiv(L, BC)):
+        for m in tl.range(0, tl.cdiv(L, BC), num_stages=1):
             t0 = start + m * BC
             n_m = tl.minimum(BC, L - m * BC)
             U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
@@ -445,7 +448,7 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
             S0dS = S0dS * tl.exp(gy_e)
         base = _red(tl.sum(S0dS, axis=1)[None, :] * tl.exp(gx_e), GX)
     n_sub = tl.cdiv(L, BC)
-    for step in range(0, n_sub):  # SIDE 0 last to first (reverse sums), SIDE 1 first to last
+    for step in tl.range(0, n_sub, num_stages=1):  # SIDE 0 last to first (reverse sums), SIDE 1 first to last
         if SIDE == 0:
             m = n_sub - 1 - step
         else:
@@ -473,7 +476,7 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
                 carry += tl.sum(_red(U_m * dX, GX), axis=0)[None, :]
             # earlier sub-chunks j (keys) -> this one (queries)
             dX_off = tl.zeros([BC, BX], tl.float32)
-            for j in range(0, m):
+            for j in tl.range(0, m, num_stages=1):
                 tj = start + j * BC
                 lj = tj + BC - 1
                 kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
@@ -516,7 +519,7 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
             if GX != 0:
                 gx_l = _grow(gx, lm, eos, H, i_h, DX, x0, GX, BX)[None, :]
             dKg = tl.zeros([BC, BX], tl.float32)
-            for i in range(m + 1, n_sub):
+            for i in tl.range(m + 1, n_sub, num_stages=1):
                 ti = start + i * BC
                 n_i = tl.minimum(BC, L - i * BC)
                 U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
@@ -532,7 +535,7 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
                 # crossing pairs: keys up to here in this sub-chunk, queries after it
                 dG += _excl(_red(K_m * dKg, GX))
                 # ... and keys before this sub-chunk with queries after it
-                for j in range(0, m):
+                for j in tl.range(0, m, num_stages=1):
                     tj = start + j * BC
                     lj = tj + BC - 1
                     gxj = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
@@ -542,7 +545,7 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
                     if GY != 0:
                         gyj = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
                         vgj = vgj * tl.exp(gyj - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
-                    for i in range(m + 1, n_sub):
+                    for i in tl.range(m + 1, n_sub, num_stages=1):
                         ti = start + i * BC
                         n_i = tl.minimum(BC, L - i * BC)
                         U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
@@ -558,7 +561,7 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
         if EXACT:  # one key token s at a time, exact decays per channel
             if SIDE == 0:
                 stair = tl.zeros([BC, BX], tl.float32)
-            for s in range(0, n_m):  # a run-time bound: not unrolled (registers)
+            for s in tl.range(0, n_m, num_stages=1):  # a run-time bound: not unrolled (registers)
                 ts = t0 + s
                 v_s = _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
                 after = (o_c >= s)[:, None]
@@ -642,7 +645,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                 S0dS = S0dS * tl.exp(tl.trans(gx_e))
             base = tl.sum(S0dS, axis=0)[None, :] * tl.exp(gy_e)
     n_sub = tl.cdiv(L, BC)
-    for step in range(0, n_sub):
+    for step in tl.range(0, n_sub, num_stages=1):
         if SIDE == 0:
             m = step
         else:
@@ -678,7 +681,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
             if GY != 0:
                 gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
             dVg = tl.zeros([BC, BV], tl.float32)
-            for i in range(m + 1, n_sub):
+            for i in tl.range(m + 1, n_sub, num_stages=1):
                 ti = start + i * BC
                 n_i = tl.minimum(BC, L - i * BC)
                 U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
@@ -694,7 +697,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                 # crossing pairs: keys up to here in this sub-chunk, queries after it
                 dG += _excl(V_m * dVg)
                 # ... and keys before this sub-chunk with queries after it
-                for j in range(0, m):
+                for j in tl.range(0, m, num_stages=1):
                     tj = start + j * BC
                     lj = tj + BC - 1
                     kgj = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
@@ -704,7 +707,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                     gyj = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
                     vgj = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
                     vgj = vgj * tl.exp(gyj - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
-                    for i in range(m + 1, n_sub):
+                    for i in tl.range(m + 1, n_sub, num_stages=1):
                         ti = start + i * BC
                         n_i = tl.minimum(BC, L - i * BC)
                         U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
@@ -718,7 +721,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
             dV += dVg
             # the sub-chunk itself
             if EXACT:
-                for s in range(0, n_m):  # a run-time bound: not unrolled (registers)
+                for s in tl.range(0, n_m, num_stages=1):  # a run-time bound: not unrolled (registers)
                     ts = t0 + s
                     k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :]
                     after = (o_c >= s)[:, None]
@@ -756,7 +759,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
             carry += tl.sum(O * dO_m, axis=0)[None, :]
             # ... from earlier sub-chunks j (keys) ...
             O = tl.zeros([BC, BV], tl.float32)
-            for j in range(0, m):
+            for j in tl.range(0, m, num_stages=1):
                 tj = start + j * BC
                 lj = tj + BC - 1
                 kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
@@ -773,7 +776,7 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
             dG += tl.cumsum(O * dO_m, axis=0, reverse=True)
             # ... and within the sub-chunk: the pairs crossing each position
             stair = tl.zeros([BC, BV], tl.float32)
-            for s in range(0, n_m):  # a run-time bound: not unrolled (registers)
+            for s in tl.range(0, n_m, num_stages=1):  # a run-time bound: not unrolled (registers)
                 ts = t0 + s
                 k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :]
                 after = (o_c >= s)[:, None]
@@ -797,17 +800,17 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
 class PassShape:
     """The compile-time shape of one pass: sizes, decay kinds, chunking and tiles.
 
-    Each program keeps an ``[BX, BV]`` tile of the state. On a GPU the caps are 16 x 32: the
-    dots have 16 rows (a sub-chunk), whose operands Triton replicates across warps, and at
-    32 x 32 the backward already spills on sm_90 (``recdsl.codegen.aot`` measures it). The
-    interpreter takes whole axes (fewer, larger programs run faster there)."""
+    Each program keeps an ``[BX, BV]`` tile of the state. On a GPU the caps are 32 x 32, the
+    largest at which every kernel builds without spilling for sm_80 and sm_90 (measured with
+    ``recdsl.codegen.aot``; the forward of a per-channel decay already takes about 210
+    registers). The interpreter takes whole axes (fewer, larger programs run faster there)."""
     dx: int  # size of the contracted axis X
     dy: int  # size of the returned axis Y
     gx: int  # NONE, SCALAR or CHANNEL
     gy: int  # NONE or CHANNEL
     transposed: bool  # the rule's state is [Y, X] (a read S @ u)
     chunk: int = 64
-    block_x: int = 16  # caps of the tiles
+    block_x: int = 32  # caps of the tiles
     block_y: int = 32
 
     @property
