@@ -889,7 +889,8 @@ def aot_module(shape: PassShape, name: str = "pass") -> GeneratedModule:
     flags = dict(PRECISION="tf32")
     ce = shape.constexprs(**flags)
     dh = KernelEntry("chunk_bwd_dh", _arg_types(_DH_ARGS),
-                     {k: v for k, v in ce.items() if k != "EXACT"} | dict(USE_FINAL_GRAD=True, IS_VARLEN=True),
+                     {k: v for k, v in ce.items() if k != "EXACT"}
+                     | dict(USE_FINAL_GRAD=True, IS_VARLEN=True),
                      shape.num_warps, variant=f"{name} backward: state gradient")
     side = {k: v for k, v in ce.items() if k != "TRANSPOSED"}
     bq = KernelEntry("chunk_bwd_x", _arg_types(_BWD_X_ARGS), side | dict(SIDE=0),
@@ -1328,7 +1329,8 @@ class _StagePrologue(_PrologueGenerator):
             dims = self.quantity_dims(n)
             e(self._load(adj.grad_outputs[n].id, self.slot("d" + n, 1, 0, dims), dims))
         e.block(emit_ops(prog.ops, self.sizes, prefix="b"))
-        for (name, index), _ in prog.inputs.items():
+        # an input used whole and as slices k[j]: the whole part stored first, the slices added
+        for (name, index), _ in sorted(prog.inputs.items(), key=lambda item: item[0][1] is not None):
             grad = adj.grad_inputs.get((name, index))
             if grad is None:
                 continue  # the gradient buffers start at zero
@@ -1337,7 +1339,8 @@ class _StagePrologue(_PrologueGenerator):
             base = f"p_din_{name} + (tok * H + i_h) * {_numel(var.dims, self.sizes)}"
             if index is not None:
                 base += f" + {index * int(_numel(dims, self.sizes))}"
-            e(self._accumulate(base, dims, grad.id) if index is not None else self._store(base, dims, grad.id))
+            e(self._accumulate(base, dims, grad.id) if index is not None
+              else self._store(base, dims, grad.id))
         for name in prog.params:
             grad = adj.grad_params.get(name)
             if grad is not None:

@@ -22,7 +22,7 @@ torch.autograd.Function; autograd joins stages and passes.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -213,7 +213,7 @@ def run_pass(launch: PassLaunch, u, kx, vy, gx=None, gy=None, extra=None, h0=Non
 # ====================================================================== the prologue
 
 TOKENS_PER_PROGRAM = 16  # prologue: tokens per program
-MAX_BLOCK = 256  # the widest contracted axis a pass keeps on chip
+INTERPRETER_BLOCK = 256  # tile caps under the interpreter (whole axes, up to this)
 
 
 def _plan(rule) -> codegen.DiagonalPlan:
@@ -306,14 +306,6 @@ def problem(rule) -> Optional[str]:
     return None
 
 
-def _check_sizes(rule, the_plan, sizes):
-    for p in the_plan.passes:
-        if sizes[p.x_dim] > MAX_BLOCK:
-            raise BackendError(
-                f"backend 'chunk' keeps {p.x_dim} = {sizes[p.x_dim]} (the axis the read of "
-                f"{p.state} contracts) on chip, at most {MAX_BLOCK}; use backend='recurrent'")
-
-
 def run(rule, call, chunk_size: Optional[int] = None):
     """Outputs and final states of ``rule`` on a bound call, ``chunk_size`` tokens per chunk
     (a power of two >= 16; default ``CHUNK_SIZE``)."""
@@ -327,7 +319,6 @@ def run(rule, call, chunk_size: Optional[int] = None):
     except ValueError as e:
         raise BackendError(str(e)) from None
     the_plan = _plan(rule)
-    _check_sizes(rule, the_plan, call.dim_sizes)
     spec, module = _prologue(rule, the_plan, call.dim_sizes)
     inputs = [call.tensors[v.name] for v in rule.inputs]
     params = [call.tensors[v.name] for v in rule.params]
@@ -337,7 +328,8 @@ def run(rule, call, chunk_size: Optional[int] = None):
         launch = _StageLaunch(module, info, call, len(inputs) + len(stage.reads_in), len(params))
         flat = inputs + [reads[n] for n in stage.reads_in] + params
         values.update(zip(info["values"], _StageFunction.apply(launch, *flat)))
-        caps = TILE_CAPS or (None if call.device.type == "cuda" else (MAX_BLOCK, MAX_BLOCK))
+        caps = TILE_CAPS or (None if call.device.type == "cuda" else
+                             (INTERPRETER_BLOCK, INTERPRETER_BLOCK))
         for p in stage.passes:
             shape = p.shape(call.dim_sizes, chunk, caps)
             if shape not in launches:
