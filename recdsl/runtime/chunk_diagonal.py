@@ -40,8 +40,8 @@ CHUNK_SIZE = 64
 # Tile caps (BX, BV) of the passes: None takes PassShape's (sized for GPU registers) on CUDA
 # and whole axes under the interpreter, where fewer, larger programs run faster.
 TILE_CAPS = None
-# Dot precision on GPUs ("tf32" or "ieee"); the interpreter always computes exactly.
-PRECISION = "tf32"
+# Dot precision on GPUs ("tf32x3", "tf32" or "ieee"); the interpreter computes exactly.
+PRECISION = codegen.GPU_PRECISION
 
 
 def kernels():
