@@ -283,11 +283,13 @@ class _StageFunction(torch.autograd.Function):
                for g, dims in zip(grads, launch.info["values"].values())]
         ntok = B * T
         blocks = triton.cdiv(ntok, TOKENS_PER_PROGRAM)
-        d_in = [torch.zeros(t.shape, **f32) for t in inputs]
+        reaches = [launch.info["grad_inputs"][n] for n in launch.info["inputs"]]
+        dummy = torch.empty(1, **f32)  # an input this stage's values do not depend on
+        d_in = [torch.zeros(t.shape, **f32) if r else dummy for t, r in zip(inputs, reaches)]
         d_par = [torch.empty([blocks, H, *p.shape[1:]], **f32) for p in params]
         getattr(launch.module, launch.info["backward"])[(blocks, H)](
             *inputs, *params, *d_q, *d_in, *d_par, ntok, H, TOKB=TOKENS_PER_PROGRAM)
-        grads_in = [g.to(t.dtype) for g, t in zip(d_in, inputs)]
+        grads_in = [g.to(t.dtype) if r else None for g, t, r in zip(d_in, inputs, reaches)]
         grads_par = [g.sum(0).to(p.dtype) for g, p in zip(d_par, params)]
         return (None, *grads_in, *grads_par)
 
