@@ -388,12 +388,13 @@ def chunk_delta_bwd_dh(k, beta, g, t_in, dread, dht, du, dstates, dh0, cu_seqlen
 
 
 @triton.jit
-def chunk_delta_bwd_dk(k, beta, g, q, delta, du, states, dstates, do, dk, dbeta, dg,
-                       chunk_starts, chunk_ends, H, KD: tl.constexpr, VD: tl.constexpr,
-                       NH: tl.constexpr, NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                       BKT: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
-    """Through B (in Y = U - B S0), the write of S1 and M: dk (bwd_dq adds the part through
-    P), dbeta, and the part of dg these carry."""
+def chunk_delta_bwd_dm(k, beta, g, delta, du, dbeta, dg, sym_out, chunk_starts, chunk_ends, H,
+                       KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
+                       C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
+                       DOT: tl.constexpr):
+    """Through M_rs = beta_r (k_r·k_s) exp(γ_r - γ_s), s < r, with dM = strict_lower(-dY Δᵀ):
+    dbeta and dg (first parts: bwd_dk and bwd_dq add theirs), and d(K Kᵀ) counted both ways,
+    bgm + bgmᵀ, for bwd_dk_tail."""
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
@@ -401,8 +402,6 @@ def chunk_delta_bwd_dk(k, beta, g, q, delta, du, states, dstates, do, dk, dbeta,
     rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
     tbase, toffs, m_c = _tokens(tok0, eos, i_h, H, C)
     o_r = tl.arange(0, R)
-    state = (tl.cast(i_chunk, tl.int64) * H + i_h) * KD * VD
-    # dL (L = I + M) needs all of V first
     d_m = tl.zeros([R, R], dtype=tl.float32)
     for vt in tl.range(0, VD, BV, num_stages=1):
         o_v = vt + tl.arange(0, BV)
@@ -411,14 +410,34 @@ def chunk_delta_bwd_dk(k, beta, g, q, delta, du, states, dstates, do, dk, dbeta,
                       tl.trans(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD)), input_precision=DOT)
     g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
     b_beta = tl.load(beta + rbase + roffs, mask=m_r, other=0.0)
-    # through M_rs = beta_r (k_r·k_s) exp(γ_r - γ_s), s < r
     kk = _kk(k, rbase, roffs, m_r, KD, R, BKT, DOT)
     gm = tl.where(o_r[:, None] > o_r[None, :], d_m, 0.0) * _row_decays(g_r, R)
-    d_beta = tl.sum(gm * kk, axis=1)
     bgm = b_beta[:, None] * gm
+    tl.store(sym_out + (tl.cast(i_chunk, tl.int64) * H + i_h) * R * R + o_r[:, None] * R + o_r[None, :],
+             bgm + tl.trans(bgm))
     dmm = bgm * kk
+    tl.store(dbeta + rbase + roffs, tl.sum(gm * kk, axis=1), mask=m_r)
     d_gam_r = tl.sum(dmm, axis=1) - tl.sum(dmm, axis=0)
-    sym = bgm + tl.trans(bgm)  # d(K Kᵀ) is bgm; its product with K counts it both ways
+    tl.store(dg + tbase + toffs, _to_log_decays(tl.zeros([C], dtype=tl.float32), d_gam_r, 0.0, NHP, C),
+             mask=m_c)
+
+
+@triton.jit
+def chunk_delta_bwd_dk(k, beta, g, delta, du, states, dstates, dk, dbeta, dg, chunk_starts,
+                       chunk_ends, H, KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr,
+                       NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr,
+                       BV: tl.constexpr, DOT: tl.constexpr):
+    """Through B (in Y = U - B S0) and the write of S1: dk (bwd_dk_tail adds the rest), and
+    the parts of dbeta and dg these carry (added to bwd_dm's)."""
+    i_chunk = tl.program_id(0)
+    i_h = tl.program_id(1)
+    tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
+    eos = tl.load(chunk_ends + i_chunk).to(tl.int64)
+    rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
+    tbase, toffs, m_c = _tokens(tok0, eos, i_h, H, C)
+    state = (tl.cast(i_chunk, tl.int64) * H + i_h) * KD * VD
+    g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
+    b_beta = tl.load(beta + rbase + roffs, mask=m_r, other=0.0)
     bg = b_beta * tl.exp(gam_r)  # the rows of B = diag(beta exp γ) K
     dec = tl.exp(suf_r)
     d_bg = tl.zeros([R], dtype=tl.float32)
@@ -437,26 +456,26 @@ def chunk_delta_bwd_dk(k, beta, g, q, delta, du, states, dstates, do, dk, dbeta,
             a1 += tl.dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(s0), input_precision=DOT)
             a2 += tl.dot(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(ds1), input_precision=DOT)
             d_carry += tl.sum(tl.sum(s0 * ds1, axis=1), axis=0)
+        _put(dk, rbase, roffs, m_r, o_k, m_k, KD, dec[:, None] * a2 - bg[:, None] * a1)
         k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD)
-        d_k = dec[:, None] * a2 - bg[:, None] * a1 + tl.dot(sym, k_t, input_precision=DOT)
-        _put(dk, rbase, roffs, m_r, o_k, m_k, KD, d_k)
         d_bg -= tl.sum(k_t * a1, axis=1)
         d_write += tl.sum(k_t * a2, axis=1)
-    d_beta += tl.exp(gam_r) * d_bg
-    d_gam_r += bg * d_bg - dec * d_write
+    d_beta = tl.exp(gam_r) * d_bg
+    d_gam_r = bg * d_bg - dec * d_write
     d_gam_last = tl.sum(dec * d_write, axis=0) + tl.exp(gam_last) * d_carry
-    tl.store(dbeta + rbase + roffs, d_beta, mask=m_r)
-    tl.store(dg + tbase + toffs,
-             _to_log_decays(tl.zeros([C], dtype=tl.float32), d_gam_r, d_gam_last, NHP, C), mask=m_c)
+    tl.store(dbeta + rbase + roffs, tl.load(dbeta + rbase + roffs, mask=m_r, other=0.0) + d_beta,
+             mask=m_r)
+    d_g = _to_log_decays(tl.zeros([C], dtype=tl.float32), d_gam_r, d_gam_last, NHP, C)
+    tl.store(dg + tbase + toffs, tl.load(dg + tbase + toffs, mask=m_c, other=0.0) + d_g, mask=m_c)
 
 
 @triton.jit
-def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dk, dg, chunk_starts, chunk_ends, H,
+def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dg, dpm_out, chunk_starts, chunk_ends, H,
                        KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
                        C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
                        DOT: tl.constexpr):
-    """Through the read O = diag(exp γ) Q S0 + P Δ: dq, and the parts of dk and dg through P
-    (added to bwd_dk's)."""
+    """Through the read O = diag(exp γ) Q S0 + P Δ: dq (bwd_dk_tail adds dpm K), the part of
+    dg through it (added to bwd_dk's), and dpm = dP ⊙ exp(γ_t - γ_r) for bwd_dk_tail."""
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
@@ -472,6 +491,9 @@ def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dk, dg, chunk_starts, chu
                       tl.trans(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD)), input_precision=DOT)
     g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
     dpm = d_p * _read_decays(g_c, NHP, C, R)
+    o_c = tl.arange(0, C)
+    o_r = tl.arange(0, R)
+    tl.store(dpm_out + (tl.cast(i_chunk, tl.int64) * H + i_h) * R * R + o_c[:, None] * R + o_r[None, :], dpm)
     dpp = dpm * _qk(q, k, tbase, toffs, m_c, rbase, roffs, m_r, KD, C, R, BKT, DOT)
     e_c = tl.exp(gam_c)
     d_gam_c = tl.sum(dpp, axis=1)
@@ -485,13 +507,39 @@ def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dk, dg, chunk_starts, chu
             b += tl.dot(_tile(do, tbase, toffs, m_c, o_v, m_v, VD),
                         tl.trans(_state_tile(states, state, o_k, m_k, o_v, m_v, VD)), input_precision=DOT)
         q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD)
-        d_q = e_c[:, None] * b + tl.dot(dpm, _tile(k, rbase, roffs, m_r, o_k, m_k, KD), input_precision=DOT)
-        _put(dq, tbase, toffs, m_c, o_k, m_k, KD, d_q)
-        _put(dk, rbase, roffs, m_r, o_k, m_k, KD, _tile(dk, rbase, roffs, m_r, o_k, m_k, KD)
-             + tl.dot(tl.trans(dpm), q_t, input_precision=DOT))
+        _put(dq, tbase, toffs, m_c, o_k, m_k, KD, e_c[:, None] * b)
         d_gam_c += e_c * tl.sum(q_t * b, axis=1)
     d_g = _to_log_decays(d_gam_c, -tl.sum(dpp, axis=0), 0.0, NHP, C)
     tl.store(dg + tbase + toffs, tl.load(dg + tbase + toffs, mask=m_c, other=0.0) + d_g, mask=m_c)
+
+
+@triton.jit
+def chunk_delta_bwd_dk_tail(k, q, sym, dpm, dk, dq, chunk_starts, chunk_ends, H, KD: tl.constexpr,
+                            VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
+                            C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr,
+                            BV: tl.constexpr, DOT: tl.constexpr):
+    """The products of the R x R gradients with K and Q, one K tile per program:
+    dk += (bgm + bgmᵀ) K + dpmᵀ Q and dq += dpm K."""
+    i_chunk = tl.program_id(0)
+    i_h = tl.program_id(1)
+    i_k = tl.program_id(2)
+    tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
+    eos = tl.load(chunk_ends + i_chunk).to(tl.int64)
+    rbase, roffs, m_r = _rows(tok0, eos, i_h, H, NH, NHP, R)
+    tbase, toffs, m_c = _tokens(tok0, eos, i_h, H, C)
+    o_k = i_k * BKT + tl.arange(0, BKT)
+    m_k = o_k < KD
+    o_r = tl.arange(0, R)
+    o_c = tl.arange(0, C)
+    base = (tl.cast(i_chunk, tl.int64) * H + i_h) * R * R
+    k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD)
+    q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD)
+    b_dpm = tl.load(dpm + base + o_c[:, None] * R + o_r[None, :])
+    _put(dq, tbase, toffs, m_c, o_k, m_k, KD, _tile(dq, tbase, toffs, m_c, o_k, m_k, KD)
+         + tl.dot(b_dpm, k_t, input_precision=DOT))
+    b_sym = tl.load(sym + base + o_r[:, None] * R + o_r[None, :])
+    _put(dk, rbase, roffs, m_r, o_k, m_k, KD, _tile(dk, rbase, roffs, m_r, o_k, m_k, KD)
+         + tl.dot(b_sym, k_t, input_precision=DOT) + tl.dot(tl.trans(b_dpm), q_t, input_precision=DOT))
 
 
 # ------------------------------------------------------------------ launch configuration
@@ -516,13 +564,12 @@ def config(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = No
                 DOT="tf32x3" if gpu else "ieee")
 
 
-# the kernels with the most live tiles take 8 warps once K passes 64 (ptxas reports spills
-# at 4); the others 4
-_WIDE = ("chunk_delta_bwd_dk", "chunk_delta_bwd_dq")
+# the kernels with the most live tiles take 8 warps (ptxas reports spills at 4); the others 4
+_WIDE = ("chunk_delta_bwd_dm", "chunk_delta_bwd_dk", "chunk_delta_bwd_dq", "chunk_delta_bwd_dk_tail")
 
 
 def num_warps(kernel: str, cfg: dict) -> int:
-    return 8 if kernel in _WIDE and cfg["KD"] > 64 else 4
+    return 8 if kernel in _WIDE else 4
 
 
 # argument types of each kernel for ahead-of-time builds (pointers to fp32 buffers, int64
@@ -536,9 +583,11 @@ KERNELS = {
     "chunk_delta_bwd_dv": ("k g q do du dread", "chunk_starts chunk_ends", {}),
     "chunk_delta_bwd_dh": ("k beta g t_in dread dht du dstates dh0", "cu_seqlens chunk_offsets",
                            {"USE_FINAL_GRAD": True}),
-    "chunk_delta_bwd_dk": ("k beta g q delta du states dstates do dk dbeta dg",
-                           "chunk_starts chunk_ends", {}),
-    "chunk_delta_bwd_dq": ("k g q delta states do dq dk dg", "chunk_starts chunk_ends", {}),
+    "chunk_delta_bwd_dm": ("k beta g delta du dbeta dg sym_out", "chunk_starts chunk_ends", {}),
+    "chunk_delta_bwd_dk": ("k beta g delta du states dstates dk dbeta dg", "chunk_starts chunk_ends",
+                           {}),
+    "chunk_delta_bwd_dq": ("k g q delta states do dq dg dpm_out", "chunk_starts chunk_ends", {}),
+    "chunk_delta_bwd_dk_tail": ("k q sym dpm dk dq", "chunk_starts chunk_ends", {}),
 }
 
 

@@ -93,9 +93,11 @@ class _Launch:
         getattr(self.core, name)[grid](*args, **self.cfg, **flags,
                                        num_warps=self.core.num_warps(name, self.cfg))
 
-    def chunks(self, kernel, *args, v_tiles=False):
-        """A core kernel with one program per (chunk, head[, V tile])."""
-        grid = (self.n_chunks, self.H, self.NV) if v_tiles else (self.n_chunks, self.H)
+    def chunks(self, kernel, *args, v_tiles=False, k_tiles=False):
+        """A core kernel with one program per (chunk, head[, V or K tile])."""
+        grid = (self.n_chunks, self.H)
+        if v_tiles or k_tiles:
+            grid += (self.NV if v_tiles else triton.cdiv(self.KD, self.cfg["BKT"]),)
         self._launch(kernel, grid, args + (self.chunk_starts, self.chunk_ends, self.H), {})
 
     def sequences(self, kernel, *args, **flags):
@@ -171,9 +173,12 @@ class _ChunkDeltaFunction(torch.autograd.Function):
         launch.sequences("bwd_dh", key, beta, g, t, dread, dht, grads["u"], dstates, dh0,
                          USE_FINAL_GRAD=use_final)
         del dread
-        launch.chunks("bwd_dk", key, beta, g, q, delta, grads["u"], states, dstates, do,
-                      grads["key"], grads["beta"], grads["g"])
-        launch.chunks("bwd_dq", key, g, q, delta, states, do, grads["q"], grads["key"], grads["g"])
+        sym, dpm = t, torch.empty_like(t)  # T is not needed any more: its buffer takes sym
+        launch.chunks("bwd_dm", key, beta, g, delta, grads["u"], grads["beta"], grads["g"], sym)
+        launch.chunks("bwd_dk", key, beta, g, delta, grads["u"], states, dstates, grads["key"],
+                      grads["beta"], grads["g"])
+        launch.chunks("bwd_dq", key, g, q, delta, states, do, grads["q"], grads["g"], dpm)
+        launch.chunks("bwd_dk_tail", key, q, sym, dpm, grads["key"], grads["q"], k_tiles=True)
         if "extra" in grads:
             grads["extra"] = do
         blocks = launch.prologue_grid()[0]
