@@ -293,7 +293,10 @@ def test_kernels_build_without_spills(arch):
 
 @pytest.mark.slow
 def test_long_sequence_strong_gates_stay_finite(monkeypatch):
-    """1024 tokens with log-decays down to -20 per token: chunk-local sums, no overflow."""
+    """1024 tokens with log-decays down to -20 per token: chunk-local sums, no overflow.
+    (Agreement to 1e-4, not to fp32 rounding: a chunk's cumulative log-decay reaches about
+    -600 here, where fp32 values are 6e-5 apart, and a decay factor is a difference of two
+    of them. Realistic gates stay within a few units per chunk.)"""
     monkeypatch.setattr(chunk_diagonal, "CHUNK_SIZE", 64)
     rule = _load("gla")
     tensors, _ = _inputs(rule, 1024, H=1)
@@ -303,4 +306,4 @@ def test_long_sequence_strong_gates_stay_finite(monkeypatch):
                       backend="chunk")
     gold, gold_final = rule(**tensors, output_final_state=True, backend="naive")
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
-    assert _rms_ratio(out, gold) < 1e-5 and _rms_ratio(final, gold_final) < 1e-5
+    assert _rms_ratio(out, gold) < 1e-4 and _rms_ratio(final, gold_final) < 1e-4
