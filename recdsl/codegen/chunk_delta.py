@@ -27,19 +27,26 @@ Gradients, with dS1 the gradient of the state leaving a chunk and dY = Tᵀ dΔ:
 then the chain rule through M, P, B, the S1 write and the Q S0 read to k, beta, q and the
 exponents γ, and from the exponents to g (a reverse running sum inside the chunk).
 
-Kernels, each holding few large tiles so that they build without spills (grid in brackets):
-  forward   prepare  [chunk, head]          T (kept for the backward), W, Ũ
-            fwd_h    [sequence, head, V]    the walk over chunks: S per chunk, Δ, final state
-            fwd_o    [chunk, head, V]       the outputs
-  backward  bwd_dh   [sequence, head, V]    the walk back: dS1 per chunk, dU = dY, dS of h0
-            bwd_dk   [chunk, head]          dk, dbeta, dg (key side)
-            bwd_dq   [chunk, head]          dq, dg (read side, added)
+Kernels, each holding few large tiles so that they build without register spills: K and V
+are walked in tiles (BKT, BV), and between chunks the walks carry the state through its
+per-chunk store (stored once per chunk for the backward anyway) rather than in registers,
+tile by tile. Grids in brackets:
+  forward   prepare      [chunk, head]        T = (I + M)^{-1} (kept for the backward), W, Ũ
+            fwd_h        [sequence, head, V]  the walk: S per chunk, Δ, the final state
+            fwd_o        [chunk, head, V]     the outputs
+  backward  bwd_dv       [chunk, head, V]     Pᵀ dO and (Q ⊙ exp γ)ᵀ dO (need no state)
+            bwd_dh       [sequence, head, V]  the walk back: dS1 per chunk, dU = dY, dh0
+            bwd_dm       [chunk, head]        through M: dbeta, dg; bgm + bgmᵀ stored
+            bwd_dk       [chunk, head]        through B and the S1 write: dk, dbeta, dg
+            bwd_dq       [chunk, head]        through the read: dq, dg; dP ⊙ decays stored
+            bwd_dk_tail  [chunk, head, K]     the R x R gradients times K and Q into dk, dq
 
 Layouts (NTOK = all tokens, packed; every sequence is a range of ``cu_seqlens``):
 rows [NTOK, H, NH, *] (k, W: KD; u, Ũ, Δ: VD; beta), tokens [NTOK, H, *] (q: KD; o, do: VD;
 g); T [chunks, H, R, R]; states [chunks, H, KD, VD]; h0 / ht [N, H, KD, VD].
-``DOT`` is the input precision of the products other than the solve's (which never uses a
-tensor-core product): "ieee", or "tf32x3" (fp32-accurate on tensor cores) on a GPU.
+``DOT`` is the input precision of most products: "ieee" under the interpreter, "tf32x3"
+(fp32-accurate, on tensor cores) on a GPU. The solve never uses a tensor-core product, and
+K Kᵀ entering it is ieee everywhere.
 """
 from __future__ import annotations
 
@@ -428,7 +435,8 @@ def chunk_delta_bwd_dk(k, beta, g, delta, du, states, dstates, dk, dbeta, dg, ch
                        NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr,
                        BV: tl.constexpr, DOT: tl.constexpr):
     """Through B (in Y = U - B S0) and the write of S1: dk (bwd_dk_tail adds the rest), and
-    the parts of dbeta and dg these carry (added to bwd_dm's)."""
+    the parts of dbeta and dg these carry (added to bwd_dm's). Its products are ieee on every
+    target: small tiles, and tf32x3 here spills on sm_80."""
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
@@ -453,8 +461,8 @@ def chunk_delta_bwd_dk(k, beta, g, delta, du, states, dstates, dk, dbeta, dg, ch
             m_v = o_v < VD
             s0 = _state_tile(states, state, o_k, m_k, o_v, m_v, VD)
             ds1 = _state_tile(dstates, state, o_k, m_k, o_v, m_v, VD)
-            a1 += tl.dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(s0), input_precision=DOT)
-            a2 += tl.dot(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(ds1), input_precision=DOT)
+            a1 += tl.dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(s0), input_precision="ieee")
+            a2 += tl.dot(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(ds1), input_precision="ieee")
             d_carry += tl.sum(tl.sum(s0 * ds1, axis=1), axis=0)
         _put(dk, rbase, roffs, m_r, o_k, m_k, KD, dec[:, None] * a2 - bg[:, None] * a1)
         k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD)
@@ -533,13 +541,13 @@ def chunk_delta_bwd_dk_tail(k, q, sym, dpm, dk, dq, chunk_starts, chunk_ends, H,
     o_c = tl.arange(0, C)
     base = (tl.cast(i_chunk, tl.int64) * H + i_h) * R * R
     k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD)
-    q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD)
-    b_dpm = tl.load(dpm + base + o_c[:, None] * R + o_r[None, :])
     _put(dq, tbase, toffs, m_c, o_k, m_k, KD, _tile(dq, tbase, toffs, m_c, o_k, m_k, KD)
-         + tl.dot(b_dpm, k_t, input_precision=DOT))
-    b_sym = tl.load(sym + base + o_r[:, None] * R + o_r[None, :])
-    _put(dk, rbase, roffs, m_r, o_k, m_k, KD, _tile(dk, rbase, roffs, m_r, o_k, m_k, KD)
-         + tl.dot(b_sym, k_t, input_precision=DOT) + tl.dot(tl.trans(b_dpm), q_t, input_precision=DOT))
+         + tl.dot(tl.load(dpm + base + o_c[:, None] * R + o_r[None, :]), k_t, input_precision=DOT))
+    d_k = _tile(dk, rbase, roffs, m_r, o_k, m_k, KD) \
+        + tl.dot(tl.load(sym + base + o_r[:, None] * R + o_r[None, :]), k_t, input_precision=DOT)
+    d_k += tl.dot(tl.load(dpm + base + o_r[:, None] + o_c[None, :] * R),
+                  _tile(q, tbase, toffs, m_c, o_k, m_k, KD), input_precision=DOT)
+    _put(dk, rbase, roffs, m_r, o_k, m_k, KD, d_k)
 
 
 # ------------------------------------------------------------------ launch configuration
@@ -565,7 +573,7 @@ def config(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = No
 
 
 # the kernels with the most live tiles take 8 warps (ptxas reports spills at 4); the others 4
-_WIDE = ("chunk_delta_bwd_dm", "chunk_delta_bwd_dk", "chunk_delta_bwd_dq", "chunk_delta_bwd_dk_tail")
+_WIDE = ("chunk_delta_bwd_dm", "chunk_delta_bwd_dk", "chunk_delta_bwd_dq")
 
 
 def num_warps(kernel: str, cfg: dict) -> int:

@@ -28,7 +28,7 @@ import triton
 
 from ..grammar import ast
 from ..ir.checked import CheckedRule
-from ..ir.ssa import lower_values
+from ..ir.ssa import loop_dims, lower_values
 from ..ir.vjp import adjoint
 from .recurrent import _Emitter, _RecurrentGenerator, _ident, _numel
 from .triton_ops import TOPK_HELPER, block, emit_ops, zeros
@@ -69,9 +69,10 @@ class Plan:
 
 
 def problem(rule) -> str | None:
-    """Why the delta chunk core cannot run ``rule`` (a ``Rule``), or None."""
+    """Why the delta chunk core cannot run ``rule`` (a ``Rule``), or None. The plan does not
+    depend on sizes except through loop unrolling: it is tried with every loop of one step."""
     try:
-        _structure(rule)
+        plan(rule, {d: 1 for d in loop_dims(rule.ir)})
     except _Unsupported as e:
         return str(e)
     return None
@@ -240,6 +241,8 @@ def _sum(items):
 
 # ---------------------------------------------------------------- the kernels
 
+TOKENS_PER_PROGRAM = 16  # each program walks this many tokens of one head
+
 
 @dataclass
 class PrologueSpec:
@@ -398,3 +401,21 @@ def generate(rule, dim_sizes: dict) -> PrologueSpec:
     """The prologue kernels of ``rule`` (a ``Rule`` of the delta family) at these sizes."""
     return _PrologueGenerator(rule, dim_sizes).generate()
 
+
+
+def aot_module(rule, dim_sizes: dict):
+    """The prologue kernels as an ``aot.GeneratedModule`` for a build report: inputs and
+    params in the caller's dtype, the quantities and their gradients fp32."""
+    from . import aot
+    spec = generate(rule, dim_sizes)
+
+    def types(args):
+        return {a: aot.DATA if a.startswith(("p_in_", "p_par_")) else "*fp32" if a.startswith("p_")
+                else "i32" for a in args}
+
+    variant = ", ".join(f"{d}={n}" for d, n in dim_sizes.items())
+    entries = [aot.KernelEntry(name, types(args), {"TOKB": TOKENS_PER_PROGRAM}, 4, variant)
+               for name, args in ((spec.forward_name, spec.forward_args),
+                                  (spec.backward_name, spec.backward_args))]
+    return aot.GeneratedModule("chunk-delta-prologue", f"{rule.name}_chunk_prologue.py", spec.source,
+                               entries)

@@ -19,7 +19,7 @@ from ..errors import BackendError
 from .cache import cache_key, load_module
 from .recurrent import check_device
 
-TOKENS_PER_PROGRAM = 16  # prologue: tokens per program
+TOKENS_PER_PROGRAM = prologue_gen.TOKENS_PER_PROGRAM
 
 
 def problem(rule) -> str | None:
