@@ -17,7 +17,7 @@ in the per-token prologue and the runtime (``recdsl.runtime.chunk_diagonal``).
 
 Kernels (``B*T`` tokens laid out ``[B, T, H, D]``, fp32 accumulation):
 
-``chunk_cumsum``    chunk-local cumulative sums of a log-decay, per (sequence, head).
+``chunk_decays``    the sums of a log-decay over the spans the other kernels need (below).
 ``chunk_fwd``       one program per (X tile, Y tile, sequence, head) walks the chunks with its
                     ``[BX, BV]`` tile of the state on chip, stores the state entering every
                     chunk (for the backward), the outputs and the final state.
@@ -32,32 +32,41 @@ contract over a tiled axis come out as partial sums, one per tile, added by the 
 outputs and ``dvy`` over the X tiles, ``du`` and ``dkx`` over the Y tiles. The products
 ``A = U Kᵀ`` are recomputed per Y tile (as partial sums over X).
 
-Decay gradients, per chunk: ``dG_t = u_t ⊙ du_t - kx_t ⊙ dkx_t`` (X) and
-``o_t ⊙ do_t - vy_t ⊙ dvy_t`` (Y) for the chunk-local cumulative log-decay ``G`` (every factor
-``exp(G_t - G_s)`` gives ``+`` to its query side and ``-`` to its key side), plus
-``dS_end ⊙ S_end`` summed over the other axis at the chunk's last token (the chunk's decay
-scales the state leaving it), then ``dg_t = sum_{t' >= t in the chunk} dG_t'``. A token's
-decay reaches later chunks only through the state leaving its own: nothing is carried across
-chunks, so the cancellations in ``u ⊙ du - kx ⊙ dkx`` stay within one chunk (carrying them
-over the sequence cost a 20x larger error in a per-head decay's gradient).
+Decay gradients, per chunk (the decays are chunk-local, so a token's decay reaches other
+chunks only through the state leaving its own). The gradient of the log-decay of token
+``tau`` (X side; Y is the same with ``o ⊙ do`` and ``vy ⊙ dvy``) is the sum of the terms whose
+decay span contains ``tau``, added directly, never as a difference: ``u_t ⊙ du_t`` through the
+entering state for ``t >= tau`` (reverse sums); ``e^{E_end} (S_0 ⊙ dS_end)`` summed over Y, and
+``kx_s ⊙ dkx_s`` through the leaving gradient for ``s < tau`` (forward sums); and every pair
+of a query ``t >= tau`` and a key ``s < tau`` inside the chunk, ``u_t ⊙ kx_s ⊙ decay ⊙ dA_ts``
+(within a sub-chunk, between it and earlier or later ones, and between an earlier and a
+later one). The shorter identity ``dG = u ⊙ du - kx ⊙ dkx`` summed backwards cancels large
+terms: it left rounding residues where the gradient is exactly zero and a 60x larger error
+on a per-head decay's gradient.
 
-Stability. Decays are chunk-local cumulative log-sums and every ``exp`` takes a difference
-``G_t - G_s`` with ``s`` no later than ``t`` (masked to ``-inf`` above the diagonal before
-the exp), so with decays in (0, 1] no exponent is positive, whatever the chunk or gates.
-The chunk (default 64 tokens) is cut into sub-chunks of ``BC = 16`` tokens. Between a
-sub-chunk ``i`` and an earlier one ``j`` the decay factors through ``G`` at the last token
-``l`` of ``j``: ``exp(G_t - G_s) = exp(G_t - G_l) exp(G_l - G_s)``, both at most 1, so those
-blocks are matrix products (``tl.dot``). This is GLA's secondary chunking; it is chosen
+Stability and precision. Decays enter as sums of per-token log-decays over spans of tokens,
+each formed from its own terms (``chunk_decays``: E from the chunk's start through a token,
+F after it to the chunk's end, P and Q the same within its sub-chunk, and masked cumulative
+sums of the raw log-decays within a sub-chunk), never as a difference of two longer sums:
+with strong gates a chunk's cumulative log-decay reaches hundreds, where fp32 values are
+1e-5 apart, and ``G_t - G_s`` would carry that error into every decay factor. A span never
+runs backwards (masked to ``-inf`` above the diagonal before the exp), so with decays in
+(0, 1] no exponent is positive. The chunk (default 64 tokens) is cut into sub-chunks of
+``BC = 16`` tokens. Between a
+sub-chunk ``i`` and an earlier one ``j`` the decay factors through the last token ``l`` of
+``j``: ``decay(s -> t) = decay(l -> t) decay(s -> l)`` = ``exp(P_t + totals of the
+sub-chunks between) exp(Q_s)``, both at most 1, so those blocks are matrix products
+(``tl.dot``). This is GLA's secondary chunking; it is chosen
 because it is exact for per-channel decays on either axis (and both at once), needs nothing
 but ``tl.dot`` and elementwise ops, and keeps the tiles small. Why not ``exp(G_t) exp(-G_s)``
 over the whole chunk: ``exp(-G_s)`` overflows fp32 once a chunk's decays add up below about
 -88. Within a sub-chunk:
 
 * ``EXACT`` (a per-channel decay: GLA, Raven, value-axis decays): each key token ``s`` in turn
-  with its exact ``exp(G_t - G_s)`` per channel (``BC x channels`` elementwise); the exact
-  ``BC x BC x channels`` tensor at once would not fit in registers.
+  with its exact decay to every later token of the sub-chunk, per channel (``BC x channels``
+  elementwise); the exact ``BC x BC x channels`` tensor at once would not fit in registers.
 * otherwise (no decay or a scalar one: linear attention, retention, Mamba-2): the masked
-  product ``(U Kᵀ) ⊙ exp(g_t - g_s)``, as in Mamba-2's segment sums.
+  product ``(U Kᵀ) ⊙ decay``, the ``BC x BC`` decays from Mamba-2's segment sums.
 
 Loops are ``tl.range(..., num_stages=1)``: Triton's default software pipelining of loops
 holding dots (3 stages) doubles the registers of these kernels and made them spill.
@@ -184,20 +193,98 @@ def _state_offsets(o_x, o_y, DX: tl.constexpr, DY: tl.constexpr, TRANSPOSED: tl.
 
 
 @triton.jit
-def chunk_cumsum(g, gc, cu_seqlens, T, H, D: tl.constexpr, BD: tl.constexpr, BT: tl.constexpr,
-                 IS_VARLEN: tl.constexpr):
-    """gc = the chunk-local inclusive cumulative sum of g along time ([tokens, H, D]).
-    Program (sequence and head, column tile)."""
+def _between(gP, start, j, i, H, i_h, D: tl.constexpr, col0, KIND: tl.constexpr,
+             BC: tl.constexpr, BD: tl.constexpr):
+    """The log-decay over the sub-chunks strictly between sub-chunks j and i of the chunk at
+    ``start``, summed from their totals (their prefix sums' last rows): [1, BD] ([1, 1])."""
+    if KIND == 1:
+        acc = tl.zeros([1], tl.float32)
+    else:
+        acc = tl.zeros([BD], tl.float32)
+    for b in tl.range(j + 1, i, num_stages=1):
+        end = start + b * BC + BC - 1
+        acc += _grow(gP, end, end + 1, H, i_h, D, col0, KIND, BD)
+    return acc[None, :]
+
+
+@triton.jit
+def _vcol(ptr, tok0, n_rows, H, i_h, BR: tl.constexpr):
+    """A per-token scalar [tokens, H] for BR tokens from tok0 as [BR, 1], zero past n_rows."""
+    rows = tl.arange(0, BR)
+    v = tl.load(ptr + (tok0 + rows) * H + i_h, mask=rows < n_rows, other=0.0).to(tl.float32)
+    return v[:, None]
+
+
+@triton.jit
+def _graw(ptr, tok0, n_rows, H, i_h, D: tl.constexpr, col0, KIND: tl.constexpr,
+          BR: tl.constexpr, BD: tl.constexpr):
+    """Per-token log-decays (plane 0): [BR, BD], or [BR, 1] for KIND 1; zero past n_rows."""
+    if KIND == 1:
+        g = _vcol(ptr, tok0, n_rows, H, i_h, BR)
+    else:
+        g = _tile(ptr, tok0, n_rows, H, i_h, D, col0, BR, BD)
+    return g
+
+
+@triton.jit
+def _segments(g_col, o_c):
+    """[BC, BC]: the log-decay from after token s through token t (t >= s), formed from the
+    per-token log-decays g_col [BC, 1] themselves: cumulative sums of masked values."""
+    g_rows = tl.where(o_c[:, None] > o_c[None, :], g_col, 0.0)
+    return tl.cumsum(g_rows, axis=0)
+
+
+@triton.jit
+def chunk_decays(g, out, cu_seqlens, T, H, NTOK, D: tl.constexpr, BD: tl.constexpr,
+                 BT: tl.constexpr, BC: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """The log-decay sums the kernels need, from g [tokens, H, D], into out [5, tokens, H, D]:
+    0 g itself; 1 E, from the chunk's start through the token; 2 F, after the token to the
+    chunk's end; 3 P, from the sub-chunk's start through the token; 4 Q, after the token to
+    the sub-chunk's end. Each is formed from its own terms, never as a difference of two
+    longer sums, so a short span keeps its precision however long the chunk or strong the
+    gates. Program (sequence and head, column tile)."""
     i_nh = tl.program_id(0)
     d0 = tl.program_id(1) * BD
     i_n = i_nh // H
     i_h = i_nh % H
     bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
+    plane = NTOK * D
     for c in tl.range(0, tl.cdiv(eos - bos, BT), num_stages=1):
         start = bos + c * BT
-        n = tl.minimum(BT, eos - start)
-        x = _tile(g, start, n, H, i_h, D, d0, BT, BD)
-        _put(gc, tl.cumsum(x, axis=0), start, n, H, i_h, D, d0, BT, BD)
+        L = tl.minimum(BT, eos - start)
+        n_sub = tl.cdiv(L, BC)
+        before = tl.zeros([BD], tl.float32)
+        for b in tl.range(0, n_sub, num_stages=1):
+            t0 = start + b * BC
+            n = tl.minimum(BC, L - b * BC)
+            x = _tile(g, t0, n, H, i_h, D, d0, BC, BD)
+            after_me = _tile(g, t0 + 1, n - 1, H, i_h, D, d0, BC, BD)  # the next token's row
+            prefix = tl.cumsum(x, axis=0)
+            _put(out, x, t0, n, H, i_h, D, d0, BC, BD)
+            _put(out + plane, before[None, :] + prefix, t0, n, H, i_h, D, d0, BC, BD)
+            _put(out + 3 * plane, prefix, t0, n, H, i_h, D, d0, BC, BD)
+            _put(out + 4 * plane, tl.cumsum(after_me, axis=0, reverse=True), t0, n, H, i_h, D,
+                 d0, BC, BD)
+            before += tl.sum(x, axis=0)
+        after = tl.zeros([BD], tl.float32)
+        for b_rev in tl.range(0, n_sub, num_stages=1):
+            b = n_sub - 1 - b_rev
+            t0 = start + b * BC
+            n = tl.minimum(BC, L - b * BC)
+            after_me = _tile(g, t0 + 1, n - 1, H, i_h, D, d0, BC, BD)
+            _put(out + 2 * plane, after[None, :] + tl.cumsum(after_me, axis=0, reverse=True),
+                 t0, n, H, i_h, D, d0, BC, BD)
+            after += tl.sum(_tile(g, t0, n, H, i_h, D, d0, BC, BD), axis=0)
+
+
+@triton.jit
+def _planes(gx, gy, NTOK, DX: tl.constexpr, DY: tl.constexpr, GX: tl.constexpr):
+    """Strides of the five planes of chunk_decays' output for X and Y."""
+    if GX == 2:
+        sx = NTOK * DX
+    else:
+        sx = NTOK
+    return sx, NTOK * DY
 
 
 @triton.jit
@@ -210,7 +297,7 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
     """o_t = S_tᵀ u_t (+ extra_t) for every token; S_T; the states entering each chunk.
 
     Program (sequence and head; X tile, Y tile). ``out`` is ``[NX, tokens, H, DY]``: partial
-    sums over the X tiles. gx, gy hold chunk-local cumulative log-decays (chunk_cumsum).
+    sums over the X tiles. gx, gy hold chunk_decays' five planes (g, E, F, P, Q).
     EXACT: per-channel decays, the diagonal sub-chunk blocks one key token at a time."""
     i_nh = tl.program_id(0)
     i_x = tl.program_id(1) // NY
@@ -227,6 +314,7 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
     s_offs = _state_offsets(o_x, o_y, DX, DY, TRANSPOSED)
     ck_offs = o_x[:, None] * DY + o_y[None, :]  # chunk states: the kernel's [X, Y] layout
     out_p = out + tl.cast(i_x, tl.int64) * NTOK * DY
+    sx, sy = _planes(gx, gy, NTOK, DX, DY, GX)
     if USE_INITIAL:
         S = tl.load(h0 + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, mask=m_s, other=0.0).to(tl.float32)
     else:
@@ -245,49 +333,52 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
             U_i = _tile(u, t0, n_i, H, i_h, DX, x0, BC, BX)
             # through the state entering the chunk
             if GX != 0:
-                Gx_i = _gtile(gx, t0, n_i, H, i_h, DX, x0, GX, BC, BX)
-                o = tl.dot(U_i * tl.exp(Gx_i), S, input_precision=PRECISION)
+                o = tl.dot(U_i * tl.exp(_gtile(gx + sx, t0, n_i, H, i_h, DX, x0, GX, BC, BX)), S,
+                           input_precision=PRECISION)
+                Px_i = _gtile(gx + 3 * sx, t0, n_i, H, i_h, DX, x0, GX, BC, BX)
             else:
                 o = tl.dot(U_i, S, input_precision=PRECISION)
             if GY != 0:
-                Gy_i = _gtile(gy, t0, n_i, H, i_h, DY, y0, 2, BC, BV)
-                o = o * tl.exp(Gy_i)
+                o = o * tl.exp(_gtile(gy + sy, t0, n_i, H, i_h, DY, y0, 2, BC, BV))
+                Py_i = _gtile(gy + 3 * sy, t0, n_i, H, i_h, DY, y0, 2, BC, BV)
             # earlier sub-chunks: decays factor through the last token of sub-chunk j
             for j in tl.range(0, i, num_stages=1):
                 tj = start + j * BC
-                lj = tj + BC - 1
                 K_j = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
                 V_j = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
                 if GX != 0:
-                    gx_l = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
-                    Gx_j = _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX)
-                    A = tl.dot(U_i * tl.exp(Gx_i - gx_l), tl.trans(K_j * tl.exp(gx_l - Gx_j)),
-                               input_precision=PRECISION)
+                    q_to = tl.exp(Px_i + _between(gx + 3 * sx, start, j, i, H, i_h, DX, x0, GX, BC, BX))
+                    k_from = tl.exp(_gtile(gx + 4 * sx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
+                    A = tl.dot(U_i * q_to, tl.trans(K_j * k_from), input_precision=PRECISION)
                 else:
                     A = tl.dot(U_i, tl.trans(K_j), input_precision=PRECISION)
                 if GY != 0:
-                    gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
-                    Gy_j = _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV)
-                    o += tl.exp(Gy_i - gy_l) * tl.dot(A, V_j * tl.exp(gy_l - Gy_j),
-                                                      input_precision=PRECISION)
+                    o_to = tl.exp(Py_i + _between(gy + 3 * sy, start, j, i, H, i_h, DY, y0, 2, BC, BV))
+                    v_from = tl.exp(_gtile(gy + 4 * sy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
+                    o += o_to * tl.dot(A, V_j * v_from, input_precision=PRECISION)
                 else:
                     o += tl.dot(A, V_j, input_precision=PRECISION)
             # the sub-chunk itself
             if EXACT:  # one key token s at a time, exact decays per channel
-                for s in tl.range(0, n_i, num_stages=1):  # a run-time bound: not unrolled (registers)
+                if GX != 0:
+                    gx_i = _graw(gx, t0, n_i, H, i_h, DX, x0, GX, BC, BX)
+                if GY != 0:
+                    gy_i = _tile(gy, t0, n_i, H, i_h, DY, y0, BC, BV)
+                for s in tl.range(0, n_i, num_stages=1):  # a run-time bound: not unrolled
                     ts = t0 + s
                     k_s = _row(kx, ts, t0 + n_i, H, i_h, DX, x0, BX)
                     v_s = _row(vy, ts, t0 + n_i, H, i_h, DY, y0, BV)
                     after = (o_c >= s)[:, None]
-                    if GX != 0:
-                        gx_s = _grow(gx, ts, t0 + n_i, H, i_h, DX, x0, GX, BX)[None, :]
-                        ex = tl.exp(tl.where(after, Gx_i - gx_s, float("-inf")))
+                    later = (o_c > s)[:, None]
+                    if GX != 0:  # the log-decay after s through each t, summed from its terms
+                        seg = tl.cumsum(tl.where(later, gx_i, 0.0), axis=0)
+                        ex = tl.exp(tl.where(after, seg, float("-inf")))
                         a = tl.sum(U_i * k_s[None, :] * ex, axis=1)
                     else:
                         a = tl.sum(tl.where(after, U_i * k_s[None, :], 0.0), axis=1)
                     if GY != 0:
-                        gy_s = _row(gy, ts, t0 + n_i, H, i_h, DY, y0, BV)[None, :]
-                        ey = tl.exp(tl.where(after, Gy_i - gy_s, float("-inf")))
+                        seg = tl.cumsum(tl.where(later, gy_i, 0.0), axis=0)
+                        ey = tl.exp(tl.where(after, seg, float("-inf")))
                         o += a[:, None] * v_s[None, :] * ey
                     else:
                         o += a[:, None] * v_s[None, :]
@@ -296,7 +387,8 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
                 V_i = _tile(vy, t0, n_i, H, i_h, DY, y0, BC, BV)
                 A = tl.dot(U_i, tl.trans(K_i), input_precision=PRECISION)
                 if GX != 0:
-                    A = A * tl.exp(tl.where(causal, Gx_i - tl.trans(Gx_i), float("-inf")))
+                    seg = _segments(_vcol(gx, t0, n_i, H, i_h, BC), o_c)
+                    A = A * tl.exp(tl.where(causal, seg, float("-inf")))
                 else:
                     A = tl.where(causal, A, 0.0)
                 o += tl.dot(A, V_i, input_precision=PRECISION)
@@ -305,11 +397,9 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
             _put(out_p, o, t0, n_i, H, i_h, DY, y0, BC, BV)
         # the state entering the next chunk
         if GX != 0:
-            gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)
-            S = S * tl.exp(gx_e)[:, None]
+            S = S * tl.exp(_grow(gx + sx, last, eos, H, i_h, DX, x0, GX, BX))[:, None]
         if GY != 0:
-            gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)
-            S = S * tl.exp(gy_e)[None, :]
+            S = S * tl.exp(_row(gy + sy, last, eos, H, i_h, DY, y0, BV))[None, :]
         for j in tl.range(0, tl.cdiv(L, BC), num_stages=1):
             tj = start + j * BC
             n_j = tl.minimum(BC, L - j * BC)
@@ -317,11 +407,11 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
             K_j = _tile(kx, tj, n_j, H, i_h, DX, x0, BC, BX)
             V_j = _tile(vy, tj, n_j, H, i_h, DY, y0, BC, BV)
             if GX != 0:
-                Gx_j = _gtile(gx, tj, n_j, H, i_h, DX, x0, GX, BC, BX)
-                K_j = K_j * tl.exp(tl.where(live, gx_e[None, :] - Gx_j, float("-inf")))
+                Fx_j = _gtile(gx + 2 * sx, tj, n_j, H, i_h, DX, x0, GX, BC, BX)
+                K_j = K_j * tl.exp(tl.where(live, Fx_j, float("-inf")))
             if GY != 0:
-                Gy_j = _gtile(gy, tj, n_j, H, i_h, DY, y0, 2, BC, BV)
-                V_j = V_j * tl.exp(tl.where(live, gy_e[None, :] - Gy_j, float("-inf")))
+                Fy_j = _gtile(gy + 2 * sy, tj, n_j, H, i_h, DY, y0, 2, BC, BV)
+                V_j = V_j * tl.exp(tl.where(live, Fy_j, float("-inf")))
             S += tl.dot(tl.trans(K_j), V_j, input_precision=PRECISION)
     if STORE_CKPT:  # the slot after the last chunk: the state leaving it
         tl.store(ckpt + ((first_chunk + tl.cdiv(eos - bos, BT)) * H + i_h) * DX * DY + ck_offs,
@@ -330,7 +420,7 @@ def chunk_fwd(u, kx, vy, gx, gy, extra, h0, out, ht, ckpt, cu_seqlens, chunk_off
 
 
 @triton.jit
-def chunk_bwd_dh(u, gx, gy, do, dht, dckpt, dh0, cu_seqlens, chunk_offsets, T, H,
+def chunk_bwd_dh(u, gx, gy, do, dht, dckpt, dh0, cu_seqlens, chunk_offsets, T, H, NTOK,
                  DX: tl.constexpr, DY: tl.constexpr, BX: tl.constexpr,
                  BV: tl.constexpr, NY: tl.constexpr, BT: tl.constexpr, BC: tl.constexpr,
                  GX: tl.constexpr, GY: tl.constexpr, TRANSPOSED: tl.constexpr,
@@ -351,6 +441,7 @@ def chunk_bwd_dh(u, gx, gy, do, dht, dckpt, dh0, cu_seqlens, chunk_offsets, T, H
     m_s = (o_x[:, None] < DX) & (o_y[None, :] < DY)
     s_offs = _state_offsets(o_x, o_y, DX, DY, TRANSPOSED)
     ck_offs = o_x[:, None] * DY + o_y[None, :]
+    sx, sy = _planes(gx, gy, NTOK, DX, DY, GX)
     if USE_FINAL_GRAD:
         dS = tl.load(dht + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, mask=m_s, other=0.0).to(tl.float32)
     else:
@@ -364,18 +455,18 @@ def chunk_bwd_dh(u, gx, gy, do, dht, dckpt, dh0, cu_seqlens, chunk_offsets, T, H
         last = start + L - 1
         tl.store(dckpt + ((first_chunk + c) * H + i_h) * DX * DY + ck_offs, dS, mask=m_s)
         if GX != 0:
-            dS = dS * tl.exp(_grow(gx, last, eos, H, i_h, DX, x0, GX, BX))[:, None]
+            dS = dS * tl.exp(_grow(gx + sx, last, eos, H, i_h, DX, x0, GX, BX))[:, None]
         if GY != 0:
-            dS = dS * tl.exp(_row(gy, last, eos, H, i_h, DY, y0, BV))[None, :]
+            dS = dS * tl.exp(_row(gy + sy, last, eos, H, i_h, DY, y0, BV))[None, :]
         for m in tl.range(0, tl.cdiv(L, BC), num_stages=1):
             t0 = start + m * BC
             n_m = tl.minimum(BC, L - m * BC)
             U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
             dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
             if GX != 0:
-                U_m = U_m * tl.exp(_gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX))
+                U_m = U_m * tl.exp(_gtile(gx + sx, t0, n_m, H, i_h, DX, x0, GX, BC, BX))
             if GY != 0:
-                dO_m = dO_m * tl.exp(_gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV))
+                dO_m = dO_m * tl.exp(_gtile(gy + sy, t0, n_m, H, i_h, DY, y0, 2, BC, BV))
             dS += tl.dot(tl.trans(U_m), dO_m, input_precision=PRECISION)
     tl.store(dh0 + tl.cast(i_nh, tl.int64) * DX * DY + s_offs, dS, mask=m_s)
 
@@ -440,11 +531,12 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
         dgx_p = dgx + tl.cast(tl.program_id(1), tl.int64) * NTOK
     else:
         dgx_p = dgx + tl.cast(i_y, tl.int64) * NTOK * DX
+    sx, sy = _planes(gx, gy, NTOK, DX, DY, GX)
     if GX != 0:
-        gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
+        gx_e = _grow(gx + sx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
         carry = _red(tl.zeros([1, BX], tl.float32), GX)
     if GY != 0:
-        gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)[None, :]
+        gy_e = _row(gy + sy, last, eos, H, i_h, DY, y0, BV)[None, :]
     if SIDE == 1 and GX != 0:
         # the state entering the chunk, carried to its end: e^{G_end} ⊙ (S0 ⊙ dS_end) over Y
         S0dS = tl.load(ckpt + ck, mask=m_s, other=0.0) * tl.load(dckpt + ck, mask=m_s, other=0.0)
@@ -462,19 +554,17 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
         live = (o_c < n_m)[:, None]
         dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
         U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
-        if GX != 0:
-            Gx_m = _gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
-        if GY != 0:
-            Gy_m = _gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
+        # log-decay sums (chunk_decays): E from the chunk's start, F to its end, P from the
+        # sub-chunk's start, Q to the sub-chunk's end
         if SIDE == 0:
             # through the state entering the chunk
             dOq = dO_m
             if GY != 0:
-                dOq = dO_m * tl.exp(Gy_m)
+                dOq = dO_m * tl.exp(_gtile(gy + sy, t0, n_m, H, i_h, DY, y0, 2, BC, BV))
             S0 = tl.load(ckpt + ck, mask=m_s, other=0.0)
             dX = tl.dot(dOq, tl.trans(S0), input_precision=PRECISION)
             if GX != 0:
-                dX = dX * tl.exp(Gx_m)
+                dX = dX * tl.exp(_gtile(gx + sx, t0, n_m, H, i_h, DX, x0, GX, BC, BX))
                 dG = _red(U_m * dX, GX)
                 dG = tl.cumsum(dG, axis=0, reverse=True) + carry
                 carry += tl.sum(_red(U_m * dX, GX), axis=0)[None, :]
@@ -482,20 +572,21 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
             dX_off = tl.zeros([BC, BX], tl.float32)
             for j in tl.range(0, m, num_stages=1):
                 tj = start + j * BC
-                lj = tj + BC - 1
                 kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
                 V_j = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
                 if GY != 0:
-                    gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
-                    dA = tl.dot(dO_m * tl.exp(Gy_m - gy_l),
-                                tl.trans(V_j * tl.exp(gy_l - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))),
+                    o_to = _gtile(gy + 3 * sy, t0, n_m, H, i_h, DY, y0, 2, BC, BV) \
+                        + _between(gy + 3 * sy, start, j, m, H, i_h, DY, y0, 2, BC, BV)
+                    v_from = _gtile(gy + 4 * sy, tj, BC, H, i_h, DY, y0, 2, BC, BV)
+                    dA = tl.dot(dO_m * tl.exp(o_to), tl.trans(V_j * tl.exp(v_from)),
                                 input_precision=PRECISION)
                 else:
                     dA = tl.dot(dO_m, tl.trans(V_j), input_precision=PRECISION)
                 if GX != 0:
-                    gx_l = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
-                    kg = kg * tl.exp(gx_l - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
-                    dX_off += tl.exp(Gx_m - gx_l) * tl.dot(dA, kg, input_precision=PRECISION)
+                    kg = kg * tl.exp(_gtile(gx + 4 * sx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
+                    q_to = _gtile(gx + 3 * sx, t0, n_m, H, i_h, DX, x0, GX, BC, BX) \
+                        + _between(gx + 3 * sx, start, j, m, H, i_h, DX, x0, GX, BC, BX)
+                    dX_off += tl.exp(q_to) * tl.dot(dA, kg, input_precision=PRECISION)
                 else:
                     dX_off += tl.dot(dA, kg, input_precision=PRECISION)
             dX += dX_off
@@ -506,22 +597,21 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
             # through the gradient leaving the chunk
             Vk = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
             if GY != 0:
-                Vk = Vk * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
+                Fy_m = _gtile(gy + 2 * sy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
+                Vk = Vk * tl.exp(tl.where(live, Fy_m, float("-inf")))
             dS = tl.load(dckpt + ck, mask=m_s, other=0.0)
             dX = tl.dot(Vk, tl.trans(dS), input_precision=PRECISION)
             if GX != 0:
-                dX = dX * tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
+                Fx_m = _gtile(gx + 2 * sx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
+                dX = dX * tl.exp(tl.where(live, Fx_m, float("-inf")))
                 end = _red(K_m * dX, GX)  # the keys before a token reach the chunk's end
                 dG = base + _excl(end) + carry
                 carry += tl.sum(end, axis=0)[None, :]
             # this one (keys) -> later sub-chunks i (queries)
-            lm = t0 + n_m - 1  # with later sub-chunks, sub-chunk m is full
             vg = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
             if GY != 0:
-                gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
-                vg = vg * tl.exp(tl.where(live, gy_l - Gy_m, float("-inf")))
-            if GX != 0:
-                gx_l = _grow(gx, lm, eos, H, i_h, DX, x0, GX, BX)[None, :]
+                Qy_m = _gtile(gy + 4 * sy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
+                vg = vg * tl.exp(tl.where(live, Qy_m, float("-inf")))
             dKg = tl.zeros([BC, BX], tl.float32)
             for i in tl.range(m + 1, n_sub, num_stages=1):
                 ti = start + i * BC
@@ -529,34 +619,36 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
                 U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
                 dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
                 if GX != 0:
-                    U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
+                    U_i = U_i * tl.exp(_gtile(gx + 3 * sx, ti, n_i, H, i_h, DX, x0, GX, BC, BX)
+                                       + _between(gx + 3 * sx, start, m, i, H, i_h, DX, x0, GX, BC, BX))
                 if GY != 0:
-                    dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gy_l)
+                    dO_i = dO_i * tl.exp(_gtile(gy + 3 * sy, ti, n_i, H, i_h, DY, y0, 2, BC, BV)
+                                         + _between(gy + 3 * sy, start, m, i, H, i_h, DY, y0, 2, BC, BV))
                 dA = tl.dot(dO_i, tl.trans(vg), input_precision=PRECISION)
                 dKg += tl.dot(tl.trans(dA), U_i, input_precision=PRECISION)
             if GX != 0:
-                dKg = dKg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
+                Qx_m = _gtile(gx + 4 * sx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
+                dKg = dKg * tl.exp(tl.where(live, Qx_m, float("-inf")))
                 # crossing pairs: keys up to here in this sub-chunk, queries after it
                 dG += _excl(_red(K_m * dKg, GX))
                 # ... and keys before this sub-chunk with queries after it
                 for j in tl.range(0, m, num_stages=1):
                     tj = start + j * BC
-                    lj = tj + BC - 1
-                    gxj = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
                     kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
-                    kg = kg * tl.exp(gxj - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
+                    kg = kg * tl.exp(_gtile(gx + 4 * sx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
                     vgj = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
                     if GY != 0:
-                        gyj = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
-                        vgj = vgj * tl.exp(gyj - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
+                        vgj = vgj * tl.exp(_gtile(gy + 4 * sy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
                     for i in tl.range(m + 1, n_sub, num_stages=1):
                         ti = start + i * BC
                         n_i = tl.minimum(BC, L - i * BC)
                         U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
-                        U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gxj)
+                        U_i = U_i * tl.exp(_gtile(gx + 3 * sx, ti, n_i, H, i_h, DX, x0, GX, BC, BX)
+                                           + _between(gx + 3 * sx, start, j, i, H, i_h, DX, x0, GX, BC, BX))
                         dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
                         if GY != 0:
-                            dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gyj)
+                            dO_i = dO_i * tl.exp(_gtile(gy + 3 * sy, ti, n_i, H, i_h, DY, y0, 2, BC, BV)
+                                                 + _between(gy + 3 * sy, start, j, i, H, i_h, DY, y0, 2, BC, BV))
                         dA = tl.dot(dO_i, tl.trans(vgj), input_precision=PRECISION)
                         P = U_i * tl.dot(dA, kg, input_precision=PRECISION)
                         dG += _red(tl.sum(P, axis=0)[None, :], GX)
@@ -565,19 +657,24 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
         if EXACT:  # one key token s at a time, exact decays per channel
             if SIDE == 0:
                 stair = tl.zeros([BC, BX], tl.float32)
+            if GX != 0:
+                gx_m = _graw(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
+            if GY != 0:
+                gy_m = _tile(gy, t0, n_m, H, i_h, DY, y0, BC, BV)
             for s in tl.range(0, n_m, num_stages=1):  # a run-time bound: not unrolled (registers)
                 ts = t0 + s
                 v_s = _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
                 after = (o_c >= s)[:, None]
-                if GY != 0:
-                    gy_s = _row(gy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
-                    dOey = dO_m * tl.exp(tl.where(after, Gy_m - gy_s, float("-inf")))
+                later = (o_c > s)[:, None]
+                if GY != 0:  # the log-decay after s through each t, summed from its terms
+                    seg = tl.cumsum(tl.where(later, gy_m, 0.0), axis=0)
+                    dOey = dO_m * tl.exp(tl.where(after, seg, float("-inf")))
                 else:
                     dOey = tl.where(after, dO_m, 0.0)
                 da = tl.sum(dOey * v_s, axis=1)[:, None]  # dA[t, s] for the queries t
                 if GX != 0:
-                    gx_s = _grow(gx, ts, t0 + n_m, H, i_h, DX, x0, GX, BX)[None, :]
-                    ex = tl.exp(tl.where(after, Gx_m - gx_s, float("-inf")))
+                    seg = tl.cumsum(tl.where(later, gx_m, 0.0), axis=0)
+                    ex = tl.exp(tl.where(after, seg, float("-inf")))
                 else:
                     ex = tl.where(after, 1.0, 0.0)
                 if SIDE == 0:
@@ -594,7 +691,8 @@ def chunk_bwd_x(u, kx, vy, gx, gy, ckpt, dckpt, do, dux, dgx, chunk_bounds, H, N
             V_m = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
             dA = tl.dot(dO_m, tl.trans(V_m), input_precision=PRECISION)
             if GX != 0:
-                dA = dA * tl.exp(tl.where(causal, Gx_m - tl.trans(Gx_m), float("-inf")))
+                seg = _segments(_vcol(gx, t0, n_m, H, i_h, BC), o_c)
+                dA = dA * tl.exp(tl.where(causal, seg, float("-inf")))
             else:
                 dA = tl.where(causal, dA, 0.0)
             if SIDE == 0:
@@ -639,10 +737,11 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
     o_c = tl.arange(0, BC)
     causal = o_c[:, None] >= o_c[None, :]
     carry = tl.zeros([1, BV], tl.float32)
+    sx, sy = _planes(gx, gy, NTOK, DX, DY, GX)
     if GX != 0:
-        gx_e = _grow(gx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
+        gx_e = _grow(gx + sx, last, eos, H, i_h, DX, x0, GX, BX)[None, :]
     if GY != 0:
-        gy_e = _row(gy, last, eos, H, i_h, DY, y0, BV)[None, :]
+        gy_e = _row(gy + sy, last, eos, H, i_h, DY, y0, BV)[None, :]
         if SIDE == 0:  # the state entering the chunk, carried to its end, over X
             S0dS = tl.load(ckpt + ck, mask=m_s, other=0.0) * tl.load(dckpt + ck, mask=m_s, other=0.0)
             if GX != 0:
@@ -659,31 +758,32 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
         live = (o_c < n_m)[:, None]
         U_m = _tile(u, t0, n_m, H, i_h, DX, x0, BC, BX)
         dO_m = _tile(do, t0, n_m, H, i_h, DY, y0, BC, BV)
+        # log-decay sums (chunk_decays): E from the chunk's start, F to its end, P from the
+        # sub-chunk's start, Q to the sub-chunk's end; the raw ones for exact blocks
         if GX != 0:
-            Gx_m = _gtile(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
+            gx_m = _graw(gx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
         if GY != 0:
-            Gy_m = _gtile(gy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
+            gy_m = _tile(gy, t0, n_m, H, i_h, DY, y0, BC, BV)
         if SIDE == 0:
             V_m = _tile(vy, t0, n_m, H, i_h, DY, y0, BC, BV)
             # through the gradient leaving the chunk
             Kk = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
             if GX != 0:
-                Kk = Kk * tl.exp(tl.where(live, gx_e - Gx_m, float("-inf")))
+                Kk = Kk * tl.exp(tl.where(live, _gtile(gx + 2 * sx, t0, n_m, H, i_h, DX, x0, GX, BC, BX),
+                                          float("-inf")))
             dS = tl.load(dckpt + ck, mask=m_s, other=0.0)
             dV = tl.dot(Kk, dS, input_precision=PRECISION)
             if GY != 0:
-                dV = dV * tl.exp(tl.where(live, gy_e - Gy_m, float("-inf")))
+                dV = dV * tl.exp(tl.where(live, _gtile(gy + 2 * sy, t0, n_m, H, i_h, DY, y0, 2, BC, BV),
+                                          float("-inf")))
                 end = V_m * dV
                 dG = base + _excl(end) + carry
                 carry += tl.sum(end, axis=0)[None, :]
             # this one (keys) -> later sub-chunks i (queries)
-            lm = t0 + n_m - 1
             kg = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
             if GX != 0:
-                gx_l = _grow(gx, lm, eos, H, i_h, DX, x0, GX, BX)[None, :]
-                kg = kg * tl.exp(tl.where(live, gx_l - Gx_m, float("-inf")))
-            if GY != 0:
-                gy_l = _row(gy, lm, eos, H, i_h, DY, y0, BV)[None, :]
+                Qx_m = _gtile(gx + 4 * sx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)
+                kg = kg * tl.exp(tl.where(live, Qx_m, float("-inf")))
             dVg = tl.zeros([BC, BV], tl.float32)
             for i in tl.range(m + 1, n_sub, num_stages=1):
                 ti = start + i * BC
@@ -691,34 +791,36 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                 U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
                 dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
                 if GX != 0:
-                    U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gx_l)
+                    U_i = U_i * tl.exp(_gtile(gx + 3 * sx, ti, n_i, H, i_h, DX, x0, GX, BC, BX)
+                                       + _between(gx + 3 * sx, start, m, i, H, i_h, DX, x0, GX, BC, BX))
                 if GY != 0:
-                    dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gy_l)
+                    dO_i = dO_i * tl.exp(_gtile(gy + 3 * sy, ti, n_i, H, i_h, DY, y0, 2, BC, BV)
+                                         + _between(gy + 3 * sy, start, m, i, H, i_h, DY, y0, 2, BC, BV))
                 A = tl.dot(U_i, tl.trans(kg), input_precision=PRECISION)
                 dVg += tl.dot(tl.trans(A), dO_i, input_precision=PRECISION)
             if GY != 0:
-                dVg = dVg * tl.exp(tl.where(live, gy_l - Gy_m, float("-inf")))
+                Qy_m = _gtile(gy + 4 * sy, t0, n_m, H, i_h, DY, y0, 2, BC, BV)
+                dVg = dVg * tl.exp(tl.where(live, Qy_m, float("-inf")))
                 # crossing pairs: keys up to here in this sub-chunk, queries after it
                 dG += _excl(V_m * dVg)
                 # ... and keys before this sub-chunk with queries after it
                 for j in tl.range(0, m, num_stages=1):
                     tj = start + j * BC
-                    lj = tj + BC - 1
                     kgj = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
                     if GX != 0:
-                        gxj = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
-                        kgj = kgj * tl.exp(gxj - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
-                    gyj = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
+                        kgj = kgj * tl.exp(_gtile(gx + 4 * sx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
                     vgj = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
-                    vgj = vgj * tl.exp(gyj - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
+                    vgj = vgj * tl.exp(_gtile(gy + 4 * sy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
                     for i in tl.range(m + 1, n_sub, num_stages=1):
                         ti = start + i * BC
                         n_i = tl.minimum(BC, L - i * BC)
                         U_i = _tile(u, ti, n_i, H, i_h, DX, x0, BC, BX)
                         if GX != 0:
-                            U_i = U_i * tl.exp(_gtile(gx, ti, n_i, H, i_h, DX, x0, GX, BC, BX) - gxj)
+                            U_i = U_i * tl.exp(_gtile(gx + 3 * sx, ti, n_i, H, i_h, DX, x0, GX, BC, BX)
+                                               + _between(gx + 3 * sx, start, j, i, H, i_h, DX, x0, GX, BC, BX))
                         dO_i = _tile(do, ti, n_i, H, i_h, DY, y0, BC, BV)
-                        dO_i = dO_i * tl.exp(_gtile(gy, ti, n_i, H, i_h, DY, y0, 2, BC, BV) - gyj)
+                        dO_i = dO_i * tl.exp(_gtile(gy + 3 * sy, ti, n_i, H, i_h, DY, y0, 2, BC, BV)
+                                             + _between(gy + 3 * sy, start, j, i, H, i_h, DY, y0, 2, BC, BV))
                         A = tl.dot(U_i, tl.trans(kgj), input_precision=PRECISION)
                         P = dO_i * tl.dot(A, vgj, input_precision=PRECISION)
                         dG += tl.sum(P, axis=0)[None, :]
@@ -729,15 +831,16 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                     ts = t0 + s
                     k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :]
                     after = (o_c >= s)[:, None]
-                    if GX != 0:
-                        gx_s = _grow(gx, ts, t0 + n_m, H, i_h, DX, x0, GX, BX)[None, :]
-                        a = tl.sum(U_m * k_s * tl.exp(tl.where(after, Gx_m - gx_s, float("-inf"))),
+                    later = (o_c > s)[:, None]
+                    if GX != 0:  # the log-decay after s through each t, summed from its terms
+                        seg = tl.cumsum(tl.where(later, gx_m, 0.0), axis=0)
+                        a = tl.sum(U_m * k_s * tl.exp(tl.where(after, seg, float("-inf"))),
                                    axis=1)[:, None]
                     else:
                         a = tl.sum(tl.where(after, U_m * k_s, 0.0), axis=1)[:, None]
                     if GY != 0:
-                        gy_s = _row(gy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
-                        dv_s = tl.sum(a * dO_m * tl.exp(tl.where(after, Gy_m - gy_s, float("-inf"))),
+                        seg = tl.cumsum(tl.where(later, gy_m, 0.0), axis=0)
+                        dv_s = tl.sum(a * dO_m * tl.exp(tl.where(after, seg, float("-inf"))),
                                       axis=0)
                     else:
                         dv_s = tl.sum(a * dO_m, axis=0)
@@ -746,7 +849,8 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                 K_m = _tile(kx, t0, n_m, H, i_h, DX, x0, BC, BX)
                 A = tl.dot(U_m, tl.trans(K_m), input_precision=PRECISION)
                 if GX != 0:
-                    A = A * tl.exp(tl.where(causal, Gx_m - tl.trans(Gx_m), float("-inf")))
+                    seg = _segments(_vcol(gx, t0, n_m, H, i_h, BC), o_c)
+                    A = A * tl.exp(tl.where(causal, seg, float("-inf")))
                 else:
                     A = tl.where(causal, A, 0.0)
                 dV += tl.dot(tl.trans(A), dO_m, input_precision=PRECISION)
@@ -755,28 +859,30 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
             # the read o (recomputed): through the state entering the chunk ...
             S0 = tl.load(ckpt + ck, mask=m_s, other=0.0)
             if GX != 0:
-                O = tl.dot(U_m * tl.exp(Gx_m), S0, input_precision=PRECISION)
+                O = tl.dot(U_m * tl.exp(_gtile(gx + sx, t0, n_m, H, i_h, DX, x0, GX, BC, BX)), S0,
+                           input_precision=PRECISION)
             else:
                 O = tl.dot(U_m, S0, input_precision=PRECISION)
-            O = O * tl.exp(Gy_m)
+            O = O * tl.exp(_gtile(gy + sy, t0, n_m, H, i_h, DY, y0, 2, BC, BV))
             dG = tl.cumsum(O * dO_m, axis=0, reverse=True) + carry
             carry += tl.sum(O * dO_m, axis=0)[None, :]
             # ... from earlier sub-chunks j (keys) ...
             O = tl.zeros([BC, BV], tl.float32)
             for j in tl.range(0, m, num_stages=1):
                 tj = start + j * BC
-                lj = tj + BC - 1
                 kg = _tile(kx, tj, BC, H, i_h, DX, x0, BC, BX)
                 if GX != 0:
-                    gx_l = _grow(gx, lj, eos, H, i_h, DX, x0, GX, BX)[None, :]
-                    kg = kg * tl.exp(gx_l - _gtile(gx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
-                    A = tl.dot(U_m * tl.exp(Gx_m - gx_l), tl.trans(kg), input_precision=PRECISION)
+                    kg = kg * tl.exp(_gtile(gx + 4 * sx, tj, BC, H, i_h, DX, x0, GX, BC, BX))
+                    q_to = _gtile(gx + 3 * sx, t0, n_m, H, i_h, DX, x0, GX, BC, BX) \
+                        + _between(gx + 3 * sx, start, j, m, H, i_h, DX, x0, GX, BC, BX)
+                    A = tl.dot(U_m * tl.exp(q_to), tl.trans(kg), input_precision=PRECISION)
                 else:
                     A = tl.dot(U_m, tl.trans(kg), input_precision=PRECISION)
-                gy_l = _row(gy, lj, eos, H, i_h, DY, y0, BV)[None, :]
                 vg = _tile(vy, tj, BC, H, i_h, DY, y0, BC, BV)
-                vg = vg * tl.exp(gy_l - _gtile(gy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
-                O += tl.exp(Gy_m - gy_l) * tl.dot(A, vg, input_precision=PRECISION)
+                vg = vg * tl.exp(_gtile(gy + 4 * sy, tj, BC, H, i_h, DY, y0, 2, BC, BV))
+                o_to = _gtile(gy + 3 * sy, t0, n_m, H, i_h, DY, y0, 2, BC, BV) \
+                    + _between(gy + 3 * sy, start, j, m, H, i_h, DY, y0, 2, BC, BV)
+                O += tl.exp(o_to) * tl.dot(A, vg, input_precision=PRECISION)
             dG += tl.cumsum(O * dO_m, axis=0, reverse=True)
             # ... and within the sub-chunk: the pairs crossing each position
             stair = tl.zeros([BC, BV], tl.float32)
@@ -784,15 +890,16 @@ def chunk_bwd_y(u, kx, vy, gx, gy, ckpt, dckpt, do, dvy, dgy, chunk_bounds, H, N
                 ts = t0 + s
                 k_s = _row(kx, ts, t0 + n_m, H, i_h, DX, x0, BX)[None, :]
                 after = (o_c >= s)[:, None]
+                later = (o_c > s)[:, None]
                 if GX != 0:
-                    gx_s = _grow(gx, ts, t0 + n_m, H, i_h, DX, x0, GX, BX)[None, :]
-                    a = tl.sum(U_m * k_s * tl.exp(tl.where(after, Gx_m - gx_s, float("-inf"))),
+                    seg = tl.cumsum(tl.where(later, gx_m, 0.0), axis=0)
+                    a = tl.sum(U_m * k_s * tl.exp(tl.where(after, seg, float("-inf"))),
                                axis=1)[:, None]
                 else:
                     a = tl.sum(tl.where(after, U_m * k_s, 0.0), axis=1)[:, None]
-                gy_s = _row(gy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :]
+                seg = tl.cumsum(tl.where(later, gy_m, 0.0), axis=0)
                 pair = a * _row(vy, ts, t0 + n_m, H, i_h, DY, y0, BV)[None, :] * dO_m \
-                    * tl.exp(tl.where(after, Gy_m - gy_s, float("-inf")))
+                    * tl.exp(tl.where(after, seg, float("-inf")))
                 stair += tl.where((o_c > s)[:, None], tl.cumsum(pair, axis=0, reverse=True), 0.0)
             dG += stair
         if GY != 0:
@@ -860,7 +967,7 @@ class PassShape:
 
 
 def column_block(d: int) -> int:
-    """Columns per program of the decay kernels (chunk_cumsum, chunk_carry): [BT, BD] tiles."""
+    """Columns per program of chunk_decays: [BC, BD] tiles."""
     return max(MIN_BLOCK, min(64, triton.next_power_of_2(d)))
 
 
@@ -911,11 +1018,13 @@ def aot_module(shape: PassShape, name: str = "pass") -> GeneratedModule:
                      shape.num_warps_vy, variant=f"{name} backward: vy")
     bo = KernelEntry("chunk_bwd_y", _arg_types(_BWD_Y_ARGS), side | dict(SIDE=1),
                      shape.num_warps_vy, variant=f"{name} backward: o (Y decays)")
-    cum = KernelEntry("chunk_cumsum", {"g": "*fp32", "gc": "*fp32", "cu_seqlens": "*i64",
-                                       "T": "i32", "H": "i32"},
-                      dict(D=shape.dx, BD=column_block(shape.dx), BT=shape.chunk, IS_VARLEN=True), 4,
-                      variant=f"{name} cumulative decays")
-    kernels = [fwd, dh, bq, bk, by] + ([bo] if shape.gy else []) + ([cum] if shape.gx else [])
+    decays = [KernelEntry("chunk_decays", {"g": "*fp32", "out": "*fp32", "cu_seqlens": "*i64",
+                                           "T": "i32", "H": "i32", "NTOK": "i64"},
+                          dict(D=d, BD=column_block(d), BT=shape.chunk, BC=shape.bc, IS_VARLEN=True),
+                          4, variant=f"{name} decay sums ({axis})")
+              for axis, d, kind in (("X", shape.dx if shape.gx == CHANNEL else 1, shape.gx),
+                                    ("Y", shape.dy, shape.gy)) if kind]
+    kernels = [fwd, dh, bq, bk, by] + ([bo] if shape.gy else []) + decays
     return GeneratedModule("chunk-diagonal", "chunk_diagonal.py", SOURCE, kernels)
 
 

@@ -102,14 +102,15 @@ def _decay_grid(launch: PassLaunch, D: int):
     return (launch.num_sequences * launch.heads, triton.cdiv(D, codegen.column_block(D)))
 
 
-def _cumsum(module, launch: PassLaunch, g: torch.Tensor) -> torch.Tensor:
-    """Chunk-local cumulative sums of a log-decay [B, T, H] or [B, T, H, D], in fp32."""
+def _decays(module, launch: PassLaunch, g: torch.Tensor) -> torch.Tensor:
+    """The five planes of a log-decay [B, T, H] or [B, T, H, D] the kernels read (g and its
+    sums over spans: see chunk_decays), fp32 [5, B, T, H(, D)]."""
     D = g.shape[3] if g.dim() == 4 else 1
-    out = torch.empty(g.shape, dtype=torch.float32, device=g.device)
+    out = torch.empty((5,) + tuple(g.shape), dtype=torch.float32, device=g.device)
     cu, _, T, H = launch.sequences(g.device)
-    module.chunk_cumsum[_decay_grid(launch, D)](
-        g, out, cu, T, H, D=D, BD=codegen.column_block(D), BT=launch.shape.chunk,
-        IS_VARLEN=launch.cu is not None)
+    module.chunk_decays[_decay_grid(launch, D)](
+        g, out, cu, T, H, launch.batch * T * H, D=D, BD=codegen.column_block(D),
+        BT=launch.shape.chunk, BC=launch.shape.bc, IS_VARLEN=launch.cu is not None)
     return out
 
 
@@ -127,8 +128,8 @@ class _PassFunction(torch.autograd.Function):
         shape, device = launch.shape, u.device
         u, kx, vy = u.contiguous(), kx.contiguous(), vy.contiguous()
         f32 = dict(dtype=torch.float32, device=device)
-        gxc = _cumsum(module, launch, gx.contiguous()) if gx is not None else None
-        gyc = _cumsum(module, launch, gy.contiguous()) if gy is not None else None
+        gxc = _decays(module, launch, gx.contiguous()) if gx is not None else None
+        gyc = _decays(module, launch, gy.contiguous()) if gy is not None else None
         needs_grad = any(ctx.needs_input_grad[1:])
         N, H = launch.num_sequences, launch.heads
         B, T, NX, NY = launch.batch, launch.time, shape.x_tiles, shape.y_tiles
@@ -174,6 +175,7 @@ class _PassFunction(torch.autograd.Function):
         module.chunk_bwd_dh[(N * H, NX * NY)](
             u, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy, d_out,
             d_ht.contiguous() if use_final else dummy, dckpt, dh0, *launch.sequences(device),
+            B * T * H,
             **{k: v for k, v in shape.constexprs().items() if k != "EXACT"},
             USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None, PRECISION=PRECISION,
             num_warps=shape.num_warps)
