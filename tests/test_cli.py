@@ -228,3 +228,28 @@ def test_show_grad_prints_runnable_derivative_code(capsys):
     args = [torch.randn(1, 1, *shape) for shape in ([4], [4], [3], [], [], [4, 3], [3], [4, 3])]
     grads = fn(*args)
     assert len(grads) == 5 + 1 + 2 and all(torch.isfinite(g).all() for g in grads)
+
+
+# ---------------------------------------------------------------- test, as the README runs it
+
+
+def test_building_the_parser_does_not_import_triton():
+    """Triton's interpreter setting is fixed when triton is first imported; `recdsl test`
+    switches it on for CPU runs, so nothing before the command may import triton."""
+    code = "import sys, recdsl.cli as c; c.build_parser(); print('triton' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.stdout.strip() == "False", done.stderr[-2000:]
+
+
+def test_recdsl_test_in_a_fresh_process_without_interpreter_setting(tmp_path):
+    """The README's main job, in a process where TRITON_INTERPRET is unset (the suite sets it)."""
+    import os
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["RECDSL_CACHE_DIR"] = str(tmp_path)
+    done = subprocess.run([sys.executable, "-m", "recdsl.cli", "test", "examples/linear_attention.rec",
+                           "--quick", "--dims", "K=4,V=3", "--backend", "recurrent"],
+                          capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "no GPU: Triton backends run under TRITON_INTERPRET=1" in done.stderr
+    assert done.stdout.strip().splitlines()[-1].startswith("PASS  linear_attention: 9 cases (recurrent; float32)")

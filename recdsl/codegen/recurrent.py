@@ -23,8 +23,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
-import triton
-
 from ..ir.checked import CheckedRule
 from ..ir.ssa import MatMul, Program, Reduce, TopkMask, lower
 from ..ir.vjp import adjoint
@@ -96,7 +94,9 @@ class _RecurrentGenerator:
     def __init__(self, rule: CheckedRule, dim_sizes: dict):
         self.rule = rule
         self.sizes = dict(dim_sizes)
-        self.blocks = {d: triton.next_power_of_2(n) for d, n in self.sizes.items()}
+        # block sizes: powers of two (Triton's aranges need them); no triton import here, so
+        # that generating code never fixes Triton's interpreter setting for the process
+        self.blocks = {d: 1 << (n - 1).bit_length() for d, n in self.sizes.items()}
         self.forward = lower(rule, self.sizes)
         self.adjoint = adjoint(self.forward)  # its first ops are the forward's own: same names
         self.split, tile = choose_split(rule, self.forward, self.blocks)

@@ -2,7 +2,8 @@
 
 An entry is a generated Python module (Triton kernels must live in a real file: triton.jit
 reads its function's source) plus a checksum. The key covers the rule's canonical form, the
-specialisation (dim sizes), recdsl's version and the torch and Triton versions. A damaged
+specialisation (dim sizes), recdsl's version and source code, and the torch and Triton
+versions. A damaged
 entry (checksum mismatch, missing file, import error) is rebuilt, never trusted.
 
 ``RECDSL_CACHE_DIR`` moves the cache (default ``~/.cache/recdsl``); ``RECDSL_PRINT_CODE=1``
@@ -18,7 +19,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-import triton
 
 _MODULES = {}  # key -> loaded module, for this process
 
@@ -28,10 +28,29 @@ def cache_dir() -> Path:
     return Path(root) if root else Path.home() / ".cache" / "recdsl"
 
 
+def _code_fingerprint() -> str:
+    """A hash of recdsl's own source: generated code changes when the generators do, even
+    within one version, so a cache entry from older generators is never reused."""
+    global _FINGERPRINT
+    if _FINGERPRINT is None:
+        root = Path(__file__).resolve().parents[1]
+        digest = hashlib.sha256()
+        for path in sorted(root.rglob("*.py")) + sorted(root.rglob("*.lark")):
+            digest.update(str(path.relative_to(root)).encode())
+            digest.update(path.read_bytes())
+        _FINGERPRINT = digest.hexdigest()
+    return _FINGERPRINT
+
+
+_FINGERPRINT = None
+
+
 def cache_key(*parts: str) -> str:
+    import triton  # imported here: importing triton fixes its interpreter setting
+
     from .. import __version__
     text = "\n".join([f"recdsl {__version__}", f"torch {torch.__version__}",
-                      f"triton {triton.__version__}", *parts])
+                      f"triton {triton.__version__}", f"code {_code_fingerprint()}", *parts])
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

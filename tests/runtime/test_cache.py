@@ -67,3 +67,9 @@ def test_print_switch_shows_generated_code(monkeypatch, tmp_path, capsys):
     kernels(recdsl.load(EXAMPLES / "retention.rec"), {"K": 4, "V": 3})
     err = capsys.readouterr().err
     assert "# ---- recdsl generated:" in err and "def rule_retention_recurrent_fwd(" in err
+
+
+def test_key_changes_when_recdsl_code_changes(monkeypatch):
+    before = cache.cache_key("rule a")
+    monkeypatch.setattr(cache, "_FINGERPRINT", "other generator code")
+    assert cache.cache_key("rule a") != before
