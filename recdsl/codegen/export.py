@@ -91,11 +91,25 @@ def recurrent_module(rule: CheckedRule, sizes: dict) -> aot.GeneratedModule:
     return aot.GeneratedModule("recurrent", f"{rule.name}_recurrent.py", spec.source, kernels)
 
 
-GENERATORS = (recurrent_module,)
+def chunk_delta_modules(rule: CheckedRule, sizes: dict) -> list:
+    """The chunkwise kernels of a delta-family rule: its generated prologue and the fixed
+    WY core at the rule's sizes (none for a rule the chunk backend refuses)."""
+    from ..runtime.rule import Rule
+    from . import chunk_delta, prologue
+    full = Rule(rule)
+    if full.family != "delta" or prologue.problem(full) is not None:
+        return []
+    plan = prologue.plan(full, sizes)
+    return [prologue.aot_module(full, sizes),
+            chunk_delta.aot_module(sizes[plan.key_dim], sizes[plan.value_dim], plan.steps)]
+
+
+# Each generator gives a list of modules for (checked rule, sizes): empty where it does not apply.
+GENERATORS = (lambda rule, sizes: [recurrent_module(rule, sizes)], chunk_delta_modules)
 
 
 def generated_modules(rule: CheckedRule, sizes: dict) -> list:
-    return [make(rule, sizes) for make in GENERATORS]
+    return [module for make in GENERATORS for module in make(rule, sizes)]
 
 
 def torch_programs(rule: CheckedRule, sizes: dict) -> str:
