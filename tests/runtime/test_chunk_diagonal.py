@@ -293,17 +293,18 @@ def test_kernels_build_without_spills(arch):
 
 @pytest.mark.slow
 def test_long_sequence_strong_gates_stay_finite(monkeypatch):
-    """1024 tokens with log-decays down to -20 per token: chunk-local sums, no overflow.
-    (Agreement to 1e-4, not to fp32 rounding: a chunk's cumulative log-decay reaches about
-    -600 here, where fp32 values are 6e-5 apart, and a decay factor is a difference of two
-    of them. Realistic gates stay within a few units per chunk.)"""
+    """1024 tokens with log-decays down to -20 per token: no overflow, and fp32 precision
+    (a chunk's cumulative log-decay reaches about -600 here; decay factors formed as
+    differences of such sums would be 1e-5 off)."""
     monkeypatch.setattr(chunk_diagonal, "CHUNK_SIZE", 64)
     rule = _load("gla")
     tensors, _ = _inputs(rule, 1024, H=1)
     tensors["gk"] = -20 * torch.rand(tensors["gk"].shape, generator=torch.Generator().manual_seed(1),
                                      dtype=torch.float64)
-    out, final = rule(**{k: v.float() for k, v in tensors.items()}, output_final_state=True,
-                      backend="chunk")
+    single = {k: v.float() for k, v in tensors.items()}
+    out, final = rule(**single, output_final_state=True, backend="chunk")
+    ref, ref_final = rule(**single, output_final_state=True, backend="naive")
     gold, gold_final = rule(**tensors, output_final_state=True, backend="naive")
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
-    assert _rms_ratio(out, gold) < 1e-4 and _rms_ratio(final, gold_final) < 1e-4
+    for got, naive, golden in ((out, ref, gold), (final, ref_final, gold_final)):
+        assert _rms_ratio(got, golden) <= max(10 * _rms_ratio(naive, golden), FLOOR)
