@@ -248,7 +248,7 @@ def chunk_decays(g, out, cu_seqlens, T, H, NTOK, D: tl.constexpr, BD: tl.constex
     i_n = i_nh // H
     i_h = i_nh % H
     bos, eos = _bounds(cu_seqlens, i_n, T, IS_VARLEN)
-    plane = NTOK * D
+    plane = tl.cast(NTOK, tl.int64) * D  # 64-bit: tokens * heads * D may pass 2^31
     for c in tl.range(0, tl.cdiv(eos - bos, BT), num_stages=1):
         start = bos + c * BT
         L = tl.minimum(BT, eos - start)
@@ -280,11 +280,12 @@ def chunk_decays(g, out, cu_seqlens, T, H, NTOK, D: tl.constexpr, BD: tl.constex
 @triton.jit
 def _planes(gx, gy, NTOK, DX: tl.constexpr, DY: tl.constexpr, GX: tl.constexpr):
     """Strides of the five planes of chunk_decays' output for X and Y."""
+    ntok = tl.cast(NTOK, tl.int64)  # tokens * heads * D may pass 2^31
     if GX == 2:
-        sx = NTOK * DX
+        sx = ntok * DX
     else:
-        sx = NTOK
-    return sx, NTOK * DY
+        sx = ntok
+    return sx, ntok * DY
 
 
 @triton.jit
@@ -980,7 +981,8 @@ def check_chunk(chunk: int):
 
 _FWD_ARGS = ["u", "kx", "vy", "gx", "gy", "extra", "h0", "out", "ht", "ckpt", "cu_seqlens",
              "chunk_offsets", "T", "H", "NTOK"]
-_DH_ARGS = ["u", "gx", "gy", "do", "dht", "dckpt", "dh0", "cu_seqlens", "chunk_offsets", "T", "H"]
+_DH_ARGS = ["u", "gx", "gy", "do", "dht", "dckpt", "dh0", "cu_seqlens", "chunk_offsets", "T", "H",
+            "NTOK"]
 _BWD_X_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "dux", "dgx", "chunk_bounds",
                "H", "NTOK"]
 _BWD_Y_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "dvy", "dgy", "chunk_bounds",
@@ -989,7 +991,7 @@ _BWD_Y_ARGS = ["u", "kx", "vy", "gx", "gy", "ckpt", "dckpt", "do", "dvy", "dgy",
 
 def _arg_types(names) -> dict:
     from .aot import DATA
-    ints = {"T": "i32", "H": "i32", "NTOK": "i64", "NSH": "i64"}
+    ints = {"T": "i32", "H": "i32", "NTOK": "i64"}
     index = {"cu_seqlens": "*i64", "chunk_offsets": "*i64", "chunk_bounds": "*i64"}
     data = {"h0"}  # the caller's initial state; everything else is fp32 (prologue, buffers)
     return {n: ints.get(n) or index.get(n) or (DATA if n in data else "*fp32") for n in names}
