@@ -1,0 +1,392 @@
+"""The chunkwise algebra of diagonal-family states, in batched PyTorch (no rule knowledge here).
+
+A state ``S`` (``R x Cc``) evolves per token as
+
+    S_t = exp(g_t) * diag(exp(a_t)) @ S_{t-1} @ diag(exp(b_t)) + sum_w left_tw right_twᵀ
+
+with a scalar log-decay ``g`` and per-channel log-decays ``a`` (rows) and ``b`` (columns), any
+of them absent. A read contracts one axis of the state after the token's update: ``x @ S``
+(the rows) or ``S @ x`` (the columns). ``read`` takes the read in the orientation where ``x``
+contracts the rows; the caller transposes for the other.
+
+Layout: ``[b, nc, C, ...]`` (batch and heads folded into ``b``, ``nc`` chunks of ``C`` tokens,
+``C`` a multiple of ``SUB``); writes carry a ``W`` axis (several writes per token).
+
+**Decays in log space.** The decay between two tokens is ``exp(sum of the log-decays between
+them)``. Each sum that spans tokens of different sub-chunks (below), and the scalar decays'
+``C x C`` matrix, is formed directly from its own terms (prefix and suffix sums, Mamba-2's
+segment sums: cumulative sums of masked values), never as a difference ``cum_i - cum_j`` of
+chunk-wide cumulative sums, which loses the precision of the larger sums and whose gradient
+cancels the contributions of every token but those between i and j (the decay gradients of
+fp32 runs then lost up to 30x the naive loop's error; now they are within 1-4x of it). Those
+exponents are sums of log-decays: <= 0 for decays in (0, 1]. The only positive exponents are
+the within-sub-chunk factors below, bounded by ``LIMIT``.
+
+**Per-channel decays: secondary chunking** (as GLA does). The chunk is cut into sub-chunks of
+``SUB = 16`` tokens.
+
+* Between a query sub-chunk ``I`` and an earlier key sub-chunk ``J`` the decay factors through
+  the end ``r`` of sub-chunk ``I - 1``: ``decay(j -> i) = decay(j -> r) * decay(r -> i)``, both
+  at most 1, so each of the ``nb (nb - 1) / 2`` block pairs is a matrix product over channels.
+* Within a sub-chunk the decay factors through the sub-chunk start:
+  ``exp(P_i) * exp(-P_j)`` with ``P`` the cumulative sum from the sub-chunk start, a
+  ``16 x 16`` matrix product; ``exp(-P_j)`` is at most ``exp(LIMIT)`` (``LIMIT = 20``). A token's
+  own write is not decayed and is taken exactly (its term would otherwise enter the decay
+  gradients only to cancel there). Sub-chunks whose decays fall below ``exp(-LIMIT)`` in some
+  channel (strong gates) get exact ``16 x 16 x channels`` decays instead.
+
+Why this and not the plain factorisation ``exp(D_i) * exp(-D_j)`` over a whole chunk:
+``exp(-D_j)`` overflows once the decays of one chunk add up below about -88 (fp32), and the
+decay gradients cancel over 64 tokens instead of 16. Why not exact ``16 x 16 x channels``
+decays everywhere: they are 16 per-token tensors as wide as the state; for Raven's 256 slots
+they dominated time and memory (3x slower). They stay for strong gates only.
+
+Masks are 0/1 tensors that values are multiplied by (masked_fill is several times slower on
+the CPU).
+
+Everything is computed for all chunks at once; only the passing of states from chunk to chunk
+(``states``) walks the chunks in order. Gradients come from autograd through these ops.
+Decay factors and the write vectors scaled by them are cached on the ``LogDecay``, so states
+that share decays and writes (Raven's two slot memories, both passes of its read) share them.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Optional
+
+import torch
+
+SUB = 16  # sub-chunk length for per-channel decays
+CHUNK = 64  # chunk length
+LIMIT = 20.0  # largest log-decay factored out inside a sub-chunk (exp(20) = 5e8)
+
+EXP_FLOOR = -80.0  # exp(-80) = 2e-35: no decay left; below about -87 fp32 exp is 10x slower
+
+
+def _exp(x):
+    """exp of a sum of log-decays, the sum clamped at EXP_FLOOR: torch's fp32 exp takes a slow
+    path for arguments whose result is subnormal, which strong gates produce by the million."""
+    return torch.exp(x.clamp(min=EXP_FLOOR))
+
+
+class LogDecay:
+    """The log-decays ``[b, nc, C, n]`` of one axis (``n = 1`` for a scalar decay; finite
+    values), the sums and decay factors the algorithm needs (cached), and a memo of write
+    vectors scaled by them."""
+
+    def __init__(self, log):
+        self.log = log
+        self.b, self.nc, self.C, self.n = log.shape
+        self.nb = self.C // SUB
+        self._memo = {}
+
+    def remember(self, kind, values, compute):
+        """``compute()``, once per ``kind`` and ``values`` (by storage, shape and strides)."""
+        key = (kind, values.data_ptr(), tuple(values.shape), values.stride())
+        if key not in self._memo:
+            self._memo[key] = (values, compute())  # the values kept alive: the key stays unique
+        return self._memo[key][1]
+
+    # ---- over the chunk
+    @cached_property
+    def upto(self):
+        """[b, nc, C, n]: from the chunk start through token i."""
+        return _sums(self.log, "upto")
+
+    @cached_property
+    def exp_upto(self):
+        return _exp(self.upto)
+
+    @cached_property
+    def exp_to_end(self):
+        """[b, nc, C, n]: the decay after token j to the chunk end."""
+        return _exp(_sums(self.log, "after"))
+
+    @property
+    def total(self):
+        """[b, nc, n]: the whole chunk."""
+        return self.upto[:, :, -1]
+
+    @cached_property
+    def decay_between(self):
+        """[b, nc, C, C]: for a scalar decay, the decay after token j through token i (0 for
+        j > i): exp of cumulative sums of masked values (Mamba-2's segment sums)."""
+        causal, later = _masks(self.C, self.log)[3:]
+        masked = self.log * later  # [.., k, j] = x_k for k > j
+        return _exp(masked.cumsum(-2)) * causal
+
+    # ---- sub-chunks
+    @cached_property
+    def _blocks(self):
+        return self.log.view(self.b, self.nc, self.nb, SUB, self.n)
+
+    @cached_property
+    def block_upto(self):
+        """[b, nc, nb, SUB, n]: from the sub-chunk start through token i."""
+        return _sums(self._blocks, "upto")
+
+    @cached_property
+    def exp_block_upto(self):
+        return _exp(self.block_upto)
+
+    @cached_property
+    def exp_block_to_end(self):
+        """[b, nc, C, n]: the decay after token j to the end of its sub-chunk."""
+        return _exp(_sums(self._blocks, "after")).reshape(self.b, self.nc, self.C, self.n)
+
+    @cached_property
+    def exp_blocks_between(self):
+        """[b, nc, pairs, n]: for each pair (I, J) of ``pairs``, the decay over the whole
+        sub-chunks strictly between J and I."""
+        I, J = _pairs(self.nb, self.log.device)
+        totals = self.block_upto[:, :, :, -1]  # [b, nc, nb, n]
+        # sum over J < K < I, as a product with a 0/1 matrix [pairs, nb]
+        span = ((torch.arange(self.nb, device=self.log.device)[None, :] > J[:, None])
+                & (torch.arange(self.nb, device=self.log.device)[None, :] < I[:, None]))
+        return _exp(torch.matmul(span.to(self.log.dtype), totals))
+
+    @cached_property
+    def factored(self):
+        """(exp(P), exp(-P)) with P = block_upto clamped to [-LIMIT, LIMIT]: the within
+        sub-chunk decays factored at the sub-chunk start (exact where not ``strong``)."""
+        P = self.block_upto.clamp(-LIMIT, LIMIT) if self.strong.any() else self.block_upto
+        decay = torch.exp(P)
+        return decay, 1.0 / decay
+
+    @cached_property
+    def strong(self):
+        """[b, nc, nb] bool: sub-chunks whose decay from their start leaves
+        [exp(-LIMIT), exp(LIMIT)] in some channel."""
+        low, high = torch.aminmax(self.block_upto.flatten(-2), dim=-1)
+        return (low < -LIMIT) | (high > LIMIT)
+
+    def exact_within(self, at, W):
+        """[nsel, n, SUB, SUB * W] (channels first) for the sub-chunks at ``at``: the decay
+        after token j through token i, exactly (1 for j >= i: callers mask j > i)."""
+        seg = _masks(SUB, self.log)[2]
+        sums = (self._blocks[at].transpose(-1, -2) @ seg.T).unflatten(-1, (SUB, SUB))
+        return _exp(_keys(sums, W, dim=-1))
+
+
+@functools.lru_cache(maxsize=None)
+def _masks_cached(L, dtype, device):
+    ar = torch.arange(L, device=device)
+    i, j = ar[:, None], ar[None, :]
+    upto = (j <= i).to(dtype)  # [i, k]: k <= i
+    after = (j > i).to(dtype)  # [j, k]: k > j
+    k = ar[None, None, :]
+    seg = ((k > ar[None, :, None]) & (k <= ar[:, None, None])).to(dtype).view(L * L, L)  # [(i, j), k]
+    return upto, after, seg, (j <= i).to(dtype), (i > j).to(dtype)
+
+
+def _masks(L, like):
+    """0/1 matrices over L positions (multiplying by them is much faster than masked_fill on
+    the CPU): ``upto`` [i, k] (k <= i), ``after`` [j, k] (k > j), ``seg`` [(i, j), k]
+    (j < k <= i), ``causal`` [i, j] (j <= i) and ``later`` [k, j] (k > j)."""
+    return _masks_cached(L, like.dtype, like.device)
+
+
+def _sums(x, kind):
+    """Along the token axis of ``x`` [..., L, n]: inclusive prefix sums (``upto``) or
+    exclusive suffix sums (``after``). A cumulative sum for n = 1; for channels a product with
+    a 0/1 matrix (PyTorch runs cumulative sums along a strided axis slowly on the CPU)."""
+    L, n = x.shape[-2:]
+    if n > 1:
+        return torch.matmul(_masks(L, x)[0 if kind == "upto" else 1], x)
+    if kind == "upto":
+        return x.cumsum(-2)
+    rest = x.flip(-2).cumsum(-2).flip(-2)  # from each token to the end
+    return torch.cat([rest[..., 1:, :], torch.zeros_like(rest[..., :1, :])], dim=-2)
+
+
+@dataclass
+class Decays:
+    """The log-decays of one state: ``scalar``, ``rows``, ``cols`` (``LogDecay`` or None)."""
+    scalar: Optional[LogDecay] = None
+    rows: Optional[LogDecay] = None
+    cols: Optional[LogDecay] = None
+
+    def transposed(self) -> "Decays":
+        return Decays(self.scalar, self.cols, self.rows)
+
+
+def _keys(x, W, dim=2):
+    """Per-token values repeated for each of the token's W writes (keys are token-major)."""
+    return x if W == 1 else x.repeat_interleave(W, dim=dim)
+
+
+@functools.lru_cache(maxsize=None)
+def _pairs(nb, device):
+    """(I, J) sub-chunk pairs with J < I: the blocks below the diagonal."""
+    return tuple(torch.tril_indices(nb, nb, -1, device=device))
+
+
+def _mm(a, b, add=None):
+    """``a @ b`` (``+ add``) over equal leading dims, as one batched matrix multiply: torch's
+    matmul copies an operand that is a transposed view; bmm takes it as it is."""
+    lead = a.shape[:-2]
+    a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    out = torch.bmm(a, b) if add is None else torch.baddbmm(add.reshape(-1, *add.shape[-2:]), a, b)
+    return out.view(*lead, *out.shape[-2:])
+
+
+def _own(W, like):
+    """[SUB, SUB * W] 0/1: the key is one of the query token's own writes."""
+    return _keys(torch.eye(SUB, dtype=like.dtype, device=like.device), W, dim=1)
+
+
+# ============================================================ states between chunks
+
+
+def states(decays: Decays, left, right, initial):
+    """The state entering every chunk and the final state.
+
+    ``left`` ``[b, nc, C, W, R]``, ``right`` ``[b, nc, C, W, Cc]`` (coefficients folded in),
+    ``initial`` ``[b, R, Cc]``. Returns ``(starts [b, nc, R, Cc], final [b, R, Cc])``."""
+    b, nc, C, W, R = left.shape
+    Cc = right.shape[-1]
+    G, A, B = decays.scalar, decays.rows, decays.cols
+    # the chunk's own contribution: every write decayed to the chunk end
+    lk = _to_end(left, [L for L in (G, A) if L is not None])
+    rk = _to_end(right, [B] if B is not None else [])
+    own = _mm(lk.reshape(b, nc, C * W, R).transpose(-1, -2), rk.reshape(b, nc, C * W, Cc))
+    # the decay across a whole chunk, kept broadcastable ([b, nc, 1 or R, 1 or Cc])
+    log_total = None
+    for part in (G.total.unsqueeze(-1) if G is not None else None,
+                 A.total.unsqueeze(-1) if A is not None else None,
+                 B.total.unsqueeze(-2) if B is not None else None):
+        if part is not None:
+            log_total = part if log_total is None else log_total + part
+    decay = None if log_total is None else _exp(log_total)
+    # the only sequential part: the recurrence between chunks (unbind, not indexing: the
+    # backward of one index per chunk would fill a whole-sequence gradient per chunk)
+    S, starts = initial, []
+    decays = decay.unbind(1) if decay is not None else [None] * nc
+    for own_c, decay_c in zip(own.unbind(1), decays):
+        starts.append(S)
+        S = (S if decay_c is None else decay_c * S) + own_c
+    return torch.stack(starts, dim=1), S
+
+
+def _to_end(values, logs):
+    """``values`` [b, nc, C, W, n] decayed from each token to the chunk end by ``logs``."""
+    if not logs:
+        return values
+
+    def compute():
+        out = values
+        for L in logs:
+            out = out * L.exp_to_end.unsqueeze(3)
+        return out
+    return logs[-1].remember(("to_end",) + tuple(id(L) for L in logs), values, compute)
+
+
+# ============================================================ reads
+
+
+def read(x, decays: Decays, u, w, starts):
+    """``x_i @ S_i`` for every token, in the orientation where ``x`` contracts the rows.
+
+    ``x`` ``[b, nc, C, d]``; ``decays`` with ``rows`` on the contracted axis (``d``) and
+    ``cols`` on the free one (``f``); writes ``u`` ``[b, nc, C, W, d]``, ``w``
+    ``[b, nc, C, W, f]``; ``starts`` ``[b, nc, d, f]``. Returns ``[b, nc, C, f]``."""
+    b, nc, C, W, d = u.shape
+    f = w.shape[-1]
+    G, D, F = decays.scalar, decays.rows, decays.cols
+    # from the state entering the chunk
+    xq = x if D is None else x * D.exp_upto
+    out = _mm(xq, starts)
+    if G is not None:
+        out = out * G.exp_upto
+    if F is not None:
+        out = out * F.exp_upto
+    if W == 0:
+        return out
+    # from the writes inside the chunk
+    CK = C * W
+    uk, wk = u.reshape(b, nc, CK, d), w.reshape(b, nc, CK, f)
+    if D is None:
+        score = _mm(x, uk.transpose(-1, -2))
+    else:
+        score = _channel_scores(x, uk, D, W)
+    if G is not None:
+        score = score * _keys(G.decay_between, W, dim=3)
+    else:
+        score = score * _keys(_masks(C, x)[3], W, dim=1)
+    if F is None:
+        return _mm(score, wk, add=out)
+    return out + _channel_values(score, wk, F, W)
+
+
+def _earlier(values, L: LogDecay, W):
+    """[b, nc, pairs, SUB * W, n]: for each sub-chunk pair (I, J), the key-side values of
+    sub-chunk J (``values`` [b, nc, C * W, n]) decayed to the end of sub-chunk I - 1: to the
+    end of J, then over the whole sub-chunks between."""
+    b, nc, CK, n = values.shape
+    I, J = _pairs(L.nb, values.device)
+
+    def compute():
+        to_own_end = values * _keys(L.exp_block_to_end, W)
+        return to_own_end.view(b, nc, L.nb, CK // L.nb, n)[:, :, J] * L.exp_blocks_between.unsqueeze(3)
+    return L.remember(("earlier", W), values, compute)
+
+
+def _factored_keys(values, L: LogDecay, W):
+    """``values`` [b, nc, nb, SUB * W, n] times exp(-P) of their token (see ``factored``)."""
+    return L.remember(("factored", W), values,
+                      lambda: values * _keys(L.factored[1], W, dim=3))
+
+
+def _channel_scores(x, uk, D: LogDecay, W):
+    """score[i, key] = sum_d x_i[d] u_key[d] decay_d(key -> i) for keys up to i (entries of
+    later keys are left for the caller to mask), by secondary chunking on the contracted axis."""
+    b, nc, C, d = x.shape
+    nb, sk, CK = D.nb, SUB * W, uk.shape[2]
+    xb, ub = x.view(b, nc, nb, SUB, d), uk.view(b, nc, nb, sk, d)
+    blocks = x.new_zeros(b, nc, nb, nb, SUB, sk)  # [.., I, J, i, key]
+    # earlier sub-chunks: decay(j -> end of I - 1) * decay(end of I - 1 -> i)
+    I, J = _pairs(nb, x.device)
+    xr = (xb * D.exp_block_upto)[:, :, I]
+    blocks[:, :, I, J] = _mm(xr, _earlier(uk, D, W).transpose(-1, -2))
+    # the sub-chunk itself: factored at the sub-chunk start; own writes exactly
+    within = _mm(xb * D.factored[0], _factored_keys(ub, D, W).transpose(-1, -2))
+    own = (xb.unsqueeze(-2) * ub.view(b, nc, nb, SUB, W, d)).sum(-1)  # [.., i, w]
+    own = torch.diag_embed(own.transpose(-1, -2)).movedim(-3, -1).flatten(-2)
+    within = within * (1.0 - _own(W, x)) + own
+    if D.strong.any():  # strong decays: exact, channels first ([.., d, i, key])
+        at = D.strong.nonzero(as_tuple=True)
+        exact = (D.exact_within(at, W) * xb[at].transpose(-1, -2).unsqueeze(-1)
+                 * ub[at].transpose(-1, -2).unsqueeze(-2)).sum(-3)
+        within = within.index_put(at, exact)
+    diagonal = torch.arange(nb, device=x.device)
+    blocks[:, :, diagonal, diagonal] = within
+    return blocks.permute(0, 1, 2, 4, 3, 5).reshape(b, nc, C, CK)
+
+
+def _channel_values(score, wk, F: LogDecay, W):
+    """out_i[f] = sum_key score[i, key] w_key[f] decay_f(key -> i), by secondary chunking on
+    the free axis (score must be 0 for keys after i)."""
+    b, nc, C, CK = score.shape
+    f = wk.shape[-1]
+    nb, sk = F.nb, SUB * W
+    blocks = score.view(b, nc, nb, SUB, nb, sk).permute(0, 1, 2, 4, 3, 5)  # [.., I, J, i, key]
+    # earlier sub-chunks: decay(j -> end of I - 1), then (below) decay(end of I - 1 -> i)
+    I, J = _pairs(nb, score.device)
+    cross = _mm(blocks[:, :, I, J], _earlier(wk, F, W))  # [b, nc, pairs, SUB, f]
+    out = score.new_zeros(b, nc, nb, SUB, f).index_add(2, I, cross) * F.exp_block_upto
+    # the sub-chunk itself: factored at the sub-chunk start; own writes exactly
+    diagonal = torch.arange(nb, device=score.device)
+    inner = blocks[:, :, diagonal, diagonal]  # [b, nc, nb, SUB, sk]
+    wb = wk.view(b, nc, nb, sk, f)
+    own = _own(W, score)
+    within = F.factored[0] * _mm(inner * (1.0 - own), _factored_keys(wb, F, W))
+    within = within + ((inner * own).view(b, nc, nb, SUB, SUB, W).sum(-2)
+                       .unsqueeze(-1) * wb.view(b, nc, nb, SUB, W, f)).sum(-2)
+    if F.strong.any():  # strong decays: exact, channels first ([.., f, i, key])
+        at = F.strong.nonzero(as_tuple=True)
+        exact = (F.exact_within(at, W) * inner[at].unsqueeze(-3)
+                 * wb[at].transpose(-1, -2).unsqueeze(-2)).sum(-1)
+        within = within.index_put(at, exact.transpose(-1, -2))
+    return (out + within).reshape(b, nc, C, f)
