@@ -952,12 +952,10 @@ class PassShape:
 
     @property
     def num_warps(self) -> int:
-        return 4
-
-    @property
-    def num_warps_vy(self) -> int:
-        """chunk_bwd_y: 8 warps. At 4, with fp fusion off, ptxas held it to 168 registers and
-        spilled on sm_80 (Raven's pass 2, M = 256); at 8 it takes 165 without spilling."""
+        """8 warps. The registers a thread needs hardly change with the warps here (the
+        16-row dot operands are replicated across warps), but at 4 ptxas held some kernels to
+        128 or 168 registers and spilled on sm_80 (retention's forward, Raven's kx backward
+        and vy backward, depending on fp fusion); at 8 none spills (``recdsl.codegen.aot``)."""
         return 8
 
 
@@ -1017,9 +1015,9 @@ def aot_module(shape: PassShape, name: str = "pass") -> GeneratedModule:
     bk = KernelEntry("chunk_bwd_x", _arg_types(_BWD_X_ARGS), side | dict(SIDE=1),
                      shape.num_warps, variant=f"{name} backward: kx")
     by = KernelEntry("chunk_bwd_y", _arg_types(_BWD_Y_ARGS), side | dict(SIDE=0),
-                     shape.num_warps_vy, variant=f"{name} backward: vy")
+                     shape.num_warps, variant=f"{name} backward: vy")
     bo = KernelEntry("chunk_bwd_y", _arg_types(_BWD_Y_ARGS), side | dict(SIDE=1),
-                     shape.num_warps_vy, variant=f"{name} backward: o (Y decays)")
+                     shape.num_warps, variant=f"{name} backward: o (Y decays)")
     decays = [KernelEntry("chunk_decays", {"g": "*fp32", "out": "*fp32", "cu_seqlens": "*i64",
                                            "T": "i32", "H": "i32", "NTOK": "i64"},
                           dict(D=d, BD=column_block(d), BT=shape.chunk, BC=shape.bc, IS_VARLEN=True),

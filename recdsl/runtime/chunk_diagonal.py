@@ -195,7 +195,7 @@ class _PassFunction(torch.autograd.Function):
                                      B * T * H, **flags, SIDE=side, num_warps=shape.num_warps)
         for side in (0, 1) if gyc is not None else (0,):
             module.chunk_bwd_y[grid](*tensors, dvy, dgy[side], launch.chunk_bounds, H, B * T * H,
-                                     **flags, SIDE=side, num_warps=shape.num_warps_vy)
+                                     **flags, SIDE=side, num_warps=shape.num_warps)
         du, dkx = dux[0], dux[1]
         dgx = dgx.flatten(0, 1) if gxc is not None else None  # both sides' partial sums
         dgy = dgy.flatten(0, 1) if gyc is not None else None
