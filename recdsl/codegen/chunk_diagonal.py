@@ -18,13 +18,17 @@ in the per-token prologue and the runtime (``recdsl.runtime.chunk_diagonal``).
 Kernels (``B*T`` tokens laid out ``[B, T, H, D]``, fp32 accumulation):
 
 ``chunk_decays``    the sums of a log-decay over the spans the other kernels need (below).
-``chunk_fwd``       one program per (X tile, Y tile, sequence, head) walks the chunks with its
+``chunk_fwd``       one program per (sequence, head, X tile, Y tile) walks the chunks with its
                     ``[BX, BV]`` tile of the state on chip, stores the state entering every
-                    chunk (for the backward), the outputs and the final state.
-``chunk_bwd``       the same programs walk the chunks backwards with the state gradient's tile
-                    on chip, recomputing the intra-chunk products from the stored chunk states:
-                    gradients of u, kx, vy, the log-decays (reverse cumulative sums, carried
-                    across chunks) and the initial state.
+                    chunk and the one leaving the last (for the backward), the outputs and the
+                    final state.
+``chunk_bwd_dh``    the same programs walk the chunks backwards with the state gradient's tile
+                    on chip: the gradient leaving every chunk, and the initial state's.
+``chunk_bwd_x``     one program per (chunk, X tile, Y tile, head), all chunks at once, from
+                    the stored states and state gradients: the gradient of u (SIDE 0) or kx
+                    (SIDE 1) and that side's part of the X log-decays' gradient.
+``chunk_bwd_y``     likewise: the gradient of vy and the keys' part of the Y log-decays'
+                    gradient (SIDE 0), or the queries' part, recomputing the read (SIDE 1).
 
 Tiling both axes keeps the per-program registers small (on a GPU 32 x 32; see ``PassShape``).
 Everything a tile computes is linear in its slice of the contraction, so the values that
@@ -52,13 +56,12 @@ with strong gates a chunk's cumulative log-decay reaches hundreds, where fp32 va
 1e-5 apart, and ``G_t - G_s`` would carry that error into every decay factor. A span never
 runs backwards (masked to ``-inf`` above the diagonal before the exp), so with decays in
 (0, 1] no exponent is positive. The chunk (default 64 tokens) is cut into sub-chunks of
-``BC = 16`` tokens. Between a
-sub-chunk ``i`` and an earlier one ``j`` the decay factors through the last token ``l`` of
-``j``: ``decay(s -> t) = decay(l -> t) decay(s -> l)`` = ``exp(P_t + totals of the
-sub-chunks between) exp(Q_s)``, both at most 1, so those blocks are matrix products
-(``tl.dot``). This is GLA's secondary chunking; it is chosen
-because it is exact for per-channel decays on either axis (and both at once), needs nothing
-but ``tl.dot`` and elementwise ops, and keeps the tiles small. Why not ``exp(G_t) exp(-G_s)``
+``BC = 16`` tokens. Between a sub-chunk ``i`` and an earlier one ``j`` the decay factors
+through the last token ``l`` of ``j``: ``decay(s -> t) = decay(l -> t) decay(s -> l)`` =
+``exp(P_t + totals of the sub-chunks between) exp(Q_s)``, both at most 1, so those blocks
+are matrix products (``tl.dot``). This is GLA's secondary chunking; it is chosen because it
+is exact for per-channel decays on either axis (and both at once), needs nothing but
+``tl.dot`` and elementwise ops, and keeps the tiles small. Why not ``exp(G_t) exp(-G_s)``
 over the whole chunk: ``exp(-G_s)`` overflows fp32 once a chunk's decays add up below about
 -88. Within a sub-chunk:
 
@@ -74,8 +77,7 @@ holding dots (3 stages) doubles the registers of these kernels and made them spi
 Dots take fp32 operands (``PRECISION``: "tf32x3" on GPUs, three tf32 products that keep
 fp32 accuracy on tensor cores, since plain tf32's 10-bit mantissa would put the outputs
 1e-3 off, far outside the autotest's bounds; the interpreter computes exactly and cannot
-multiply bf16). ``tl.dot`` needs every side >= 16:
-blocks are powers of two of at least 16.
+multiply bf16). ``tl.dot`` needs every side >= 16: blocks are powers of two of at least 16.
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ from .recurrent import _Emitter, _ident, _numel
 from .triton_ops import TOPK_HELPER, block, emit_ops, zeros
 
 # Version of the template: part of the cache key.
-VERSION = "1"
+VERSION = "2"
 
 SUB_CHUNK = 16  # BC with per-channel decays
 SCALAR_SUB_CHUNK = 16  # BC without: the diagonal blocks are masked products
