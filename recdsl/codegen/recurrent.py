@@ -1,5 +1,5 @@
-"""The fused recurrent kernels: one Triton program per (sequence, head) walks the tokens one
-at a time with the states held on chip.
+"""The fused recurrent kernels: one Triton program per (sequence, head), or per tile of the
+states, walks the tokens one at a time with the states held on chip.
 
 Forward: loads the token's inputs, runs the token's ssa program (``triton_ops``), stores the
 outputs, and every ``CKPT`` tokens stores the states entering the token (a checkpoint).
@@ -9,14 +9,10 @@ backwards running the token's adjoint program. Memory: O(T / CKPT) checkpoints p
 scratch states per program, never O(T) states.
 
 The kernels are specialised to the dim sizes (loops over dims like NH are unrolled, blocks
-are sized per dim). ``KernelSpec`` records everything a launcher needs.
-
-Large states are split across programs along one dim (a grid axis of tiles): a dim the
-forward never reduces over (V for the delta rules: each column of S evolves on its own).
-Values that do not span that dim are recomputed by every tile. In the backward their
-gradients are partial sums, one per tile, summed by the launcher: reverse mode is linear in
-the upstream gradients, so each tile carries its share, and the upstream gradients of
-values that do not span the split dim are fed to the first tile only.
+are sized per dim). Large states are split across programs (``tiling``): the forward along a
+dim it never reduces over, the backward along one or two dims, with the values the forward
+reduces over a split dim stored per token (residuals). ``KernelSpec`` records everything a
+launcher needs.
 """
 from __future__ import annotations
 
@@ -24,29 +20,33 @@ import math
 from dataclasses import dataclass, field
 
 from ..ir.checked import CheckedRule
-from ..ir.ssa import MatMul, Program, Reduce, TopkMask, lower
+from ..ir.ssa import Program, Source, lower
 from ..ir.vjp import adjoint
+from . import tiling
 from .triton_ops import TOPK_HELPER, block, emit_ops, mask_of, zeros
 
 
 @dataclass
 class KernelSpec:
-    """The generated source and the argument lists of its two kernels."""
+    """The generated source and what a launcher needs to call its two kernels."""
     rule_name: str
     source: str
     dim_sizes: dict
-    blocks: dict  # dim -> block size
+    forward_tiles: dict  # dim -> tile size of the forward's split (empty: none)
+    backward_tiles: dict  # the same for the backward
     forward_args: list = field(default_factory=list)  # pointer / scalar argument names, in order
     backward_args: list = field(default_factory=list)
-    constexprs: tuple = ("USE_INITIAL", "STORE_FINAL", "IS_VARLEN", "CKPT")
     grad_inputs: dict = field(default_factory=dict)  # input name -> has a gradient
     grad_params: dict = field(default_factory=dict)
     grad_states: dict = field(default_factory=dict)
     num_warps: int = 4  # launch widths of the forward and backward kernels (``launch_widths``)
     backward_num_warps: int = 4
-    split_dim: str | None = None  # the dim tiled across programs, if any
-    tiles: int = 1  # programs per (sequence, head): the grid is (N * H, tiles)
-    spans_split: dict = field(default_factory=dict)  # input/param/state name -> spans split_dim
+    forward_programs: int = 1  # programs per (sequence, head): the grids are (N * H, programs)
+    backward_programs: int = 1
+    # input/param/state name -> its gradient comes back whole (else one partial sum per program)
+    gradient_whole: dict = field(default_factory=dict)
+    scratch_numel: dict = field(default_factory=dict)  # state -> elements of one program's scratch state
+    residuals: list = field(default_factory=list)  # (argument name, dims) stored by the forward
 
     @property
     def forward_name(self):
@@ -99,22 +99,28 @@ class _RecurrentGenerator:
         self.blocks = {d: 1 << (n - 1).bit_length() for d, n in self.sizes.items()}
         self.forward = lower(rule, self.sizes)
         self.adjoint = adjoint(self.forward)  # its first ops are the forward's own: same names
-        self.split, tile = choose_split(rule, self.forward, self.blocks)
-        self.tiles = 1
-        if self.split is not None:
-            self.tiles = -(-self.sizes[self.split] // tile)
-            self.blocks[self.split] = tile
-
-    def spans(self, dims) -> bool:
-        return self.split is not None and self.split in dims
+        self.forward_tiling = tiling.forward_tiling(rule, self.forward, self.sizes, self.blocks)
+        self.plan = tiling.backward_plan(rule, self.adjoint, self.sizes, self.blocks)
+        # the kernel being generated: its tiling and block-size names (set per kernel)
+        self.tiling = tiling.Tiling()
+        self.block_of = block
 
     # ------------------------------------------------------------ shared pieces
 
+    def use(self, kernel: str, tiles: tiling.Tiling):
+        """Generate ``kernel`` ("F" forward, "B" backward) under ``tiles``: each kernel has its
+        own block-size constants (``FB_V``, ``BB_V``), since the two may tile V differently."""
+        self.tiling = tiles
+        self.block_of = lambda d: f"{kernel}B_{d}"
+
+    def block_sizes(self, tiles: tiling.Tiling) -> dict:
+        return {d: tiles.tiles.get(d, b) for d, b in self.blocks.items()}
+
     def prologue(self, e: _Emitter):
-        """Program ids, sequence bounds, lanes and masks of every dim."""
+        """Program ids, sequence bounds, lanes and masks of every dim: a tiled dim's lanes
+        start at its tile, and ``first_tile_<dim>`` is 1.0 in the first tile along it."""
         e("i_nh = tl.program_id(0)")
-        e("i_tile = tl.program_id(1)  # tile of the split dim (always 0 when nothing is split)")
-        e("first_tile = tl.where(i_tile == 0, 1.0, 0.0)")
+        e("i_tile = tl.program_id(1)  # which tile of the split states (0 when nothing is split)")
         e("i_n = i_nh // H")
         e("i_h = i_nh % H")
         e("if IS_VARLEN:")
@@ -123,10 +129,26 @@ class _RecurrentGenerator:
         e("else:")
         e("    bos = tl.cast(i_n, tl.int64) * T")
         e("    eos = bos + T")
+        stride = 1
+        strides = {}
+        for d in reversed(list(self.tiling.tiles)):
+            strides[d] = stride
+            stride *= self.tiling.counts[d]
         for d in self.rule.dims:
-            start = f"i_tile * {block(d)} + " if d == self.split else ""
-            e(f"o_{d} = {start}tl.arange(0, {block(d)})")
+            b = self.block_of(d)
+            if d in self.tiling.tiles:
+                e(f"t_{d} = (i_tile // {strides[d]}) % {self.tiling.counts[d]}")
+                e(f"{tiling.first_tile(d)} = tl.where(t_{d} == 0, 1.0, 0.0)")
+                e(f"o_{d} = t_{d} * {b} + tl.arange(0, {b})")
+            else:
+                e(f"o_{d} = tl.arange(0, {b})")
             e(f"m_{d} = o_{d} < {self.sizes[d]}")
+
+    def zeros(self, dims):
+        return zeros(dims, self.block_of)
+
+    def emit(self, ops, prefix=""):
+        return emit_ops(ops, self.sizes, prefix=prefix, block_of=self.block_of)
 
     def load_token(self, e: _Emitter, program: Program, token="tok"):
         for (name, index), val in program.inputs.items():
@@ -163,10 +185,8 @@ class _RecurrentGenerator:
         n = _numel(var.dims, self.sizes)
         return f"p_ckpt_{name} + (i_nh * NCKPT + {slot}) * {n}"
 
-    def scratch_base(self, name, slot):
-        var = self.rule.var(name)
-        n = _numel(var.dims, self.sizes)
-        return f"p_scratch_{name} + (i_nh * CKPT + {slot}) * {n}"
+    def token_base(self, kind, name, dims):
+        return f"p_{kind}_{name} + (tok * H + i_h) * {_numel(dims, self.sizes)}"
 
     def keep_padding_zero(self, name, value):
         dims = self.rule.var(name).dims
@@ -176,10 +196,12 @@ class _RecurrentGenerator:
 
     def forward_kernel(self):
         rule, prog = self.rule, self.forward
+        self.use("F", self.forward_tiling)
+        residuals = self.plan.residuals
         args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
                 + [f"p_h0_{s.name}" for s in rule.states] + [f"p_out_{o.name}" for o in rule.outputs]
                 + [f"p_ht_{s.name}" for s in rule.states] + [f"p_ckpt_{s.name}" for s in rule.states]
-                + ["cu_seqlens", "T", "H", "NCKPT"])
+                + [f"p_res_{r.id}" for r in residuals] + ["cu_seqlens", "T", "H", "NCKPT"])
         e = _Emitter()
         e("@triton.jit")
         e(f"def {_ident(rule.name)}_recurrent_fwd({', '.join(args)}, USE_INITIAL: tl.constexpr, "
@@ -192,7 +214,7 @@ class _RecurrentGenerator:
             e("if USE_INITIAL:")
             e("    " + self._load(val.id, self.state_base("h0", s.name), s.dims))
             e("else:")
-            e("    " + (f"{val.id} = {zeros(s.dims)}" if s.dims else f"{val.id} = tl.zeros([], tl.float32)"))
+            e(f"    {val.id} = {self.zeros(s.dims)}")
         e("for t in range(0, eos - bos):")
         e.depth = 2
         e("tok = bos + t")
@@ -201,10 +223,19 @@ class _RecurrentGenerator:
         for s in rule.states:
             e("        " + self._store(self.ckpt_base(s.name, "t // CKPT"), s.dims, prog.states_in[s.name].id))
         self.load_token(e, prog)
-        e.block(emit_ops(prog.ops, self.sizes))
+        e.block(self.emit(prog.ops))
         for o in rule.outputs:
-            base = f"p_out_{o.name} + (tok * H + i_h) * {_numel(o.dims, self.sizes)}"
-            e(self._store(base, o.dims, prog.outputs[o.name].id, f".to(p_out_{o.name}.dtype.element_ty)"))
+            e(self._store(self.token_base("out", o.name, o.dims), o.dims, prog.outputs[o.name].id,
+                          f".to(p_out_{o.name}.dtype.element_ty)"))
+        if residuals:  # only when a backward will follow; a value not spanning the split is stored once
+            e("if CKPT > 0:")
+            for r in residuals:
+                store = self._store(self.token_base("res", r.id, r.shape), r.shape, r.id)
+                if self.tiling.covers(r.shape):
+                    e(f"    {store}")
+                else:
+                    e("    if i_tile == 0:")
+                    e(f"        {store}")
         for s in rule.states:  # carry the states to the next token
             e(f"{prog.states_in[s.name].id} = {self.keep_padding_zero(s.name, prog.states_out[s.name].id)}")
         e.depth = 1
@@ -216,10 +247,14 @@ class _RecurrentGenerator:
     # ------------------------------------------------------------ backward kernel
 
     def backward_kernel(self):
-        rule, adj = self.rule, self.adjoint
-        prog, fwd = adj.program, self.forward
+        rule, adj, plan = self.rule, self.adjoint, self.plan
+        self.use("B", plan.tiling)
+        prog = tiling.used_program(adj.program, plan.ops)
+        recompute = tiling.used_program(self.forward, plan.recompute)
+        fwd = self.forward
         args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
                 + [f"p_ckpt_{s.name}" for s in rule.states] + [f"p_scratch_{s.name}" for s in rule.states]
+                + [f"p_res_{r.id}" for r in plan.residuals]
                 + [f"p_do_{o.name}" for o in rule.outputs] + [f"p_dht_{s.name}" for s in rule.states]
                 + [f"p_din_{v.name}" for v in rule.inputs] + [f"p_dpar_{v.name}" for v in rule.params]
                 + [f"p_dh0_{s.name}" for s in rule.states] + ["cu_seqlens", "T", "H", "NCKPT", "NTOKENS"])
@@ -231,18 +266,18 @@ class _RecurrentGenerator:
         self.prologue(e)
         self.load_params(e, fwd)
         # gradient accumulators of params (summed over the sequence in the program)
-        for name in prog.params:
-            dims = rule.var(name).dims
-            e(f"acc_{name} = {zeros(dims) if dims else 'tl.zeros([], tl.float32)'}")
+        for name in adj.grad_params:
+            if adj.grad_params[name] is not None:
+                e(f"acc_{name} = {self.zeros(rule.var(name).dims)}")
         # the state gradient walked backwards: dS after the last token
         for s in rule.states:
             seed = adj.grad_states_out[s.name].id
             e("if USE_FINAL_GRAD:")
             e("    " + self._load(seed, self.state_base("dht", s.name), s.dims))
-            if not self.spans(s.dims):
-                e(f"    {seed} = {seed} * first_tile  # the other tiles carry no share of it")
+            if plan.carried[s.name]:
+                e(f"    {seed} = {self.first_tiles(plan.carried[s.name], seed)}  # a share: the first tile's")
             e("else:")
-            e("    " + (f"{seed} = {zeros(s.dims)}" if s.dims else f"{seed} = tl.zeros([], tl.float32)"))
+            e(f"    {seed} = {self.zeros(s.dims)}")
         e("length = eos - bos")
         e("n_seg = (length + CKPT - 1) // CKPT")
         e("for i_seg in range(0, n_seg):")
@@ -257,9 +292,10 @@ class _RecurrentGenerator:
         e.depth = 3
         e("tok = bos + t")
         for s in rule.states:
-            e(self._store(self.scratch_base(s.name, "t - start"), s.dims, fwd.states_in[s.name].id))
-        self.load_token(e, fwd)
-        e.block(emit_ops(_state_ops(fwd), self.sizes, prefix="r"))
+            e(self.scratch(s, "t - start", fwd.states_in[s.name].id))
+        self.load_token(e, recompute)
+        self.load_residuals(e, plan.recompute)
+        e.block(self.emit(plan.recompute, prefix="r"))
         for s in rule.states:
             e(f"{fwd.states_in[s.name].id} = {self.keep_padding_zero(s.name, fwd.states_out[s.name].id)}")
         e.depth = 2
@@ -270,56 +306,100 @@ class _RecurrentGenerator:
         e("t = stop - 1 - i_t")
         e("tok = bos + t")
         for s in rule.states:
-            e(self._load(prog.states_in[s.name].id, self.scratch_base(s.name, "t - start"), s.dims))
+            if s.name in prog.states_in:
+                e(self.scratch(s, "t - start", prog.states_in[s.name].id, load=True))
         self.load_token(e, prog)
-        for o in rule.outputs:
-            base = f"p_do_{o.name} + (tok * H + i_h) * {_numel(o.dims, self.sizes)}"
-            e(self._load(adj.grad_outputs[o.name].id, base, o.dims))
-            if not self.spans(o.dims):
-                e(f"{adj.grad_outputs[o.name].id} = {adj.grad_outputs[o.name].id} * first_tile")
-        e.block(emit_ops(prog.ops, self.sizes, prefix="b"))
-        # input gradients of this token; an input used whole and as slices k[j] gets the
-        # whole part stored first and the slices added to it
-        entries = sorted(prog.inputs.items(), key=lambda item: item[0][1] is not None)
-        for (name, index), val in entries:
-            grad = adj.grad_inputs.get((name, index))
-            if grad is None:
-                continue  # the gradient buffers start at zero
-            var = rule.var(name)
-            dims = var.dims if index is None else var.dims[1:]
-            base = f"p_din_{name} + (tok * H + i_h) * {_numel(var.dims, self.sizes)}"
-            if not self.spans(var.dims):  # a partial sum per tile: [tiles, B, T, H, ...]
-                base += f" + i_tile * NTOKENS * H * {_numel(var.dims, self.sizes)}"
-            if index is not None:
-                base += f" + {index * int(_numel(dims, self.sizes))}"
-            whole_too = index is not None and adj.grad_inputs.get((name, None)) is not None
-            e(self._accumulate(base, dims, grad.id) if whole_too else self._store(base, dims, grad.id))
-        for name in prog.params:
-            grad = adj.grad_params.get(name)
+        self.load_residuals(e, plan.ops)
+        for op in plan.ops:
+            if isinstance(op, Source) and op.kind == "grad_output":
+                dims = rule.var(op.name).dims
+                e(self._load(op.out.id, self.token_base("do", op.name, dims), dims))
+        e.block(self.emit(plan.ops, prefix="b"))
+        self.store_input_gradients(e, prog)
+        for name, grad in adj.grad_params.items():
             if grad is not None:
-                e(f"acc_{name} += {grad.id}")
-        # carry the state gradient to the previous token
+                e(f"acc_{name} += {self.whole_or_share(grad, rule.var(name).dims)}")
+        # carry the state gradient to the previous token, a share where it is one
         for s in rule.states:
             grad = adj.grad_states_in.get(s.name)
             seed = adj.grad_states_out[s.name].id
-            value = self.keep_padding_zero(s.name, grad.id) if grad is not None else (
-                zeros(s.dims) if s.dims else "tl.zeros([], tl.float32)")
-            e(f"{seed} = {value}")
+            if grad is None:
+                e(f"{seed} = {self.zeros(s.dims)}")
+                continue
+            missing = plan.carried[s.name] - plan.partial.get(grad, frozenset())
+            e(f"{seed} = {self.keep_padding_zero(s.name, self.first_tiles(missing, grad.id))}")
         e.depth = 2
         e("tl.debug_barrier()")
         e.depth = 1
         for s in rule.states:
-            e(self._store(self._partial_base("dh0", s.name, s.dims), s.dims, adj.grad_states_out[s.name].id))
-        for name in prog.params:
-            var = rule.var(name)
-            e(self._store(self._partial_base("dpar", name, var.dims), var.dims, f"acc_{name}"))
+            seed = adj.grad_states_out[s.name].id
+            missing = set(plan.tiling.tiles) - set(s.dims) - plan.carried[s.name]
+            e(self._store(self._partial_base("dh0", s.name, s.dims), s.dims, self.first_tiles(missing, seed)))
+        for name, grad in adj.grad_params.items():
+            if grad is not None:
+                var = rule.var(name)
+                e(self._store(self._partial_base("dpar", name, var.dims), var.dims, f"acc_{name}"))
         return args, e.lines
 
+    def first_tiles(self, dims, value) -> str:
+        """``value`` kept in the first tile along each of ``dims`` only."""
+        for d in sorted(dims):
+            value = f"{value} * {tiling.first_tile(d)}"
+        return value
+
+    def whole_or_share(self, grad, dims) -> str:
+        """A gradient of a value of ``dims`` as this program's share of the sum the launcher
+        forms: a replicated one is counted by the first tile along each split dim only."""
+        missing = set(self.plan.tiling.tiles) - set(dims) - self.plan.partial.get(grad, frozenset())
+        return self.first_tiles(missing, grad.id)
+
+    def store_input_gradients(self, e: _Emitter, prog: Program):
+        """Input gradients of this token; an input used whole and as slices k[j] gets the
+        whole part stored first and the slices added to it."""
+        adj = self.adjoint
+        entries = sorted(prog.inputs.items(), key=lambda item: item[0][1] is not None)
+        for (name, index), _ in entries:
+            grad = adj.grad_inputs.get((name, index))
+            if grad is None:
+                continue  # the gradient buffers start at zero
+            var = self.rule.var(name)
+            dims = var.dims if index is None else var.dims[1:]
+            base = self.token_base("din", name, var.dims)
+            if not self.tiling.covers(var.dims):  # one partial sum per program: [programs, B, T, H, ...]
+                base += f" + i_tile * NTOKENS * H * {_numel(var.dims, self.sizes)}"
+            if index is not None:
+                base += f" + {index * int(_numel(dims, self.sizes))}"
+            value = self.whole_or_share(grad, var.dims)
+            whole_too = index is not None and adj.grad_inputs.get((name, None)) is not None
+            e(self._accumulate(base, dims, value) if whole_too else self._store(base, dims, value))
+
+    def load_residuals(self, e: _Emitter, ops):
+        for op in ops:
+            if isinstance(op, Source) and op.kind == "residual":
+                e(self._load(op.out.id, self.token_base("res", op.out.id, op.out.shape), op.out.shape))
+
+    def scratch(self, state, slot, value, load=False) -> str:
+        """Store (or load) this program's tile of ``state`` in its scratch slot: a block of
+        its own (padding lanes included, so no masks), one per program."""
+        dims = state.dims
+        n = math.prod(self.block_sizes(self.tiling)[d] for d in dims)  # elements of one tile
+        base = f"p_scratch_{state.name} + ((i_nh * {self.tiling.programs} + i_tile) * CKPT + {slot}) * {n}"
+        if len(dims) == 0:
+            offs = "0"
+        elif len(dims) == 1:
+            offs = f"tl.arange(0, {self.block_of(dims[0])})"
+        else:
+            a, b = (self.block_of(d) for d in dims)
+            offs = f"tl.arange(0, {a})[:, None] * {b} + tl.arange(0, {b})[None, :]"
+        if load:
+            return f"{value} = tl.load({base} + {offs})"
+        return f"tl.store({base} + {offs}, {value})"
+
     def _partial_base(self, kind, name, dims):
-        """Per (sequence, head) results; those not spanning the split dim are partial sums,
-        one slot per tile: [tiles, N * H, ...]."""
+        """Per (sequence, head) results; those the backward's tiles do not each own a slice of
+        are one partial sum per program: [programs, N * H, ...]."""
         n = _numel(dims, self.sizes)
-        if self.spans(dims):
+        if self.tiling.covers(dims):
             return f"p_{kind}_{name} + i_nh * {n}"
         return f"p_{kind}_{name} + (i_tile * tl.num_programs(0) + i_nh) * {n}"
 
@@ -333,9 +413,9 @@ class _RecurrentGenerator:
     def generate(self) -> KernelSpec:
         fwd_args, fwd_lines = self.forward_kernel()
         bwd_args, bwd_lines = self.backward_kernel()
-        adj = self.adjoint
+        adj, rule, plan = self.adjoint, self.rule, self.plan
         header = [
-            f'"""Fused recurrent kernels for rule {self.rule.name}, generated by recdsl.',
+            f'"""Fused recurrent kernels for rule {rule.name}, generated by recdsl.',
             f"Dims: {', '.join(f'{d}={n}' for d, n in self.sizes.items())}.",
             '"""',
             "import triton",
@@ -344,81 +424,29 @@ class _RecurrentGenerator:
         ]
         # compiled kernels read only globals that are constexpr instances (an annotated plain
         # int works under the interpreter but is refused by triton.compile)
-        blocks = [f"{block(d)} = tl.constexpr({b})" for d, b in self.blocks.items()]
+        blocks = []
+        for kernel, tiles in (("F", self.forward_tiling), ("B", plan.tiling)):
+            blocks += [f"{kernel}B_{d} = tl.constexpr({b})" for d, b in self.block_sizes(tiles).items()]
         source = "\n".join(header + blocks + [TOPK_HELPER, ""] + fwd_lines + ["", ""] + bwd_lines) + "\n"
-        elements = sum(math.prod(self.blocks[d] for d in s.dims) for s in self.rule.states)
-        forward_warps, backward_warps = launch_widths(elements)
-        rule = self.rule
+
+        def elements(tiles):
+            sizes = self.block_sizes(tiles)
+            return sum(math.prod(sizes[d] for d in s.dims) for s in rule.states)
+
         return KernelSpec(
-            rule_name=self.rule.name, source=source, dim_sizes=self.sizes, blocks=self.blocks,
-            num_warps=forward_warps, backward_num_warps=backward_warps,
-            split_dim=self.split, tiles=self.tiles,
-            spans_split={v.name: self.spans(v.dims) for v in rule.inputs + rule.params + rule.states},
+            rule_name=rule.name, source=source, dim_sizes=self.sizes,
+            forward_tiles=dict(self.forward_tiling.tiles), backward_tiles=dict(plan.tiling.tiles),
+            num_warps=launch_widths(elements(self.forward_tiling))[0],
+            backward_num_warps=launch_widths(elements(plan.tiling))[1],
+            forward_programs=self.forward_tiling.programs, backward_programs=plan.tiling.programs,
+            gradient_whole={v.name: plan.tiling.covers(v.dims) for v in rule.inputs + rule.params + rule.states},
+            scratch_numel={s.name: math.prod(self.block_sizes(plan.tiling)[d] for d in s.dims) for s in rule.states},
+            residuals=[(f"p_res_{r.id}", r.shape) for r in plan.residuals],
             forward_args=fwd_args, backward_args=bwd_args,
             grad_inputs={name: any(adj.grad_inputs.get(k) is not None for k in adj.program.inputs if k[0] == name)
-                         for name in (v.name for v in self.rule.inputs)},
+                         for name in (v.name for v in rule.inputs)},
             grad_params={name: adj.grad_params.get(name) is not None for name in adj.program.params},
             grad_states={name: adj.grad_states_in.get(name) is not None for name in adj.program.states_in})
-
-
-def _state_ops(program: Program):
-    """The ops a state update needs (no outputs): for recomputing states in the backward."""
-    needed = set(program.states_out.values())
-    keep = []
-    for op in reversed(program.ops):
-        outs = op.outs if hasattr(op, "outs") else [op.out]
-        if any(o in needed for o in outs):
-            keep.append(op)
-            for v in _operands(op):
-                needed.add(v)
-    return list(reversed(keep))
-
-
-def _operands(op):
-    if hasattr(op, "leaves"):
-        return [leaf.val for leaf in op.leaves]
-    if hasattr(op, "arg"):
-        return [op.arg]
-    if hasattr(op, "a"):
-        return [op.a, op.b]
-    return []
-
-
-# State elements one program holds before the state is split across programs: measured with
-# `recdsl compile --arch sm_90 --report`, a backward holding 128 x 32 fp32 states builds
-# without spills, 128 x 64 spills.
-SPLIT_ABOVE = 4096
-SMALLEST_TILE = 16
-
-
-def choose_split(rule: CheckedRule, forward: Program, blocks: dict):
-    """``(dim, tile)`` to split the states along, or ``(None, None)`` when they fit one
-    program or no dim can be split (the forward reduces over every dim of the states)."""
-    def elements(tiles: dict):
-        return sum(math.prod(tiles.get(d, blocks[d]) for d in s.dims) for s in rule.states)
-
-    if elements({}) <= SPLIT_ABOVE:
-        return None, None
-    reduced = set()
-    for op in forward.ops:
-        if isinstance(op, Reduce):
-            reduced |= {op.arg.shape[a] for a in range(len(op.arg.shape)) if a not in op.keep}
-        elif isinstance(op, TopkMask):
-            reduced |= set(op.arg.shape)
-        elif isinstance(op, MatMul):
-            reduced.add(op.a.shape[-1])
-    shapes = [v.dims for v in rule.inputs + rule.params + rule.states + rule.outputs]
-    candidates = [d for d in dict.fromkeys(d for s in rule.states for d in s.dims)
-                  if d not in reduced and all(s.count(d) <= 1 for s in shapes)
-                  and blocks[d] > SMALLEST_TILE]
-    best = None
-    for d in candidates:
-        tile = blocks[d]
-        while tile > SMALLEST_TILE and elements({d: tile}) > SPLIT_ABOVE:
-            tile //= 2
-        if best is None or elements({d: tile}) < elements({best[0]: best[1]}):
-            best = (d, tile)
-    return best if best else (None, None)
 
 
 def launch_widths(state_elements: int) -> tuple:

@@ -38,8 +38,11 @@ def mask_of(shape: tuple) -> str:
     return f"(m_{shape[0]}[:, None] & m_{shape[1]}[None, :])"
 
 
-def zeros(shape: tuple) -> str:
-    return "tl.zeros([" + ", ".join(block(d) for d in shape) + "], tl.float32)"
+def zeros(shape: tuple, block_of=block) -> str:
+    """A zero block; ``block_of`` names a dim's block size (a kernel may tile some dims)."""
+    if not shape:
+        return "tl.zeros([], tl.float32)"
+    return "tl.zeros([" + ", ".join(block_of(d) for d in shape) + "], tl.float32)"
 
 
 def _view(val: Val, axes: tuple, rank: int) -> str:
@@ -52,7 +55,7 @@ def _view(val: Val, axes: tuple, rank: int) -> str:
     raise AssertionError((axes, rank))
 
 
-def emit_ops(ops, dim_sizes: dict, prefix: str = "") -> list:
+def emit_ops(ops, dim_sizes: dict, prefix: str = "", block_of=block) -> list:
     """Lines of Triton for ``ops`` (Source ops are skipped: the kernel template loads them)."""
     lines = []
     for k, op in enumerate(ops):
@@ -71,7 +74,7 @@ def emit_ops(ops, dim_sizes: dict, prefix: str = "") -> list:
                 covered = any(leaf.axes == full and len(leaf.val.shape) == rank and leaf.sym in original.free_symbols
                               for leaf in op.leaves)
                 if rank and not covered:
-                    text = f"({text}) + {zeros(op.shape)}"
+                    text = f"({text}) + {zeros(op.shape, block_of)}"
                 elif not rank and not original.free_symbols:
                     text = f"tl.full([], {text}, tl.float32)"
                 lines.append(f"{out.id} = {text}")
@@ -80,7 +83,7 @@ def emit_ops(ops, dim_sizes: dict, prefix: str = "") -> list:
         elif isinstance(op, TopkMask):
             (dim,) = op.arg.shape
             count = min(op.count, dim_sizes[dim])  # keep_topk(x, n) keeps everything when n >= size
-            lines.append(f"{op.out.id} = _topk_mask({op.arg.id}, m_{dim}, {count}, {block(dim)})")
+            lines.append(f"{op.out.id} = _topk_mask({op.arg.id}, m_{dim}, {count}, {block_of(dim)})")
         elif isinstance(op, MatMul):
             a = f"tl.trans({op.a.id})" if op.ta else op.a.id
             b = f"tl.trans({op.b.id})" if op.tb else op.b.id

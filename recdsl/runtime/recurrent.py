@@ -6,6 +6,7 @@ import os
 
 import torch
 
+from ..codegen import tiling
 from ..codegen.recurrent import KernelSpec, generate
 from ..errors import BackendError
 from .cache import cache_key, load_module
@@ -29,7 +30,9 @@ def check_device(device: torch.device, backend: str):
 def kernels(rule, dim_sizes: dict):
     """The generated module and its KernelSpec for a rule at these dim sizes (cached)."""
     sizes = {d: dim_sizes[d] for d in rule.ir.dims}
-    key = cache_key(rule.ir.canonical(), "recurrent", repr(sorted(sizes.items())))
+    # the split thresholds are part of the key: tests lower them to exercise the split kernels
+    key = cache_key(rule.ir.canonical(), "recurrent", repr(sorted(sizes.items())),
+                    repr((tiling.SPLIT_ABOVE, tiling.SMALLEST_TILE)))
     holder = {}
 
     def make_source():
@@ -93,15 +96,20 @@ class _RecurrentFunction(torch.autograd.Function):
         finals = [torch.empty(call.state_shape(s.name), **f32) for s in rule.states]
         ckpts = [torch.empty([N * H * n_ckpt * launch.numel(s.dims)], **f32) if ckpt else launch.dummy()
                  for s in rule.states]
+        # values the backward needs but cannot compute in its tiles, stored per token
+        tokens = call.batch * call.time * H
+        residuals = [torch.empty([tokens * launch.numel(dims)], **f32) if ckpt else launch.dummy()
+                     for _, dims in launch.spec.residuals]
         kernel = getattr(launch.module, launch.spec.forward_name)
-        kernel[(N * H, launch.spec.tiles)](*inputs, *params, *h0, *outs, *finals, *ckpts,
+        kernel[(N * H, launch.spec.forward_programs)](*inputs, *params, *h0, *outs, *finals, *ckpts, *residuals,
                          launch.cu if launch.cu is not None else launch.dummy(),
                          call.time, H, n_ckpt,
                          USE_INITIAL=use_initial, STORE_FINAL=True,
                          IS_VARLEN=launch.cu is not None, CKPT=ckpt, num_warps=launch.spec.num_warps)
         ctx.launch, ctx.ckpt, ctx.n_ckpt = launch, ckpt, n_ckpt
         ctx.has_initial = [t is not None for t in initial]
-        ctx.save_for_backward(*inputs, *params, *ckpts)
+        ctx.n_ckpts = len(ckpts)
+        ctx.save_for_backward(*inputs, *params, *ckpts, *residuals)
         return (*outs, *finals)
 
     @staticmethod
@@ -110,7 +118,8 @@ class _RecurrentFunction(torch.autograd.Function):
         rule, call = launch.rule, launch.call
         n_in, n_par = len(rule.inputs), len(rule.params)
         saved = ctx.saved_tensors
-        inputs, params, ckpts = saved[:n_in], saved[n_in:n_in + n_par], saved[n_in + n_par:]
+        inputs, params = saved[:n_in], saved[n_in:n_in + n_par]
+        ckpts, residuals = saved[n_in + n_par:n_in + n_par + ctx.n_ckpts], saved[n_in + n_par + ctx.n_ckpts:]
         N, H, device = call.num_sequences, call.heads, call.device
         f32 = dict(dtype=torch.float32, device=device)
         n_out = len(rule.outputs)
@@ -122,19 +131,22 @@ class _RecurrentFunction(torch.autograd.Function):
         use_final = any(g is not None for g in d_final)
         dht = [g.contiguous() if g is not None else torch.zeros(call.state_shape(s.name), **f32)
                for g, s in zip(d_final, rule.states)]
-        scratch = [torch.empty([N * H * ctx.ckpt * launch.numel(s.dims)], **f32) for s in rule.states]
         spec = launch.spec
+        programs = spec.backward_programs
+        scratch = [torch.empty([N * H * programs * ctx.ckpt * spec.scratch_numel[s.name]], **f32)
+                   for s in rule.states]
 
         def partial(name, shape):
-            """Gradients not spanning the split dim come back as one partial sum per tile."""
-            return [1 if spec.spans_split.get(name) else spec.tiles] + list(shape)
+            """Gradients the backward's tiles do not each own a slice of come back as one
+            partial sum per program."""
+            return [1 if spec.gradient_whole.get(name) else programs] + list(shape)
 
         d_in = [torch.zeros(partial(v.name, t.shape), **f32) for v, t in zip(rule.inputs, inputs)]
         d_par = [torch.zeros(partial(p.name, [N * H] + [call.dim_sizes[d] for d in p.dims]), **f32)
                  for p in rule.params]
         dh0 = [torch.zeros(partial(s.name, call.state_shape(s.name)), **f32) for s in rule.states]
         kernel = getattr(launch.module, spec.backward_name)
-        kernel[(N * H, spec.tiles)](*inputs, *params, *ckpts, *scratch, *d_out, *dht, *d_in, *d_par, *dh0,
+        kernel[(N * H, programs)](*inputs, *params, *ckpts, *scratch, *residuals, *d_out, *dht, *d_in, *d_par, *dh0,
                                     launch.cu if launch.cu is not None else launch.dummy(),
                                     call.time, H, ctx.n_ckpt, call.batch * call.time,
                                     USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None,

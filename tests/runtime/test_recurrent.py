@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import recdsl
+from recdsl.codegen import tiling
+from recdsl.runtime.recurrent import kernels
 from recdsl.runtime.sample import sample_inputs
 from tests.helpers import EXAMPLES
 
@@ -120,6 +122,33 @@ def test_step_repeated_equals_full_call(name):
     torch.testing.assert_close(torch.stack(outs, dim=1), full, rtol=0, atol=1e-6)
     for a, b in zip(_as_list(state), _as_list(final)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
+
+
+@pytest.fixture
+def small_tiles(monkeypatch):
+    """Split even the tests' small states across programs (tiles of 2 to 4 lanes), as large
+    states are on a GPU (tiling.py: residuals, partial sums, shares of replicated gradients)."""
+    monkeypatch.setattr(tiling, "SPLIT_ABOVE", 8)
+    monkeypatch.setattr(tiling, "SMALLEST_TILE", 2)
+
+
+@pytest.mark.parametrize("name", RULES)
+def test_split_states_match_naive(name, small_tiles):
+    rule = _load(name)
+    spec, _ = kernels(rule, {d: SIZES[d] for d in rule.dims})
+    assert spec.forward_programs > 1 and spec.backward_programs > 1
+    tensors, states = _inputs(rule, 17, B=1, initial=True)
+    _compare(rule, tensors, states)
+
+
+@pytest.mark.parametrize("name", ["raven", "mlstm"])
+def test_split_states_with_residuals_and_packed_sequences(name, small_tiles):
+    rule = _load(name)
+    spec, _ = kernels(rule, {d: SIZES[d] for d in rule.dims})
+    assert len(spec.backward_tiles) == 2 and spec.residuals  # a dim the forward reduces over is split
+    cu = torch.tensor([0, 5, 6, 19])
+    tensors, states = _inputs(rule, 19, B=1, initial=True, sequences=3)
+    _compare(rule, tensors, states, cu_seqlens=cu)
 
 
 def test_cpu_without_interpreter_is_a_clear_error(monkeypatch):
