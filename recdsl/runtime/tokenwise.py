@@ -24,6 +24,11 @@ class Tokenwise:
 
     Values come back as ``[B, T, H, *shape]`` in ``dtype`` (default: the call's compute dtype).
     Inside ``for j in NH`` blocks pass ``loop={"j": index}``.
+
+    A let name may be bound again in a later ``for`` block, so names are resolved as the
+    checker did, lexically: every let reference (an ``ast.Name`` node of the rule) to the
+    ``let`` statement it sees. An expression is evaluated in the innermost block of the lets
+    it refers to, where every name means what it meant in the rule.
     """
 
     def __init__(self, rule: CheckedRule, call, dtype=None):
@@ -37,36 +42,81 @@ class Tokenwise:
         self.params = {p.name: call.tensors[p.name].to(self.dtype).unsqueeze(0).expand(B * T, *call.tensors[p.name].shape)
                        for p in rule.params}
         self.step = NaiveStep(rule, call.dim_sizes, self.dtype, call.device)
-        self.lets = {}  # (name, loop index or None) -> expression, state-free lets only
-        self._collect(rule.body, None)
-        self.cache = {}
+        self.bound = {}  # names visible everywhere (a subclass's chained values), [B*T, H, ...]
+        self.scopes = {}  # block (None: the body, else id of its For) -> {name: Let}
+        self.depth = {None: 0}
+        self.home = {}  # id(Let) -> its block
+        self.refers = {}  # id(Name node) -> the Let it refers to
+        self._collect(rule.body, None, {})
 
-    def _collect(self, body, loop):
+    def _collect(self, body, block, visible):
+        scope = self.scopes[block] = dict(visible)
         for st in body:
+            if isinstance(st, ast.For):
+                self.depth[id(st)] = self.depth[block] + 1
+                self._collect(st.body, id(st), scope)
+                continue
+            for e in ast.walk(st.value):
+                if isinstance(e, ast.Name) and e.kind == "let" and e.id in scope:
+                    self.refers[id(e)] = scope[e.id]
             if isinstance(st, ast.Let):
-                self.lets[(st.name, loop)] = st.value
-            elif isinstance(st, ast.For):
-                self._collect(st.body, st.var)
+                scope[st.name] = st
+                self.home[id(st)] = block
 
-    def _env(self, loop: dict | None):
-        """Lets as lazily evaluated values (only those reached are computed)."""
+    def _let(self, name: ast.Name) -> ast.Let:
+        """The let a name node refers to (a node built outside the rule: its only binding)."""
+        if id(name) in self.refers:
+            return self.refers[id(name)]
+        found = [st for st in ast.walk_statements(self.rule.body)
+                 if isinstance(st, ast.Let) and st.name == name.id]
+        if len(found) != 1:
+            raise KeyError(name.id)
+        return found[0]
+
+    def _block(self, expr):
+        """The innermost block of the lets ``expr`` refers to (None: the rule's body)."""
+        block = None
+        for e in ast.walk(expr):
+            if isinstance(e, ast.Name) and e.kind == "let" and e.id not in self.bound:
+                home = self.home[id(self._let(e))]
+                if self.depth[home] > self.depth[block]:
+                    block = home
+        return block
+
+    def _envs(self, loop: dict | None) -> dict:
+        """The environments of one evaluation by block (a subclass may keep them longer)."""
+        return {}
+
+    def _env(self, block, loop: dict | None, envs: dict):
+        """The lets visible in ``block`` as lazily evaluated values (only those reached are
+        computed), each evaluated in its own block's environment."""
+        if block in envs:
+            return envs[block]
         outer = self
+        scope = self.scopes[block]
 
         class _Lazy(dict):
             def __missing__(self, name):
+                if name in outer.bound:
+                    return outer.bound[name]
                 if loop and name in loop:
                     return loop[name]
-                key = (name, next(iter(loop)) if loop and (name, next(iter(loop))) in outer.lets else None)
-                if key not in outer.lets:
+                if name not in scope:
                     raise KeyError(name)
-                value = outer._eval(outer.lets[key], loop)
+                let = scope[name]
+                home = outer.home[id(let)]
+                if home != block:  # an enclosing block's let: computed (once) there
+                    value = outer._env(home, loop, envs)[name]
+                else:
+                    value = outer.step.expr(let.value, self, outer.token, outer.params, _NoStates())
                 self[name] = value
                 return value
 
-        return _Lazy()
+        envs[block] = _Lazy()
+        return envs[block]
 
     def _eval(self, expr, loop=None):
-        env = self._env(loop)
+        env = self._env(self._block(expr), loop, self._envs(loop))
         return self.step.expr(expr, env, self.token, self.params, _NoStates())
 
     def value(self, expr, loop: dict | None = None) -> torch.Tensor:
@@ -89,11 +139,8 @@ class Tokenwise:
     def _log(self, e, loop):
         if isinstance(e, ast.Call) and e.fn == "exp":
             return self._eval(e.args[0], loop)
-        if isinstance(e, ast.Name) and e.kind == "let":
-            key = (e.id, next(iter(loop)) if loop else None)
-            if key not in self.lets:
-                key = (e.id, None)
-            return self._log(self.lets[key], loop)
+        if isinstance(e, ast.Name) and e.kind == "let" and e.id not in self.bound:
+            return self._log(self._let(e).value, loop)
         if isinstance(e, ast.Num):
             return torch.tensor(math.log(e.value) if e.value > 0 else -math.inf, dtype=self.dtype,
                                 device=self.call.device)

@@ -50,22 +50,7 @@ def problem(rule):
             if step.loop is not None and step.loop.parent is not None:
                 return (f"the update of {sa.name} on line {step.node.pos.line} is inside nested "
                         f"'for' loops, which the chunkwise path does not unroll")
-    # per-token values are looked up by name (Tokenwise): a name bound in two blocks is ambiguous
-    seen = {}
-    for stmt, in_loop in _statements(rule.ir.body):
-        if isinstance(stmt, ast.Let) and in_loop:
-            if stmt.name in seen:
-                return (f"let {stmt.name} is bound in two 'for' blocks (lines {seen[stmt.name]} "
-                        f"and {stmt.pos.line}); the chunkwise path needs distinct names")
-            seen[stmt.name] = stmt.pos.line
     return None
-
-
-def _statements(body, in_loop=False):
-    for stmt in body:
-        yield stmt, in_loop
-        if isinstance(stmt, ast.For):
-            yield from _statements(stmt.body, True)
 
 
 def run(rule, call):
@@ -129,26 +114,22 @@ class _Values(Tokenwise):
 
     def __init__(self, rule, call):
         super().__init__(rule, call)
-        self.bound = {}  # name -> [B * T, H, *shape]
         self.memo = {}
-        self.envs = {}
+        self.kept = {}
 
     def bind(self, name, value):
         B, T = self.shape_bt
         self.bound[name] = value.reshape(B * T, *value.shape[2:])
 
-    def _env(self, loop):
-        # one lazily filled environment per loop index: a state-free let (Raven's routing,
-        # a topk over all tokens) is computed once for every expression that uses it
-        key = tuple(sorted((loop or {}).items()))
-        if key not in self.envs:
-            self.envs[key] = super()._env(loop)
-        env = self.envs[key]
-        env.update(self.bound)
-        return env
+    def _envs(self, loop):
+        # the environments kept per loop index: a state-free let (Raven's routing, a topk
+        # over all tokens) is computed once for every expression that uses it
+        return self.kept.setdefault(_loop_key(loop), {})
 
     def _key(self, kind, expr, loop):
-        return kind, unparse(expr), tuple(sorted((loop or {}).items()))
+        # the text names the same values within one block (a let name may be bound again in
+        # another block)
+        return kind, unparse(expr), self._block(expr), _loop_key(loop)
 
     def cached(self, expr, loop=None):
         key = self._key("value", expr, loop)
@@ -161,6 +142,10 @@ class _Values(Tokenwise):
         if key not in self.memo:
             self.memo[key] = self.log_decay(expr, loop)
         return self.memo[key]
+
+
+def _loop_key(loop):
+    return tuple(sorted((loop or {}).items()))
 
 
 def _unrolled(sa, dim_sizes):
@@ -302,8 +287,8 @@ class _Run:
                     f"the decay {unparse(factor.decay)} (line {pos.line}) is negative or nan for "
                     f"some tokens: the chunkwise path works with its log; use backend='naive'")
             return log
-        return self._shared(("log decay", factor.kind == "scalar", unparse(factor.decay),
-                             tuple(sorted((loop or {}).items()))), [], compute)
+        return self._shared(("log decay", factor.kind == "scalar")
+                            + self.values._key("log", factor.decay, loop), [], compute)
 
     # ------------------------------------------------------------ reads
 

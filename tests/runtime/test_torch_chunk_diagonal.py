@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import recdsl
+from recdsl.codegen import naive
 from recdsl.errors import BackendError
 from recdsl.runtime import torch_chunk_diagonal
 from recdsl.runtime.sample import sample_initial_state, sample_inputs
@@ -53,6 +54,25 @@ for j in NH:
 output o = q @ S
 """,
 }
+
+RULE_TEXTS["two_blocks"] = """
+rule two_blocks
+dims NH, K, V
+state S[K, V]
+input q[K], k[NH, K], v[NH, V], g[NH]
+
+let s = sigmoid(q)
+for j in NH:
+    let x = 2 * k[j] * s
+    let d = exp(g[j])
+    S = d * S + outer(x, v[j])
+for j in NH:
+    let x = 3 * k[j] + s
+    let d = exp(-g[j] * g[j])
+    S = d * S + outer(x, v[j])
+
+output o = q @ S
+"""  # let names bound again in a second block with the same loop variable, an outer let in both
 
 EXAMPLE_RULES = ["linear_attention", "retention", "mamba2", "gla", "raven"]
 RULES = EXAMPLE_RULES + list(RULE_TEXTS) + ["raven_topk_all", "raven_topk_1"]
@@ -180,6 +200,45 @@ def test_half_inputs_accumulate_in_float32(name, dtype):
     assert _rms_ratio(as_list(out32)[0].double(), golden) < 2 * eps
 
 
+# ---------------------------------------------------------------- keep_topk's ties
+
+
+def test_keep_topk_by_topk_keeps_what_the_stable_sort_keeps():
+    """keep_topk over many tokens (torch.topk plus a tie fix) keeps exactly the entries of
+    the stable sort: ties at the n-th value go to the lowest index; gradients reach the kept
+    entries only; a row holding nan falls back to the sort."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 4, (50, 3, 9), generator=g).double()  # ties everywhere
+    x[0, 0] = 1.0  # a row of equal entries
+    x[1, 0] = torch.arange(9.0)  # no ties
+    x[2, 1, 4] = float("nan")
+    for n in (1, 3, 8):
+        sort = naive.keep_topk(x, n)  # small: the stable sort
+        fast = x.clone().requires_grad_(True)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(naive, "TOPK_SORT_MAX", 0)
+            kept = naive.keep_topk(fast, n)
+        assert torch.equal(kept.detach().nan_to_num(7.5), sort.nan_to_num(7.5)), n
+        kept.nan_to_num(0.0).sum().backward()
+        chosen = torch.zeros_like(x).scatter(
+            -1, torch.sort(x, dim=-1, descending=True, stable=True).indices[..., :n], 1.0)
+        nan_row = torch.isnan(x).any(-1, keepdim=True)
+        assert torch.equal(torch.where(nan_row, chosen, fast.grad), chosen), n
+    assert naive.keep_topk(x, 9) is x  # n >= size keeps everything
+
+
+def test_raven_with_tied_routes_matches_naive(monkeypatch):
+    """Router logits with many ties: torch-chunk's routing (torch.topk over all tokens)
+    selects the slots the naive loop's stable sort selects, values and gradients."""
+    monkeypatch.setattr(naive, "TOPK_SORT_MAX", 1000)  # per token: the sort; all tokens: topk
+    rule = recdsl.load(EXAMPLES / "raven.rec", topk=3)
+    tensors, initial = _inputs(rule, 70, seed=6)
+    tensors["route"] = (tensors["route"] * 2).round() / 2  # about 5 distinct values over 12 slots
+    assert tensors["route"].numel() > naive.TOPK_SORT_MAX
+    _assert_close(_run(rule, tensors, initial, "torch-chunk"),
+                  _run(rule, tensors, initial, "naive"), what="raven ties")
+
+
 # ---------------------------------------------------------------- gates at the extremes
 
 
@@ -298,26 +357,19 @@ output o = q @ S
         "backend='naive' or 'auto'")
 
 
-def test_a_let_bound_in_two_blocks_is_refused():
-    rule = recdsl.compile("""
-rule twoblocks
-dims NH, K, V
-state S[K, V]
-input q[K], k[NH, K], v[NH, V]
-
-for j in NH:
-    let x = 2 * k[j]
-    S = S + outer(x, v[j])
-for j in NH:
-    let x = 3 * k[j]
-    S = S + outer(x, v[j])
-
-output o = q @ S
-""")
-    assert torch_chunk_diagonal.problem(rule) == (
-        "let x is bound in two 'for' blocks (lines 8 and 11); the chunkwise path needs "
-        "distinct names")
-    assert "torch-chunk" not in rule.backends()
+def test_a_let_name_bound_in_two_blocks_means_each_block_own():
+    """Each block's ``x`` and ``d`` (same names, same loop variable) are its own: the
+    per-token values resolve names as the checker does, not by name and loop variable."""
+    rule = _rule("two_blocks")
+    assert torch_chunk_diagonal.problem(rule) is None
+    assert rule.backends()[0] == "torch-chunk"
+    tensors, initial = _inputs(rule, 70, seed=4)
+    want = _run(rule, tensors, initial, "naive")
+    _assert_close(_run(rule, tensors, initial, "torch-chunk"), want, what="two blocks")
+    # the blocks really differ: with the first block's lets in both, the state would not match
+    swapped = recdsl.compile(RULE_TEXTS["two_blocks"].replace("3 * k[j] + s", "2 * k[j] * s"))
+    other = _run(swapped, tensors, initial, "naive")
+    assert (other["final S"] - want["final S"]).abs().max() > 1e-3
 
 
 def test_negative_decay_is_an_error_not_nan():
