@@ -94,8 +94,8 @@ from ..ir.checked import CheckedRule, Var
 from ..ir.ssa import _Lowering
 from ..ir.vjp import adjoint
 from .prologue import _PrologueGenerator, _num
-from .recurrent import _Emitter, _ident, _numel
-from .triton_ops import TOPK_HELPER, block, emit_ops, zeros
+from .recurrent import _ident
+from .triton_ops import TOPK_HELPER, block
 
 # Version of the template: part of the cache key.
 VERSION = "2"
@@ -1414,64 +1414,14 @@ class _StagePrologue(_PrologueGenerator):
     def quantity_dims(self, name) -> tuple:
         return tuple(self.values[name].shape)
 
-    def forward_kernel(self):
-        rule, prog = self.rule, self.forward
-        args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
-                + [f"p_{n}" for n in self.values] + ["NTOK", "H"])
-        e = _Emitter()
-        self.header(e, f"{self.name}_fwd", args)
-        self.load_params(e, prog)
-        e("for tok in range(start, stop):")
-        e.depth = 2
-        self.load_token(e, prog)
-        e.block(emit_ops(prog.ops, self.sizes))
-        for n in self.values:
-            dims = self.quantity_dims(n)
-            e(self._store(self.slot(n, 1, 0, dims), dims, prog.outputs[n].id))
-        return args, e.lines
+    def _quantities(self):
+        return [(n, n, 1, 0, self.quantity_dims(n)) for n in self.values]
 
-    def backward_kernel(self):
-        rule, adj = self.rule, self.adjoint
-        prog = adj.program
-        args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
-                + [f"p_d{n}" for n in self.values]
-                + [f"p_din_{v.name}" for v in rule.inputs] + [f"p_dpar_{v.name}" for v in rule.params]
-                + ["NTOK", "H"])
-        e = _Emitter()
-        self.header(e, f"{self.name}_bwd", args)
-        self.load_params(e, self.forward)
-        for name in prog.params:
-            dims = rule.var(name).dims
-            e(f"acc_{name} = {zeros(dims) if dims else 'tl.zeros([], tl.float32)'}")
-        e("for tok in range(start, stop):")
-        e.depth = 2
-        self.load_token(e, prog)
-        for n in self.values:
-            dims = self.quantity_dims(n)
-            e(self._load(adj.grad_outputs[n].id, self.slot("d" + n, 1, 0, dims), dims))
-        e.block(emit_ops(prog.ops, self.sizes, prefix="b"))
-        # an input used whole and as slices k[j]: the whole part stored first, the slices added
-        for (name, index), _ in sorted(prog.inputs.items(), key=lambda item: item[0][1] is not None):
-            grad = adj.grad_inputs.get((name, index))
-            if grad is None:
-                continue  # the gradient buffers start at zero
-            var = rule.var(name)
-            dims = var.dims if index is None else var.dims[1:]
-            base = f"p_din_{name} + (tok * H + i_h) * {_numel(var.dims, self.sizes)}"
-            if index is not None:
-                base += f" + {index * int(_numel(dims, self.sizes))}"
-            e(self._accumulate(base, dims, grad.id) if index is not None
-              else self._store(base, dims, grad.id))
-        for name in prog.params:
-            grad = adj.grad_params.get(name)
-            if grad is not None:
-                e(f"acc_{name} += {grad.id}")
-        e.depth = 1
-        for name in prog.params:  # one partial sum per (token block, head)
-            var = rule.var(name)
-            base = f"p_dpar_{name} + (tl.cast(i_b, tl.int64) * H + i_h) * {_numel(var.dims, self.sizes)}"
-            e(self._store(base, var.dims, f"acc_{name}"))
-        return args, e.lines
+    def _buffer_names(self) -> list:
+        return list(self.values)
+
+    def _kernel_name(self, direction: str) -> str:
+        return f"{self.name}_{direction}"
 
     def info(self) -> dict:
         adj = self.adjoint

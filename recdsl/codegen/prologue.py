@@ -31,7 +31,7 @@ from ..ir.checked import CheckedRule
 from ..ir.ssa import loop_dims, lower_values
 from ..ir.vjp import adjoint
 from .recurrent import _Emitter, _RecurrentGenerator, _ident, _numel
-from .triton_ops import TOPK_HELPER, block, emit_ops, zeros
+from .triton_ops import TOPK_HELPER, block, emit_ops
 
 # ---------------------------------------------------------------- the plan
 
@@ -314,12 +314,18 @@ class _PrologueGenerator(_RecurrentGenerator):
                 out.append((name, buffer, count, j, dims))
         return out
 
+    def _buffer_names(self) -> list:
+        return [b for b, _, _ in _buffers(self.plan)]
+
+    def _kernel_name(self, direction: str) -> str:
+        return f"{_ident(self.rule.name)}_prologue_{direction}"
+
     def forward_kernel(self):
         rule, prog = self.rule, self.forward
         args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
-                + [f"p_{b}" for b, _, _ in _buffers(self.plan)] + ["NTOK", "H"])
+                + [f"p_{b}" for b in self._buffer_names()] + ["NTOK", "H"])
         e = _Emitter()
-        self.header(e, f"{_ident(rule.name)}_prologue_fwd", args)
+        self.header(e, self._kernel_name("fwd"), args)
         self.load_params(e, prog)
         e("for tok in range(start, stop):")
         e.depth = 2
@@ -333,39 +339,21 @@ class _PrologueGenerator(_RecurrentGenerator):
         rule, adj = self.rule, self.adjoint
         prog = adj.program
         args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
-                + [f"p_d{b}" for b, _, _ in _buffers(self.plan)]
+                + [f"p_d{b}" for b in self._buffer_names()]
                 + [f"p_din_{v.name}" for v in rule.inputs] + [f"p_dpar_{v.name}" for v in rule.params]
                 + ["NTOK", "H"])
         e = _Emitter()
-        self.header(e, f"{_ident(rule.name)}_prologue_bwd", args)
+        self.header(e, self._kernel_name("bwd"), args)
         self.load_params(e, self.forward)
-        for name in prog.params:
-            dims = rule.var(name).dims
-            e(f"acc_{name} = {zeros(dims) if dims else 'tl.zeros([], tl.float32)'}")
+        self.init_param_gradients(e)
         e("for tok in range(start, stop):")
         e.depth = 2
         self.load_token(e, prog)
         for name, buffer, count, j, dims in self._quantities():
             e(self._load(adj.grad_outputs[name].id, self.slot("d" + buffer, count, j, dims), dims))
         e.block(emit_ops(prog.ops, self.sizes, prefix="b"))
-        # an input used whole and as slices k[j]: the whole part is stored first, the slices
-        # added to it (the gradient buffers start at zero)
-        entries = sorted(prog.inputs.items(), key=lambda item: item[0][1] is not None)
-        for (name, index), _ in entries:
-            grad = adj.grad_inputs.get((name, index))
-            if grad is None:
-                continue
-            var = rule.var(name)
-            dims = var.dims if index is None else var.dims[1:]
-            base = f"p_din_{name} + (tok * H + i_h) * {_numel(var.dims, self.sizes)}"
-            if index is not None:
-                base += f" + {index * int(_numel(dims, self.sizes))}"
-            whole_too = index is not None and adj.grad_inputs.get((name, None)) is not None
-            e(self._accumulate(base, dims, grad.id) if whole_too else self._store(base, dims, grad.id))
-        for name in prog.params:
-            grad = adj.grad_params.get(name)
-            if grad is not None:
-                e(f"acc_{name} += {grad.id}")
+        self.store_input_gradients(e, prog)
+        self.accumulate_param_gradients(e)
         e.depth = 1
         for name in prog.params:  # one partial sum per (token block, head)
             var = rule.var(name)

@@ -91,6 +91,11 @@ class _Emitter:
 
 
 class _RecurrentGenerator:
+    # the kernel being generated: its tiling and how its block sizes are named (``use``);
+    # the token-parallel generators that reuse the loads and stores never tile
+    kernel_tiling = tiling.Tiling()
+    block_of = staticmethod(block)
+
     def __init__(self, rule: CheckedRule, dim_sizes: dict):
         self.rule = rule
         self.sizes = dict(dim_sizes)
@@ -100,17 +105,14 @@ class _RecurrentGenerator:
         self.forward = lower(rule, self.sizes)
         self.adjoint = adjoint(self.forward)  # its first ops are the forward's own: same names
         self.forward_tiling = tiling.forward_tiling(rule, self.forward, self.sizes, self.blocks)
-        self.plan = tiling.backward_plan(rule, self.adjoint, self.sizes, self.blocks)
-        # the kernel being generated: its tiling and block-size names (set per kernel)
-        self.tiling = tiling.Tiling()
-        self.block_of = block
+        self.backward_plan = tiling.backward_plan(rule, self.adjoint, self.sizes, self.blocks)
 
     # ------------------------------------------------------------ shared pieces
 
     def use(self, kernel: str, tiles: tiling.Tiling):
         """Generate ``kernel`` ("F" forward, "B" backward) under ``tiles``: each kernel has its
         own block-size constants (``FB_V``, ``BB_V``), since the two may tile V differently."""
-        self.tiling = tiles
+        self.kernel_tiling = tiles
         self.block_of = lambda d: f"{kernel}B_{d}"
 
     def block_sizes(self, tiles: tiling.Tiling) -> dict:
@@ -131,13 +133,13 @@ class _RecurrentGenerator:
         e("    eos = bos + T")
         stride = 1
         strides = {}
-        for d in reversed(list(self.tiling.tiles)):
+        for d in reversed(list(self.kernel_tiling.tiles)):
             strides[d] = stride
-            stride *= self.tiling.counts[d]
+            stride *= self.kernel_tiling.counts[d]
         for d in self.rule.dims:
             b = self.block_of(d)
-            if d in self.tiling.tiles:
-                e(f"t_{d} = (i_tile // {strides[d]}) % {self.tiling.counts[d]}")
+            if d in self.kernel_tiling.tiles:
+                e(f"t_{d} = (i_tile // {strides[d]}) % {self.kernel_tiling.counts[d]}")
                 e(f"{tiling.first_tile(d)} = tl.where(t_{d} == 0, 1.0, 0.0)")
                 e(f"o_{d} = t_{d} * {b} + tl.arange(0, {b})")
             else:
@@ -197,7 +199,7 @@ class _RecurrentGenerator:
     def forward_kernel(self):
         rule, prog = self.rule, self.forward
         self.use("F", self.forward_tiling)
-        residuals = self.plan.residuals
+        residuals = self.backward_plan.residuals
         args = ([f"p_in_{v.name}" for v in rule.inputs] + [f"p_par_{v.name}" for v in rule.params]
                 + [f"p_h0_{s.name}" for s in rule.states] + [f"p_out_{o.name}" for o in rule.outputs]
                 + [f"p_ht_{s.name}" for s in rule.states] + [f"p_ckpt_{s.name}" for s in rule.states]
@@ -231,7 +233,7 @@ class _RecurrentGenerator:
             e("if CKPT > 0:")
             for r in residuals:
                 store = self._store(self.token_base("res", r.id, r.shape), r.shape, r.id)
-                if self.tiling.covers(r.shape):
+                if self.kernel_tiling.covers(r.shape):
                     e(f"    {store}")
                 else:
                     e("    if i_tile == 0:")
@@ -247,7 +249,7 @@ class _RecurrentGenerator:
     # ------------------------------------------------------------ backward kernel
 
     def backward_kernel(self):
-        rule, adj, plan = self.rule, self.adjoint, self.plan
+        rule, adj, plan = self.rule, self.adjoint, self.backward_plan
         self.use("B", plan.tiling)
         prog = tiling.used_program(adj.program, plan.ops)
         recompute = tiling.used_program(self.forward, plan.recompute)
@@ -266,9 +268,7 @@ class _RecurrentGenerator:
         self.prologue(e)
         self.load_params(e, fwd)
         # gradient accumulators of params (summed over the sequence in the program)
-        for name in adj.grad_params:
-            if adj.grad_params[name] is not None:
-                e(f"acc_{name} = {self.zeros(rule.var(name).dims)}")
+        self.init_param_gradients(e)
         # the state gradient walked backwards: dS after the last token
         for s in rule.states:
             seed = adj.grad_states_out[s.name].id
@@ -316,9 +316,7 @@ class _RecurrentGenerator:
                 e(self._load(op.out.id, self.token_base("do", op.name, dims), dims))
         e.block(self.emit(plan.ops, prefix="b"))
         self.store_input_gradients(e, prog)
-        for name, grad in adj.grad_params.items():
-            if grad is not None:
-                e(f"acc_{name} += {self.whole_or_share(grad, rule.var(name).dims)}")
+        self.accumulate_param_gradients(e)
         # carry the state gradient to the previous token, a share where it is one
         for s in rule.states:
             grad = adj.grad_states_in.get(s.name)
@@ -335,10 +333,9 @@ class _RecurrentGenerator:
             seed = adj.grad_states_out[s.name].id
             missing = set(plan.tiling.tiles) - set(s.dims) - plan.carried[s.name]
             e(self._store(self._partial_base("dh0", s.name, s.dims), s.dims, self.first_tiles(missing, seed)))
-        for name, grad in adj.grad_params.items():
-            if grad is not None:
-                var = rule.var(name)
-                e(self._store(self._partial_base("dpar", name, var.dims), var.dims, f"acc_{name}"))
+        for name in adj.program.params:
+            var = rule.var(name)
+            e(self._store(self._partial_base("dpar", name, var.dims), var.dims, f"acc_{name}"))
         return args, e.lines
 
     def first_tiles(self, dims, value) -> str:
@@ -350,8 +347,20 @@ class _RecurrentGenerator:
     def whole_or_share(self, grad, dims) -> str:
         """A gradient of a value of ``dims`` as this program's share of the sum the launcher
         forms: a replicated one is counted by the first tile along each split dim only."""
-        missing = set(self.plan.tiling.tiles) - set(dims) - self.plan.partial.get(grad, frozenset())
-        return self.first_tiles(missing, grad.id)
+        across = set(self.kernel_tiling.tiles) - set(dims)
+        if not across:
+            return grad.id
+        return self.first_tiles(across - self.backward_plan.partial.get(grad, frozenset()), grad.id)
+
+    def init_param_gradients(self, e: _Emitter):
+        """Accumulators of the param gradients, summed over the tokens a program walks."""
+        for name in self.adjoint.program.params:  # every one is stored, zero if no gradient
+            e(f"acc_{name} = {self.zeros(self.rule.var(name).dims)}")
+
+    def accumulate_param_gradients(self, e: _Emitter):
+        for name, grad in self.adjoint.grad_params.items():
+            if grad is not None:
+                e(f"acc_{name} += {self.whole_or_share(grad, self.rule.var(name).dims)}")
 
     def store_input_gradients(self, e: _Emitter, prog: Program):
         """Input gradients of this token; an input used whole and as slices k[j] gets the
@@ -365,7 +374,7 @@ class _RecurrentGenerator:
             var = self.rule.var(name)
             dims = var.dims if index is None else var.dims[1:]
             base = self.token_base("din", name, var.dims)
-            if not self.tiling.covers(var.dims):  # one partial sum per program: [programs, B, T, H, ...]
+            if not self.kernel_tiling.covers(var.dims):  # one partial sum per program: [programs, B, T, H, ...]
                 base += f" + i_tile * NTOKENS * H * {_numel(var.dims, self.sizes)}"
             if index is not None:
                 base += f" + {index * int(_numel(dims, self.sizes))}"
@@ -382,8 +391,8 @@ class _RecurrentGenerator:
         """Store (or load) this program's tile of ``state`` in its scratch slot: a block of
         its own (padding lanes included, so no masks), one per program."""
         dims = state.dims
-        n = math.prod(self.block_sizes(self.tiling)[d] for d in dims)  # elements of one tile
-        base = f"p_scratch_{state.name} + ((i_nh * {self.tiling.programs} + i_tile) * CKPT + {slot}) * {n}"
+        n = math.prod(self.block_sizes(self.kernel_tiling)[d] for d in dims)  # elements of one tile
+        base = f"p_scratch_{state.name} + ((i_nh * {self.kernel_tiling.programs} + i_tile) * CKPT + {slot}) * {n}"
         if len(dims) == 0:
             offs = "0"
         elif len(dims) == 1:
@@ -399,7 +408,7 @@ class _RecurrentGenerator:
         """Per (sequence, head) results; those the backward's tiles do not each own a slice of
         are one partial sum per program: [programs, N * H, ...]."""
         n = _numel(dims, self.sizes)
-        if self.tiling.covers(dims):
+        if self.kernel_tiling.covers(dims):
             return f"p_{kind}_{name} + i_nh * {n}"
         return f"p_{kind}_{name} + (i_tile * tl.num_programs(0) + i_nh) * {n}"
 
@@ -413,7 +422,7 @@ class _RecurrentGenerator:
     def generate(self) -> KernelSpec:
         fwd_args, fwd_lines = self.forward_kernel()
         bwd_args, bwd_lines = self.backward_kernel()
-        adj, rule, plan = self.adjoint, self.rule, self.plan
+        adj, rule, plan = self.adjoint, self.rule, self.backward_plan
         header = [
             f'"""Fused recurrent kernels for rule {rule.name}, generated by recdsl.',
             f"Dims: {', '.join(f'{d}={n}' for d, n in self.sizes.items())}.",

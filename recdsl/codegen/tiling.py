@@ -34,7 +34,7 @@ from itertools import combinations
 
 import sympy
 
-from ..ir.ssa import Elementwise, MatMul, Program, Reduce, Source, TopkMask, Val, outs_of
+from ..ir.ssa import Elementwise, MatMul, Program, Reduce, Source, TopkMask, outs_of
 from ..ir.vjp import Adjoint
 
 # State elements one program holds before the states are split across programs: measured with
