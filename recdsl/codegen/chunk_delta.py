@@ -436,7 +436,7 @@ def chunk_delta_bwd_dk(k, beta, g, delta, du, states, dstates, dk, dbeta, dg, ch
                        BV: tl.constexpr, DOT: tl.constexpr):
     """Through B (in Y = U - B S0) and the write of S1: dk (bwd_dk_tail adds the rest), and
     the parts of dbeta and dg these carry (added to bwd_dm's). Its products are ieee on every
-    target: small tiles, and tf32x3 here spills on sm_80."""
+    target: small tiles (16 x 16 on a GPU, see _TILE_CAPS), and tf32x3 here spilled on sm_80."""
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
@@ -469,11 +469,17 @@ def chunk_delta_bwd_dk(k, beta, g, delta, du, states, dstates, dk, dbeta, dg, ch
         d_bg -= tl.sum(k_t * a1, axis=1)
         d_write += tl.sum(k_t * a2, axis=1)
     d_beta = tl.exp(gam_r) * d_bg
-    d_gam_r = bg * d_bg - dec * d_write
-    d_gam_last = tl.sum(dec * d_write, axis=0) + tl.exp(gam_last) * d_carry
+    # the write's decay exp(γ_C - γ_r) spans the tokens after row r's: each token's share is
+    # the sum over the rows of earlier tokens, added directly (as -d_gam_r plus a share of
+    # d_gam_last it would be a difference of two sums over the chunk, which cancel for the
+    # chunk's first tokens and left their gradients 1e-6 off, relatively)
+    o_c = tl.arange(0, C)
+    d_write_c = tl.sum(tl.reshape(dec * d_write, [C, NHP]), axis=1)
+    d_suf_c = tl.sum(tl.where(o_c[None, :] < o_c[:, None], d_write_c[None, :], 0.0), axis=1)
     tl.store(dbeta + rbase + roffs, tl.load(dbeta + rbase + roffs, mask=m_r, other=0.0) + d_beta,
              mask=m_r)
-    d_g = _to_log_decays(tl.zeros([C], dtype=tl.float32), d_gam_r, d_gam_last, NHP, C)
+    d_g = d_suf_c + _to_log_decays(tl.zeros([C], dtype=tl.float32), bg * d_bg,
+                                   tl.exp(gam_last) * d_carry, NHP, C)
     tl.store(dg + tbase + toffs, tl.load(dg + tbase + toffs, mask=m_c, other=0.0) + d_g, mask=m_c)
 
 
@@ -577,9 +583,26 @@ def config(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = No
 # (NH=2), at 4 it builds without spills for NH = 1..3, K = V = 64 and 128, on sm_80 and sm_90.
 _WIDE = ("chunk_delta_bwd_dm", "chunk_delta_bwd_dk")
 
+# Caps (BKT, BV) on config's tiles for kernels that walk K and V inside one program. bwd_dk
+# holds two [R, BKT] accumulators and multiplies with ieee (FMA) products: at 32 x 32 ptxas held
+# it to 128 registers at 8 warps and spilled on sm_80 (K = V = 128, NH = 2), and at 4 warps it
+# spilled on sm_90; at 16 x 16 it takes 64 to 116 registers, no spills, for NH = 1..3 and
+# K = V = 64 and 128 on sm_80 and sm_90 (benchmarks/aot_matrix.py). The price: its du and Δ
+# tiles are read once per K tile, twice as often as at 32.
+_TILE_CAPS = {"chunk_delta_bwd_dk": (16, 16)}
+
 
 def num_warps(kernel: str, cfg: dict) -> int:
     return 8 if kernel in _WIDE else 4
+
+
+def constexprs(kernel: str, cfg: dict) -> dict:
+    """The constexprs of ``kernel``: ``cfg`` (from ``config``) with its tile caps applied.
+    Only kernels whose grid has no K or V axis have caps: the others' tiles are the grid's."""
+    if kernel not in _TILE_CAPS:
+        return cfg
+    bk, bv = _TILE_CAPS[kernel]
+    return dict(cfg, BKT=min(cfg["BKT"], bk), BV=min(cfg["BV"], bv))
 
 
 # argument types of each kernel for ahead-of-time builds (pointers to fp32 buffers, int64
@@ -608,11 +631,15 @@ def aot_module(key_dim: int, value_dim: int, steps: int, chunk_size: int | None 
     from . import aot
     cfg = config(key_dim, value_dim, steps, chunk_size)
     variant = (f"K={key_dim} V={value_dim} NH={steps} chunk {cfg['C']} (rows {cfg['R']}), "
-               f"V tile {cfg['BV']}, {cfg['DOT']}")
+               f"K x V tiles {cfg['BKT']} x {cfg['BV']}"
+               + "".join(f" ({k.removeprefix('chunk_delta_')} {min(cfg['BKT'], bk)} x {min(cfg['BV'], bv)})"
+                         for k, (bk, bv) in _TILE_CAPS.items())
+               + f", {cfg['DOT']}")
     entries = []
     for name, (pointers, bounds, flags) in KERNELS.items():
         types = {a: _P for a in pointers.split()}
         types.update({a: _I for a in bounds.split()})
         types["H"] = "i32"
-        entries.append(aot.KernelEntry(name, types, {**cfg, **flags}, num_warps(name, cfg), variant))
+        entries.append(aot.KernelEntry(name, types, {**constexprs(name, cfg), **flags},
+                                       num_warps(name, cfg), variant))
     return aot.GeneratedModule("chunk-delta", "chunk_delta_core.py", Path(__file__).read_text(), entries)

@@ -90,7 +90,7 @@ class _Launch:
 
     def _launch(self, kernel, grid, args, flags):
         name = f"chunk_delta_{kernel}"
-        getattr(self.core, name)[grid](*args, **self.cfg, **flags,
+        getattr(self.core, name)[grid](*args, **self.core.constexprs(name, self.cfg), **flags,
                                        num_warps=self.core.num_warps(name, self.cfg))
 
     def chunks(self, kernel, *args, v_tiles=False, k_tiles=False):

@@ -288,12 +288,14 @@ def test_prologue_takes_the_rules_own_per_token_math():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name,nh", [("gated_delta", 1), ("deltaproduct", 3)])
-def test_kernels_build_for_sm90_at_128_without_spills(name, nh):
-    """Real builds (ptxas) for sm_90 at K = V = 128: the core's nine kernels and the rule's
-    prologue, no spills, shared memory within the H100's limit."""
+@pytest.mark.parametrize("name,nh,arch", [("gated_delta", 1, "sm_90"), ("deltaproduct", 3, "sm_90"),
+                                          ("deltaproduct", 2, "sm_80")])
+def test_kernels_build_at_128_without_spills(name, nh, arch):
+    """Real builds (ptxas) at K = V = 128: the core's nine kernels and the rule's prologue, no
+    spills, shared memory within the GPU's limit (bwd_dk spilled on sm_80 at NH = 2 with
+    32 x 32 tiles). benchmarks/aot_matrix.py builds the whole matrix."""
     from recdsl.codegen import aot
-    arch = aot.ARCHS["sm_90"]
+    arch = aot.ARCHS[arch]
     rule = _load(name)
     sizes = {d: {"K": 128, "V": 128, "NH": nh}[d] for d in rule.dims}
     builds = aot.build_module(core.aot_module(128, 128, nh), arch)
