@@ -111,15 +111,17 @@ class KernelBuild:
     def spill_bytes(self) -> int:
         return self.spill_stores + self.spill_loads
 
-    def problems(self, arch: Arch) -> list:
+    def problems(self, arch: Arch, name: str = "") -> list:
+        """What is wrong with this build on ``arch``; ``name`` the kernel's label in a report."""
+        name = name or self.kernel
         out = []
         if self.spill_bytes or (self.source_of_figures == "cuobjdump" and self.stack):
-            out.append(f"{self.kernel} spills registers to local memory on {arch.name}: "
+            out.append(f"{name} spills registers to local memory on {arch.name}: "
                        f"{self.spill_stores} bytes stored, {self.spill_loads} bytes loaded, "
                        f"{self.stack} bytes stack frame (registers {self.registers}, "
                        f"num_warps {self.num_warps})")
         if self.shared > arch.max_shared:
-            out.append(f"{self.kernel} needs {_bytes(self.shared)} of shared memory; "
+            out.append(f"{name} needs {_bytes(self.shared)} of shared memory; "
                        f"{arch.name} has {arch.limit_text}")
         return out
 
@@ -367,14 +369,26 @@ def _bytes(n: int) -> str:
     return f"{n} B" if n < 1024 else f"{n / 1024:.1f} KiB"
 
 
+def repeated_names(builds: list) -> set:
+    """Kernel names built more than once (variants of one kernel: the table tells them apart
+    by their variant)."""
+    names = [b.kernel for b in builds]
+    return {n for n in names if names.count(n) > 1}
+
+
+def label(build: KernelBuild, repeated: set) -> str:
+    return f"{build.kernel} [{build.variant}]" if build.kernel in repeated and build.variant else build.kernel
+
+
 def format_table(builds: list) -> str:
     header = ["kernel", "warps", "registers", "spill bytes (st+ld)", "shared", "build"]
     rows = [header]
+    repeated = repeated_names(builds)
     for b in builds:
         spill = f"{b.spill_bytes} ({b.spill_stores}+{b.spill_loads})"
         if b.source_of_figures == "cuobjdump":
             spill = f"stack {b.stack}*"
-        rows.append([b.kernel, str(b.num_warps), str(b.registers), spill, _bytes(b.shared),
+        rows.append([label(b, repeated), str(b.num_warps), str(b.registers), spill, _bytes(b.shared),
                      f"{b.seconds:.1f} s"])
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
     align = ["<", ">", ">", ">", ">", ">"]
@@ -385,7 +399,8 @@ def format_table(builds: list) -> str:
 
 
 def problems(builds: list, arch: Arch) -> list:
-    return [p for b in builds for p in b.problems(arch)]
+    repeated = repeated_names(builds)
+    return [p for b in builds for p in b.problems(arch, label(b, repeated))]
 
 
 if __name__ == "__main__":

@@ -104,8 +104,51 @@ def chunk_delta_modules(rule: CheckedRule, sizes: dict) -> list:
             chunk_delta.aot_module(sizes[plan.key_dim], sizes[plan.value_dim], plan.steps)]
 
 
+def _kernel_args(source: str) -> dict:
+    """Function name -> its non-constexpr argument names, read from generated source."""
+    import ast as pyast
+    return {f.name: [a.arg for a in f.args.args if a.annotation is None]
+            for f in pyast.parse(source).body if isinstance(f, pyast.FunctionDef)}
+
+
+def chunk_diagonal_modules(rule: CheckedRule, sizes: dict) -> list:
+    """The chunkwise kernels of a diagonal-family rule: its generated stage prologues and the
+    fixed pass kernels, once per distinct pass shape at the rule's sizes (the GPU tiles and the
+    default chunk of ``recdsl.runtime.chunk_diagonal``); none for a rule the backend refuses."""
+    from ..runtime import chunk_diagonal as runtime
+    from ..runtime.rule import Rule
+    from . import chunk_diagonal
+    full = Rule(rule)
+    if full.family != "diagonal" or chunk_diagonal.problem(full) is not None:
+        return []
+    the_plan = chunk_diagonal.plan(full)
+    spec = chunk_diagonal.generate_prologue(full, sizes, the_plan)
+    args = _kernel_args(spec.source)
+    caller = {f"p_in_{v.name}" for v in rule.inputs} | {f"p_par_{v.name}" for v in rule.params}
+
+    def types(names):  # inputs and params in the caller's dtype; read values and the rest fp32
+        return {n: aot.DATA if n in caller else "*fp32" if n.startswith("p_") else "i32"
+                for n in names}
+
+    variant = ", ".join(f"{d}={n}" for d, n in sizes.items())
+    entries = [aot.KernelEntry(name, types(args[name]), {"TOKB": runtime.TOKENS_PER_PROGRAM}, 4,
+                               variant)
+               for info in spec.stages for name in (info["forward"], info["backward"])]
+    modules = [aot.GeneratedModule("chunk-diagonal-prologue", f"{rule.name}_chunk_diagonal_prologue.py",
+                                   spec.source, entries)]
+    passes = aot.GeneratedModule("chunk-diagonal", "chunk_diagonal.py", chunk_diagonal.SOURCE, [])
+    shapes = {}  # passes of one shape run the same kernels
+    for p in the_plan.passes:
+        shapes.setdefault(p.shape(sizes, runtime.CHUNK_SIZE), []).append(p)
+    for shape, same in shapes.items():
+        name = "pass " + ", ".join(f"{p.index} ({p.x_dim} x {p.y_dim})" for p in same)
+        passes.kernels += chunk_diagonal.aot_module(shape, name).kernels
+    return modules + [passes]
+
+
 # Each generator gives a list of modules for (checked rule, sizes): empty where it does not apply.
-GENERATORS = (lambda rule, sizes: [recurrent_module(rule, sizes)], chunk_delta_modules)
+GENERATORS = (lambda rule, sizes: [recurrent_module(rule, sizes)], chunk_delta_modules,
+              chunk_diagonal_modules)
 
 
 def generated_modules(rule: CheckedRule, sizes: dict) -> list:
@@ -245,12 +288,13 @@ def report(rule: CheckedRule, sizes: dict, arch: aot.Arch, dtype: str = "float32
     has."""
     out, err = out or sys.stdout, err or sys.stderr
     dims = " ".join(f"{d}={n}" for d, n in sizes.items())
-    builds, variants = [], []
+    builds = []
     for module in generated_modules(rule, sizes):
         builds += aot.build_module(module, arch, dtype,
                                    progress=lambda text: print(f"  {text} ...", file=err, flush=True))
-        variants += sorted({k.variant for k in module.kernels if k.variant})
     found = aot.problems(builds, arch)
+    repeated = aot.repeated_names(builds)  # their variants are in the table, after the name
+    variants = list(dict.fromkeys(b.variant for b in builds if b.variant and b.kernel not in repeated))
     if verbose:
         print(f"rule {rule.name} ({rule.filename}) on {arch.name}: {dims}, {dtype} inputs, "
               f"built with {aot.ptxas_version(arch)}", file=out)

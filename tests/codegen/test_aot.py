@@ -120,7 +120,8 @@ def test_problems_name_spills_and_shared_memory():
 
 def test_a_spilling_kernel_makes_the_command_exit_1(monkeypatch, capsys):
     def fake_build(module, arch, dtype="float32", progress=None):
-        return [_build(kernel=k.name, num_warps=k.num_warps, spill_stores=8 if "bwd" in k.name else 0)
+        return [_build(kernel=k.name, num_warps=k.num_warps, variant=k.variant,
+                       spill_stores=8 if "bwd" in k.name else 0)
                 for k in module.kernels]
     monkeypatch.setattr(aot, "build_module", fake_build)
     code = export.command(_args(ROOT / "examples/gla.rec", "--arch", "sm_90", "--report"))
@@ -128,9 +129,15 @@ def test_a_spilling_kernel_makes_the_command_exit_1(monkeypatch, capsys):
     assert code == 1
     assert "rule_gla_recurrent_fwd" in out and "rule_gla_recurrent_bwd" in out
     assert "8 (8+0)" in out
-    assert err.splitlines()[-1] == ("error: rule_gla_recurrent_bwd spills registers to local memory on "
-                                    "sm_90: 8 bytes stored, 0 bytes loaded, 0 bytes stack frame "
-                                    "(registers 200, num_warps 8)")
+    errors = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert errors[0] == ("error: rule_gla_recurrent_bwd spills registers to local memory on "
+                         "sm_90: 8 bytes stored, 0 bytes loaded, 0 bytes stack frame "
+                         "(registers 200, num_warps 8)")
+    # the chunk kernels are built too; a kernel built in two variants is named with its variant
+    assert [e.split(" spills")[0] for e in errors[1:]] == [
+        "error: rule_gla_stage0_bwd", "error: chunk_bwd_dh",
+        "error: chunk_bwd_x [pass 0 (K x V) backward: u]",
+        "error: chunk_bwd_x [pass 0 (K x V) backward: kx]", "error: chunk_bwd_y"]
 
 
 # ----------------------------------------------------------------- dims and usage errors
@@ -162,8 +169,10 @@ def test_export_writes_readable_files_with_headers(tmp_path, capsys):
     code = export.command(_args(ROOT / "examples/raven.rec", "-o", tmp_path / "out", "--dims", "K=32,V=16"))
     assert code == 0
     kernels, programs = tmp_path / "out/raven_recurrent.py", tmp_path / "out/raven_token_torch.py"
-    assert capsys.readouterr().out.splitlines() == [f"wrote {kernels}", f"wrote {programs}"]
-    for path in (kernels, programs):
+    chunk = [tmp_path / "out/raven_chunk_diagonal_prologue.py", tmp_path / "out/chunk_diagonal.py"]
+    written = [kernels, *chunk, programs]
+    assert capsys.readouterr().out.splitlines() == [f"wrote {path}" for path in written]
+    for path in written:
         text = path.read_text()
         lines = text.splitlines()
         assert lines[0].endswith(f"for rule 'raven' ({ROOT / 'examples/raven.rec'}).")
@@ -175,6 +184,34 @@ def test_export_writes_readable_files_with_headers(tmp_path, capsys):
     names = [f.name for f in tree.body if isinstance(f, pyast.FunctionDef)]
     assert names == ["_topk_mask", "rule_raven_recurrent_fwd", "rule_raven_recurrent_bwd"]
     assert pyast.get_docstring(tree).startswith("Fused recurrent kernels for rule raven")
+
+
+def test_diagonal_rules_build_their_chunk_kernels():
+    """A diagonal rule's report builds its stage prologues (inputs and params in the caller's
+    dtype, read values and quantities fp32) and the pass kernels once per pass shape; a delta
+    rule has none of them."""
+    rule = recdsl.load(ROOT / "examples/raven.rec").ir
+    prologue, passes = export.chunk_diagonal_modules(rule, {"M": 64, "K": 32, "V": 16})
+    assert [k.name for k in prologue.kernels] == ["rule_raven_stage0_fwd", "rule_raven_stage0_bwd",
+                                                  "rule_raven_stage1_fwd", "rule_raven_stage1_bwd"]
+    assert prologue.kernels[2].arg_types == {
+        **{f"p_in_{n}": aot.DATA for n in ("q", "k", "v", "route", "a")}, "p_in_read0": "*fp32",
+        "p_par_A_log": aot.DATA, "p_par_dt_bias": aot.DATA, "p_q4": "*fp32", "NTOK": "i32", "H": "i32"}
+    assert [(k.name, k.variant, k.constexprs.get("BX"), k.constexprs.get("BV")) for k in passes.kernels] == [
+        ("chunk_fwd", "pass 0 (K x M) forward", 32, 32),
+        ("chunk_bwd_dh", "pass 0 (K x M) backward: state gradient", 32, 32),
+        ("chunk_bwd_x", "pass 0 (K x M) backward: u", 32, 32),
+        ("chunk_bwd_x", "pass 0 (K x M) backward: kx", 32, 32),
+        ("chunk_bwd_y", "pass 0 (K x M) backward: vy", 32, 32),
+        ("chunk_bwd_y", "pass 0 (K x M) backward: o (Y decays)", 32, 32),
+        ("chunk_decays", "pass 0 (K x M) decay sums (Y)", None, None),
+        ("chunk_fwd", "pass 1 (M x V) forward", 32, 16),
+        ("chunk_bwd_dh", "pass 1 (M x V) backward: state gradient", 32, 16),
+        ("chunk_bwd_x", "pass 1 (M x V) backward: u", 32, 16),
+        ("chunk_bwd_x", "pass 1 (M x V) backward: kx", 32, 16),
+        ("chunk_bwd_y", "pass 1 (M x V) backward: vy", 32, 16),
+        ("chunk_decays", "pass 1 (M x V) decay sums (X)", None, None)]
+    assert export.chunk_diagonal_modules(recdsl.load(ROOT / "examples/delta.rec").ir, {"K": 16, "V": 16}) == []
 
 
 def _feed(rule, sources, tensors, init, d_out=None, d_final=None):
