@@ -14,13 +14,14 @@ Layout: ``[b, nc, C, ...]`` (batch and heads folded into ``b``, ``nc`` chunks of
 
 **Decays in log space.** The decay between two tokens is ``exp(sum of the log-decays between
 them)``. Each sum that spans tokens of different sub-chunks (below), and the scalar decays'
-``C x C`` matrix, is formed directly from its own terms (prefix and suffix sums, Mamba-2's
-segment sums: cumulative sums of masked values), never as a difference ``cum_i - cum_j`` of
-chunk-wide cumulative sums, which loses the precision of the larger sums and whose gradient
-cancels the contributions of every token but those between i and j (the decay gradients of
-fp32 runs then lost up to 30x the naive loop's error; now they are within 1-4x of it). Those
-exponents are sums of log-decays: <= 0 for decays in (0, 1]. The only positive exponents are
-the within-sub-chunk factors below, bounded by ``LIMIT``.
+``C x C`` matrix, is formed directly from its own terms (prefix and suffix sums within a
+sub-chunk plus whole sub-chunk totals, Mamba-2's segment sums: cumulative sums of masked
+values), never as a difference ``cum_i - cum_j`` of chunk-wide cumulative sums, which loses
+the precision of the larger sums and whose gradient cancels the contributions of every token
+but those between i and j (the decay gradients of fp32 runs then lost up to 30x the naive
+loop's error; now they are within 1-4x of it). Those exponents are sums of log-decays: <= 0
+for decays in (0, 1]. The only positive exponents are the within-sub-chunk factors below,
+bounded by ``LIMIT``.
 
 **Per-channel decays: secondary chunking** (as GLA does). The chunk is cut into sub-chunks of
 ``SUB = 16`` tokens.
@@ -28,12 +29,13 @@ the within-sub-chunk factors below, bounded by ``LIMIT``.
 * Between a query sub-chunk ``I`` and an earlier key sub-chunk ``J`` the decay factors through
   the end ``r`` of sub-chunk ``I - 1``: ``decay(j -> i) = decay(j -> r) * decay(r -> i)``, both
   at most 1, so each of the ``nb (nb - 1) / 2`` block pairs is a matrix product over channels.
-* Within a sub-chunk the decay factors through the sub-chunk start:
-  ``exp(P_i) * exp(-P_j)`` with ``P`` the cumulative sum from the sub-chunk start, a
-  ``16 x 16`` matrix product; ``exp(-P_j)`` is at most ``exp(LIMIT)`` (``LIMIT = 20``). A token's
-  own write is not decayed and is taken exactly (its term would otherwise enter the decay
-  gradients only to cancel there). Sub-chunks whose decays fall below ``exp(-LIMIT)`` in some
-  channel (strong gates) get exact ``16 x 16 x channels`` decays instead.
+* Within a sub-chunk the decay factors through the middle of the sub-chunk's decay:
+  ``exp(P_i - m) * exp(m - P_j)`` with ``P`` the cumulative sum from the sub-chunk start and
+  ``m`` half the sub-chunk's total, a ``16 x 16`` matrix product whose factors stay within
+  ``exp(±LIMIT)`` (``LIMIT = 20``) while the sub-chunk decays by less than ``exp(-2 LIMIT)``
+  in every channel. A token's own write is not decayed and is taken exactly (its term would
+  otherwise enter the decay gradients only to cancel there). Sub-chunks beyond that (strong
+  gates) get exact ``16 x 16 x channels`` decays instead.
 
 Why this and not the plain factorisation ``exp(D_i) * exp(-D_j)`` over a whole chunk:
 ``exp(-D_j)`` overflows once the decays of one chunk add up below about -88 (fp32), and the
@@ -41,8 +43,11 @@ decay gradients cancel over 64 tokens instead of 16. Why not exact ``16 x 16 x c
 decays everywhere: they are 16 per-token tensors as wide as the state; for Raven's 256 slots
 they dominated time and memory (3x slower). They stay for strong gates only.
 
-Masks are 0/1 tensors that values are multiplied by (masked_fill is several times slower on
-the CPU).
+**Memory.** On the CPU every large temporary costs its page faults as well as its passes, so
+the ops are arranged to allocate little: exponentials and products in place where autograd
+allows, block matrices written into one buffer, no gathered copies of the queries, and under
+``no_grad`` the states between chunks written into one tensor. Masks are 0/1 tensors that
+values are multiplied by (masked_fill is several times slower on the CPU).
 
 Everything is computed for all chunks at once; only the passing of states from chunk to chunk
 (``states``) walks the chunks in order. Gradients come from autograd through these ops.
@@ -62,13 +67,14 @@ SUB = 16  # sub-chunk length for per-channel decays
 CHUNK = 64  # chunk length
 LIMIT = 20.0  # largest log-decay factored out inside a sub-chunk (exp(20) = 5e8)
 
-EXP_FLOOR = -80.0  # exp(-80) = 2e-35: no decay left; below about -87 fp32 exp is 10x slower
+EXP_FLOOR = -80.0  # exp(-80) = 2e-35: no decay left; below about -87 fp32 exp is 50x slower
 
 
 def _exp(x):
-    """exp of a sum of log-decays, the sum clamped at EXP_FLOOR: torch's fp32 exp takes a slow
-    path for arguments whose result is subnormal, which strong gates produce by the million."""
-    return torch.exp(x.clamp(min=EXP_FLOOR))
+    """exp of a sum of log-decays (a new tensor), the sum clamped at EXP_FLOOR: torch's fp32
+    exp takes a slow path for arguments whose result is subnormal, which strong gates produce
+    by the million."""
+    return x.clamp(min=EXP_FLOOR).exp_()
 
 
 class LogDecay:
@@ -89,11 +95,51 @@ class LogDecay:
             self._memo[key] = (values, compute())  # the values kept alive: the key stays unique
         return self._memo[key][1]
 
-    # ---- over the chunk
+    # ---- sub-chunks
+    @cached_property
+    def _blocks(self):
+        return self.log.view(self.b, self.nc, self.nb, SUB, self.n)
+
+    @cached_property
+    def block_upto(self):
+        """[b, nc, nb, SUB, n]: from the sub-chunk start through token i."""
+        return _sums(self._blocks, "upto")
+
+    @cached_property
+    def block_after(self):
+        """[b, nc, nb, SUB, n]: after token j to the end of its sub-chunk."""
+        return _sums(self._blocks, "after")
+
+    @cached_property
+    def block_totals(self):
+        """[b, nc, nb, n]: each whole sub-chunk."""
+        return self.block_upto[:, :, :, -1]
+
+    @cached_property
+    def exp_block_upto(self):
+        return _exp(self.block_upto)
+
+    @cached_property
+    def exp_block_to_end(self):
+        """[b, nc, C, n]: the decay after token j to the end of its sub-chunk."""
+        return _exp(self.block_after).view(self.b, self.nc, self.C, self.n)
+
+    @cached_property
+    def exp_blocks_between(self):
+        """[b, nc, pairs, n]: for each pair (I, J) of ``pairs``, the decay over the whole
+        sub-chunks strictly between J and I."""
+        I, J = _pairs(self.nb, self.log.device)
+        # sum over J < K < I, as a product with a 0/1 matrix [pairs, nb]
+        ar = torch.arange(self.nb, device=self.log.device)[None, :]
+        span = (ar > J[:, None]) & (ar < I[:, None])
+        return _exp(torch.matmul(span.to(self.log.dtype), self.block_totals))
+
+    # ---- over the chunk: a sub-chunk's own sums plus the totals of whole sub-chunks
     @cached_property
     def upto(self):
         """[b, nc, C, n]: from the chunk start through token i."""
-        return _sums(self.log, "upto")
+        before = _sums(self.block_totals, "before")  # [b, nc, nb, n]
+        return (self.block_upto + before.unsqueeze(3)).view(self.b, self.nc, self.C, self.n)
 
     @cached_property
     def exp_upto(self):
@@ -102,7 +148,8 @@ class LogDecay:
     @cached_property
     def exp_to_end(self):
         """[b, nc, C, n]: the decay after token j to the chunk end."""
-        return _exp(_sums(self.log, "after"))
+        later = _sums(self.block_totals, "after")  # [b, nc, nb, n]
+        return _exp(self.block_after + later.unsqueeze(3)).view(self.b, self.nc, self.C, self.n)
 
     @property
     def total(self):
@@ -117,50 +164,28 @@ class LogDecay:
         masked = self.log * later  # [.., k, j] = x_k for k > j
         return _exp(masked.cumsum(-2)) * causal
 
-    # ---- sub-chunks
+    # ---- within a sub-chunk
     @cached_property
-    def _blocks(self):
-        return self.log.view(self.b, self.nc, self.nb, SUB, self.n)
-
-    @cached_property
-    def block_upto(self):
-        """[b, nc, nb, SUB, n]: from the sub-chunk start through token i."""
-        return _sums(self._blocks, "upto")
-
-    @cached_property
-    def exp_block_upto(self):
-        return _exp(self.block_upto)
-
-    @cached_property
-    def exp_block_to_end(self):
-        """[b, nc, C, n]: the decay after token j to the end of its sub-chunk."""
-        return _exp(_sums(self._blocks, "after")).reshape(self.b, self.nc, self.C, self.n)
-
-    @cached_property
-    def exp_blocks_between(self):
-        """[b, nc, pairs, n]: for each pair (I, J) of ``pairs``, the decay over the whole
-        sub-chunks strictly between J and I."""
-        I, J = _pairs(self.nb, self.log.device)
-        totals = self.block_upto[:, :, :, -1]  # [b, nc, nb, n]
-        # sum over J < K < I, as a product with a 0/1 matrix [pairs, nb]
-        span = ((torch.arange(self.nb, device=self.log.device)[None, :] > J[:, None])
-                & (torch.arange(self.nb, device=self.log.device)[None, :] < I[:, None]))
-        return _exp(torch.matmul(span.to(self.log.dtype), totals))
-
-    @cached_property
-    def factored(self):
-        """(exp(P), exp(-P)) with P = block_upto clamped to [-LIMIT, LIMIT]: the within
-        sub-chunk decays factored at the sub-chunk start (exact where not ``strong``)."""
-        P = self.block_upto.clamp(-LIMIT, LIMIT) if self.strong.any() else self.block_upto
-        decay = torch.exp(P)
-        return decay, 1.0 / decay
+    def _centred(self):
+        """P - m with m half the sub-chunk's total: within ±LIMIT unless ``strong``. The
+        product of the two factors does not depend on m, so m takes no gradient (which
+        would only be rounding left over from cancelling terms)."""
+        return self.block_upto - 0.5 * self.block_totals.detach().unsqueeze(3)
 
     @cached_property
     def strong(self):
-        """[b, nc, nb] bool: sub-chunks whose decay from their start leaves
-        [exp(-LIMIT), exp(LIMIT)] in some channel."""
-        low, high = torch.aminmax(self.block_upto.flatten(-2), dim=-1)
-        return (low < -LIMIT) | (high > LIMIT)
+        """[b, nc, nb] bool: sub-chunks whose centred sums leave [-LIMIT, LIMIT] in some
+        channel (for decays <= 1: a sub-chunk decaying below exp(-2 LIMIT))."""
+        c = self._centred
+        return ((c.amax(3) > LIMIT) | (c.amin(3) < -LIMIT)).any(-1)
+
+    @cached_property
+    def factored(self):
+        """(exp(P - m), exp(m - P)), P - m clamped to [-LIMIT, LIMIT]: the within sub-chunk
+        decays factored at the middle (exact where not ``strong``)."""
+        c = self._centred.clamp(-LIMIT, LIMIT) if self.strong.any() else self._centred
+        decay = torch.exp(c)
+        return decay, torch.reciprocal(decay)
 
     def exact_within(self, at, W):
         """[nsel, n, SUB, SUB * W] (channels first) for the sub-chunks at ``at``: the decay
@@ -188,12 +213,27 @@ def _masks(L, like):
     return _masks_cached(L, like.dtype, like.device)
 
 
+@functools.lru_cache(maxsize=None)
+def _below_cached(W, dtype, device):
+    below = torch.ones(SUB, SUB, dtype=dtype, device=device).tril(-1)
+    return (below.repeat_interleave(W, dim=1),)
+
+
+def _below(W, like):
+    """([SUB, SUB * W] 0/1: the key is a write of an earlier token of the sub-chunk; keys
+    are token-major)."""
+    return _below_cached(W, like.dtype, like.device)
+
+
 def _sums(x, kind):
-    """Along the token axis of ``x`` [..., L, n]: inclusive prefix sums (``upto``) or
-    exclusive suffix sums (``after``). A cumulative sum for n = 1; for channels a product with
-    a 0/1 matrix (PyTorch runs cumulative sums along a strided axis slowly on the CPU)."""
+    """Along the token axis of ``x`` [..., L, n]: inclusive prefix sums (``upto``), exclusive
+    prefix sums (``before``) or exclusive suffix sums (``after``). For a few tokens or one
+    channel cumulative sums; else a product with a 0/1 matrix (PyTorch runs cumulative sums
+    along a strided axis slowly on the CPU)."""
     L, n = x.shape[-2:]
-    if n > 1:
+    if kind == "before":
+        return torch.cat([torch.zeros_like(x[..., :1, :]), _sums(x[..., :-1, :], "upto")], dim=-2)
+    if n > 1 and L > 4:
         return torch.matmul(_masks(L, x)[0 if kind == "upto" else 1], x)
     if kind == "upto":
         return x.cumsum(-2)
@@ -219,8 +259,19 @@ def _keys(x, W, dim=2):
 
 @functools.lru_cache(maxsize=None)
 def _pairs(nb, device):
-    """(I, J) sub-chunk pairs with J < I: the blocks below the diagonal."""
+    """(I, J) sub-chunk pairs with J < I: the blocks below the diagonal, those of one I
+    together (I = 1, 2, ...; pairs of I from I (I - 1) / 2)."""
     return tuple(torch.tril_indices(nb, nb, -1, device=device))
+
+
+def _recording(*tensors):
+    """Whether autograd records ops on these tensors (else they may be changed in place)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _mul(a, b):
+    """``a * b``, in place in ``a`` (a temporary) when autograd is not recording."""
+    return a * b if _recording(a, b) else a.mul_(b)
 
 
 def _mm(a, b, add=None):
@@ -230,11 +281,6 @@ def _mm(a, b, add=None):
     a, b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
     out = torch.bmm(a, b) if add is None else torch.baddbmm(add.reshape(-1, *add.shape[-2:]), a, b)
     return out.view(*lead, *out.shape[-2:])
-
-
-def _own(W, like):
-    """[SUB, SUB * W] 0/1: the key is one of the query token's own writes."""
-    return _keys(torch.eye(SUB, dtype=like.dtype, device=like.device), W, dim=1)
 
 
 # ============================================================ states between chunks
@@ -260,13 +306,24 @@ def states(decays: Decays, left, right, initial):
         if part is not None:
             log_total = part if log_total is None else log_total + part
     decay = None if log_total is None else _exp(log_total)
+    if not _recording(own, initial, *([] if decay is None else [decay])):
+        # one buffer, each chunk's start written in place
+        starts = own.new_empty(b, nc, R, Cc)
+        starts[:, 0] = initial
+        for c in range(1, nc):
+            if decay is None:
+                torch.add(own[:, c - 1], starts[:, c - 1], out=starts[:, c])
+            else:
+                torch.addcmul(own[:, c - 1], decay[:, c - 1], starts[:, c - 1], out=starts[:, c])
+        last = starts[:, -1] if decay is None else decay[:, -1] * starts[:, -1]
+        return starts, last + own[:, -1]
     # the only sequential part: the recurrence between chunks (unbind, not indexing: the
     # backward of one index per chunk would fill a whole-sequence gradient per chunk)
     S, starts = initial, []
     decays = decay.unbind(1) if decay is not None else [None] * nc
     for own_c, decay_c in zip(own.unbind(1), decays):
         starts.append(S)
-        S = (S if decay_c is None else decay_c * S) + own_c
+        S = S + own_c if decay_c is None else torch.addcmul(own_c, decay_c, S)
     return torch.stack(starts, dim=1), S
 
 
@@ -276,9 +333,9 @@ def _to_end(values, logs):
         return values
 
     def compute():
-        out = values
-        for L in logs:
-            out = out * L.exp_to_end.unsqueeze(3)
+        out = values * logs[0].exp_to_end.unsqueeze(3)
+        for L in logs[1:]:
+            out = _mul(out, L.exp_to_end.unsqueeze(3))
         return out
     return logs[-1].remember(("to_end",) + tuple(id(L) for L in logs), values, compute)
 
@@ -295,29 +352,29 @@ def read(x, decays: Decays, u, w, starts):
     b, nc, C, W, d = u.shape
     f = w.shape[-1]
     G, D, F = decays.scalar, decays.rows, decays.cols
-    # from the state entering the chunk
+    # from the state entering the chunk (bmm keeps its operands, not its result: in place)
     xq = x if D is None else x * D.exp_upto
     out = _mm(xq, starts)
     if G is not None:
-        out = out * G.exp_upto
+        out = _mul(out, G.exp_upto)
     if F is not None:
-        out = out * F.exp_upto
+        out = _mul(out, F.exp_upto)
     if W == 0:
         return out
     # from the writes inside the chunk
     CK = C * W
     uk, wk = u.reshape(b, nc, CK, d), w.reshape(b, nc, CK, f)
     if D is None:
-        score = _mm(x, uk.transpose(-1, -2))
+        score = _mul(_mm(x, uk.transpose(-1, -2)),
+                     _keys(G.decay_between, W, dim=3) if G is not None
+                     else _keys(_masks(C, x)[3], W, dim=1))
     else:
-        score = _channel_scores(x, uk, D, W)
-    if G is not None:
-        score = score * _keys(G.decay_between, W, dim=3)
-    else:
-        score = score * _keys(_masks(C, x)[3], W, dim=1)
+        score = _channel_scores(x, uk, D, W)  # causal already
+        if G is not None:
+            score = _mul(score, _keys(G.decay_between, W, dim=3))
     if F is None:
         return _mm(score, wk, add=out)
-    return out + _channel_values(score, wk, F, W)
+    return _channel_values(score, wk, F, W).add_(out)
 
 
 def _earlier(values, L: LogDecay, W):
@@ -329,64 +386,76 @@ def _earlier(values, L: LogDecay, W):
 
     def compute():
         to_own_end = values * _keys(L.exp_block_to_end, W)
-        return to_own_end.view(b, nc, L.nb, CK // L.nb, n)[:, :, J] * L.exp_blocks_between.unsqueeze(3)
+        out = to_own_end.view(b, nc, L.nb, CK // L.nb, n)[:, :, J]
+        return _mul(out, L.exp_blocks_between.unsqueeze(3))
     return L.remember(("earlier", W), values, compute)
 
 
+def _earlier_of(keys, I):
+    """The rows of ``_earlier`` for query sub-chunk I (its pairs are consecutive), as one
+    [b, nc, I * SUB * W, n] block of keys (a view)."""
+    first = I * (I - 1) // 2
+    b, nc, _, sk, n = keys.shape
+    return keys[:, :, first:first + I].reshape(b, nc, I * sk, n)
+
+
 def _factored_keys(values, L: LogDecay, W):
-    """``values`` [b, nc, nb, SUB * W, n] times exp(-P) of their token (see ``factored``)."""
+    """``values`` [b, nc, nb, SUB * W, n] times exp(m - P) of their token (see ``factored``)."""
     return L.remember(("factored", W), values,
                       lambda: values * _keys(L.factored[1], W, dim=3))
 
 
 def _channel_scores(x, uk, D: LogDecay, W):
-    """score[i, key] = sum_d x_i[d] u_key[d] decay_d(key -> i) for keys up to i (entries of
-    later keys are left for the caller to mask), by secondary chunking on the contracted axis."""
+    """score[i, key] = sum_d x_i[d] u_key[d] decay_d(key -> i) for keys up to i, 0 for later
+    keys, by secondary chunking on the contracted axis."""
     b, nc, C, d = x.shape
     nb, sk, CK = D.nb, SUB * W, uk.shape[2]
     xb, ub = x.view(b, nc, nb, SUB, d), uk.view(b, nc, nb, sk, d)
-    blocks = x.new_zeros(b, nc, nb, nb, SUB, sk)  # [.., I, J, i, key]
+    score = x.new_zeros(b, nc, nb, SUB, nb, sk)  # [.., I, i, J, key]
     # earlier sub-chunks: decay(j -> end of I - 1) * decay(end of I - 1 -> i)
-    I, J = _pairs(nb, x.device)
-    xr = (xb * D.exp_block_upto)[:, :, I]
-    blocks[:, :, I, J] = _mm(xr, _earlier(uk, D, W).transpose(-1, -2))
-    # the sub-chunk itself: factored at the sub-chunk start; own writes exactly
+    if nb > 1:
+        keys = _earlier(uk, D, W)
+        xr = xb[:, :, 1:] * D.exp_block_upto[:, :, 1:]
+        for I in range(1, nb):
+            block = _mm(xr[:, :, I - 1], _earlier_of(keys, I).transpose(-1, -2))
+            score[:, :, I, :, :I] = block.view(b, nc, SUB, I, sk)
+    # the sub-chunk itself: factored at the middle; own writes exactly
     within = _mm(xb * D.factored[0], _factored_keys(ub, D, W).transpose(-1, -2))
-    own = (xb.unsqueeze(-2) * ub.view(b, nc, nb, SUB, W, d)).sum(-1)  # [.., i, w]
-    own = torch.diag_embed(own.transpose(-1, -2)).movedim(-3, -1).flatten(-2)
-    within = within * (1.0 - _own(W, x)) + own
     if D.strong.any():  # strong decays: exact, channels first ([.., d, i, key])
         at = D.strong.nonzero(as_tuple=True)
         exact = (D.exact_within(at, W) * xb[at].transpose(-1, -2).unsqueeze(-1)
                  * ub[at].transpose(-1, -2).unsqueeze(-2)).sum(-3)
         within = within.index_put(at, exact)
-    diagonal = torch.arange(nb, device=x.device)
-    blocks[:, :, diagonal, diagonal] = within
-    return blocks.permute(0, 1, 2, 4, 3, 5).reshape(b, nc, C, CK)
+    within = _mul(within, _below(W, x)[0])
+    own = (xb.unsqueeze(-2) * ub.view(b, nc, nb, SUB, W, d)).sum(-1)  # [.., i, w]
+    within.view(b, nc, nb, SUB, SUB, W).diagonal(0, 3, 4).copy_(own.transpose(-1, -2))
+    score.diagonal(0, 2, 4).copy_(within.permute(0, 1, 3, 4, 2))
+    return score.view(b, nc, C, CK)
 
 
 def _channel_values(score, wk, F: LogDecay, W):
     """out_i[f] = sum_key score[i, key] w_key[f] decay_f(key -> i), by secondary chunking on
-    the free axis (score must be 0 for keys after i)."""
+    the free axis (score must be 0 for keys after i). A new tensor."""
     b, nc, C, CK = score.shape
     f = wk.shape[-1]
     nb, sk = F.nb, SUB * W
-    blocks = score.view(b, nc, nb, SUB, nb, sk).permute(0, 1, 2, 4, 3, 5)  # [.., I, J, i, key]
-    # earlier sub-chunks: decay(j -> end of I - 1), then (below) decay(end of I - 1 -> i)
-    I, J = _pairs(nb, score.device)
-    cross = _mm(blocks[:, :, I, J], _earlier(wk, F, W))  # [b, nc, pairs, SUB, f]
-    out = score.new_zeros(b, nc, nb, SUB, f).index_add(2, I, cross) * F.exp_block_upto
-    # the sub-chunk itself: factored at the sub-chunk start; own writes exactly
-    diagonal = torch.arange(nb, device=score.device)
-    inner = blocks[:, :, diagonal, diagonal]  # [b, nc, nb, SUB, sk]
+    blocks = score.view(b, nc, nb, SUB, nb, sk)  # [.., I, i, J, key]
     wb = wk.view(b, nc, nb, sk, f)
-    own = _own(W, score)
-    within = F.factored[0] * _mm(inner * (1.0 - own), _factored_keys(wb, F, W))
-    within = within + ((inner * own).view(b, nc, nb, SUB, SUB, W).sum(-2)
-                       .unsqueeze(-1) * wb.view(b, nc, nb, SUB, W, f)).sum(-2)
+    # the sub-chunk itself: factored at the middle; own writes exactly
+    inner = blocks.diagonal(0, 2, 4).permute(0, 1, 4, 2, 3)  # [b, nc, nb, SUB, sk]
+    out = _mul(_mm(inner * _below(W, score)[0], _factored_keys(wb, F, W)), F.factored[0])
+    own = (score.view(b, nc, nb, SUB, nb, SUB, W).diagonal(0, 2, 4).diagonal(0, 2, 3)
+           .permute(0, 1, 3, 4, 2))  # [b, nc, nb, i, w]: the token's own writes
+    out = out + (own.unsqueeze(-1) * wb.view(b, nc, nb, SUB, W, f)).sum(-2)
     if F.strong.any():  # strong decays: exact, channels first ([.., f, i, key])
         at = F.strong.nonzero(as_tuple=True)
         exact = (F.exact_within(at, W) * inner[at].unsqueeze(-3)
                  * wb[at].transpose(-1, -2).unsqueeze(-2)).sum(-1)
-        within = within.index_put(at, exact.transpose(-1, -2))
-    return (out + within).reshape(b, nc, C, f)
+        out = out.index_put(at, exact.transpose(-1, -2))
+    # earlier sub-chunks: decay(j -> end of I - 1), then decay(end of I - 1 -> i)
+    if nb > 1:
+        keys = _earlier(wk, F, W)
+        for I in range(1, nb):
+            cross = _mm(blocks[:, :, I, :, :I].reshape(b, nc, SUB, I * sk), _earlier_of(keys, I))
+            out[:, :, I] += _mul(cross, F.exp_block_upto[:, :, I])
+    return out.view(b, nc, C, f)
