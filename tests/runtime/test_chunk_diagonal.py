@@ -14,7 +14,7 @@ from recdsl.codegen import chunk_diagonal as codegen
 from recdsl.errors import BackendError
 from recdsl.runtime import chunk_diagonal
 from recdsl.runtime.sample import sample_inputs
-from tests.helpers import EXAMPLES
+from tests.helpers import EXAMPLES, assert_matches_naive, rms_ratio, rule_results
 
 SIZES = {"K": 6, "V": 5, "N": 6, "P": 5, "M": 7}
 FLOOR = 3e-6
@@ -59,45 +59,9 @@ def _load(name, **consts):
     return recdsl.load(EXAMPLES / f"{name}.rec", **consts)
 
 
-def _as_list(x):
-    return [] if x is None else list(x) if isinstance(x, tuple) else [x]
-
-
-def _rms_ratio(x, golden):
-    return ((x.double() - golden).pow(2).mean().sqrt()
-            / golden.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
-def _run(rule, tensors, initial, backend, dtype, cu_seqlens=None):
-    leaves = {k: v.to(dtype).clone().requires_grad_(True) for k, v in tensors.items()}
-    init = tuple(s.to(dtype).clone().requires_grad_(True) for s in initial) if initial else None
-    out, final = rule(**leaves, initial_state=init, output_final_state=True, backend=backend,
-                      cu_seqlens=cu_seqlens)
-    results = _as_list(out) + _as_list(final)
-    names = [f"out {o.name}" for o in rule.outputs] + [f"final {s.name}" for s in rule.states]
-    values = {n: r.detach().double() for n, r in zip(names, results)}
-    g = torch.Generator().manual_seed(5)
-    ups = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in results]
-    loss = sum((r.double() * u).sum() for r, u in zip(results, ups))
-    wrt = list(leaves.values()) + list(init or ())
-    got = torch.autograd.grad(loss, wrt, allow_unused=True)
-    wrt_names = [f"d{k}" for k in leaves] + [f"d{s.name}0" for s in rule.states][:len(init or ())]
-    for n, gr, w in zip(wrt_names, got, wrt):
-        values[n] = (gr if gr is not None else torch.zeros_like(w)).double()
-    return values
-
-
 def _compare(rule, tensors, initial=None, cu_seqlens=None, dtype=torch.float32):
-    golden = _run(rule, tensors, initial, "naive", torch.float64, cu_seqlens)
-    reference = _run(rule, tensors, initial, "naive", dtype, cu_seqlens)
-    got = _run(rule, tensors, initial, "chunk", dtype, cu_seqlens)
-    factor, floor = (10, FLOOR) if dtype == torch.float32 else (2, 2e-3)
-    assert got.keys() == golden.keys()
-    for name in golden:
-        assert torch.isfinite(got[name]).all(), f"{rule.name} {name}: not finite"
-        err = _rms_ratio(got[name], golden[name])
-        allowed = max(factor * _rms_ratio(reference[name], golden[name]), floor)
-        assert err <= allowed, f"{rule.name} {name}: rms ratio {err:.2e} > {allowed:.2e}"
+    assert_matches_naive(rule, tensors, initial, backend="chunk", cu_seqlens=cu_seqlens,
+                         dtype=dtype, floor=FLOOR)
 
 
 def _inputs(rule, T, B=1, H=2, seed=0, initial=False, sequences=None, sizes=None):
@@ -136,7 +100,7 @@ def test_one_token_without_initial_state():
     residue may appear (the autotest compares it against 0)."""
     rule = _load("retention")
     tensors, _ = _inputs(rule, 1)
-    got = _run(rule, tensors, None, "chunk", torch.float32)
+    got = rule_results(rule, tensors, None, "chunk", torch.float32)
     assert torch.equal(got["dgamma"], torch.zeros_like(got["dgamma"]))
     _compare(rule, tensors)
 
@@ -307,4 +271,4 @@ def test_long_sequence_strong_gates_stay_finite(monkeypatch):
     gold, gold_final = rule(**tensors, output_final_state=True, backend="naive")
     assert torch.isfinite(out).all() and torch.isfinite(final).all()
     for got, naive, golden in ((out, ref, gold), (final, ref_final, gold_final)):
-        assert _rms_ratio(got, golden) <= max(10 * _rms_ratio(naive, golden), FLOOR)
+        assert rms_ratio(got, golden) <= max(10 * rms_ratio(naive, golden), FLOOR)

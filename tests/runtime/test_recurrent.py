@@ -10,7 +10,7 @@ import recdsl
 from recdsl.codegen import tiling
 from recdsl.runtime.recurrent import kernels
 from recdsl.runtime.sample import sample_inputs
-from tests.helpers import EXAMPLES
+from tests.helpers import EXAMPLES, as_list, assert_matches_naive
 
 RULES = ["delta", "gated_delta", "kla", "deltaproduct", "linear_attention", "retention", "mamba2",
          "gla", "raven", "mlstm"]
@@ -18,45 +18,9 @@ SIZES = {"K": 6, "V": 5, "N": 6, "P": 5, "M": 7, "NH": 3}
 FLOOR = 3e-6
 
 
-def _as_list(x):
-    return [] if x is None else list(x) if isinstance(x, tuple) else [x]
-
-
-def _rms_ratio(x, golden):
-    return ((x.double() - golden).pow(2).mean().sqrt() / golden.pow(2).mean().sqrt().clamp_min(1e-30)).item()
-
-
-def _run(rule, tensors, initial, backend, dtype, cu_seqlens=None, grads=True, seed=5):
-    leaves = {k: v.to(dtype).clone().requires_grad_(grads) for k, v in tensors.items()}
-    init = tuple(s.to(dtype).clone().requires_grad_(grads) for s in initial) if initial else None
-    out, final = rule(**leaves, initial_state=init, output_final_state=True, backend=backend,
-                      cu_seqlens=cu_seqlens)
-    results = _as_list(out) + _as_list(final)
-    names = [f"out {o.name}" for o in rule.outputs] + [f"final {s.name}" for s in rule.states]
-    values = {n: r.detach().double() for n, r in zip(names, results)}
-    if grads:
-        g = torch.Generator().manual_seed(seed)
-        ups = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in results]
-        loss = sum((r.double() * u).sum() for r, u in zip(results, ups))
-        wrt = list(leaves.values()) + list(init or ())
-        got = torch.autograd.grad(loss, wrt, allow_unused=True)
-        wrt_names = [f"d{k}" for k in leaves] + [f"d{s.name}0" for s in rule.states][:len(init or ())]
-        for n, gr, w in zip(wrt_names, got, wrt):
-            values[n] = (gr if gr is not None else torch.zeros_like(w)).double()
-    return values
-
-
 def _compare(rule, tensors, initial=None, cu_seqlens=None, grads=True, dtype=torch.float32):
-    golden = _run(rule, tensors, initial, "naive", torch.float64, cu_seqlens, grads)
-    reference = _run(rule, tensors, initial, "naive", dtype, cu_seqlens, grads)
-    got = _run(rule, tensors, initial, "recurrent", dtype, cu_seqlens, grads)
-    factor = 10 if dtype == torch.float32 else 2
-    floor = FLOOR if dtype == torch.float32 else 2e-3
-    assert got.keys() == golden.keys()
-    for name in golden:
-        err = _rms_ratio(got[name], golden[name])
-        allowed = max(factor * _rms_ratio(reference[name], golden[name]), floor)
-        assert err <= allowed, f"{rule.name} {name}: rms ratio {err:.2e} > {allowed:.2e}"
+    assert_matches_naive(rule, tensors, initial, backend="recurrent", cu_seqlens=cu_seqlens,
+                         grads=grads, dtype=dtype, floor=FLOOR)
 
 
 def _inputs(rule, T, B=2, H=2, seed=0, initial=False, sequences=None):
@@ -120,7 +84,7 @@ def test_step_repeated_equals_full_call(name):
         o, state = rule.step(**step_in, state=state, backend="recurrent")
         outs.append(o)
     torch.testing.assert_close(torch.stack(outs, dim=1), full, rtol=0, atol=1e-6)
-    for a, b in zip(_as_list(state), _as_list(final)):
+    for a, b in zip(as_list(state), as_list(final)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
