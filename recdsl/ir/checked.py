@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from ..errors import RecdslError
 from ..grammar import ast
 
 
@@ -46,6 +47,24 @@ class CheckedRule:
             if v.name == name:
                 return v
         raise KeyError(name)
+
+    def loop_dims(self) -> tuple:
+        """The dims ``for`` blocks run over (kernels unroll those loops)."""
+        return tuple(dict.fromkeys(s.dim for s in ast.walk_statements(self.body) if isinstance(s, ast.For)))
+
+    def dim_sizes(self, given: dict | None, default: int, loop_default: int) -> dict:
+        """Every dim's size: ``given[name]`` (validated), else ``loop_default`` for a dim a
+        ``for`` block runs over, else ``default``."""
+        loops = self.loop_dims()
+        sizes = {d: loop_default if d in loops else default for d in self.dims}
+        for name, size in (given or {}).items():
+            if name not in sizes:
+                raise RecdslError(f"rule '{self.name}' has no dim '{name}'; its dims are: "
+                                  + (", ".join(self.dims) or "none"))
+            if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+                raise RecdslError(f"dim {name} must be a positive whole number, not {size!r}")
+            sizes[name] = size
+        return sizes
 
     def canonical(self) -> str:
         """A text that identifies the rule's meaning: the source without comments and blank

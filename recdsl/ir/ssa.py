@@ -347,7 +347,7 @@ def _used_whole(body, name):
 
 def loop_dims(rule: CheckedRule) -> tuple:
     """The dims that ``for`` blocks run over; the program is specialised to their sizes."""
-    return tuple(dict.fromkeys(st.dim for st in _loops(rule.body)))
+    return rule.loop_dims()
 
 
 def lower(rule: CheckedRule, dim_sizes: dict | None = None) -> Program:

@@ -32,7 +32,6 @@ import torch
 from ..options import add_const_option, add_dims_option, merged
 
 from ..errors import RecdslError
-from ..grammar import ast
 from . import backends as registry
 from .sample import dim_sizes, sample_initial_state, sample_inputs
 
@@ -93,20 +92,11 @@ def default_shapes(quick: bool = False) -> list:
     return shapes
 
 
-def _loop_dims(body) -> set:
-    out = set()
-    for stmt in body:
-        if isinstance(stmt, ast.For):
-            out.add(stmt.dim)
-            out |= _loop_dims(stmt.body)
-    return out
-
-
 def default_dims(rule) -> dict:
     """Dim sizes for testing: 2 for a dim a ``for`` loop runs over, else 48 for K, 40 for V
     and 24 for the others (non-powers of two)."""
     ir = rule.ir
-    loops = _loop_dims(ir.body)
+    loops = ir.loop_dims()
     free = [d for d in ("K", "V") if d in ir.dims] + [d for d in ir.dims if d not in ("K", "V")]
     free = [d for d in free if d not in loops]
     sizes = {d: DEFAULT_SIZES[min(i, len(DEFAULT_SIZES) - 1)] for i, d in enumerate(free)}

@@ -72,17 +72,7 @@ def value_kinds(rule) -> dict:
 
 def dim_sizes(rule, dims: dict | None = None) -> dict:
     """The size of every dim: 32, or 2 for a dim a ``for`` loop runs over, or ``dims[name]``."""
-    rule = _checked(rule)
-    loop_dims = {s.dim for s in ast.walk_statements(rule.body) if isinstance(s, ast.For)}
-    sizes = {d: DEFAULT_LOOP_DIM if d in loop_dims else DEFAULT_DIM for d in rule.dims}
-    for name, size in (dims or {}).items():
-        if name not in sizes:
-            raise RecdslError(f"rule '{rule.name}' has no dim '{name}'; its dims are: "
-                              + (", ".join(rule.dims) or "none"))
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise RecdslError(f"dim {name} must be a positive whole number, not {size!r}")
-        sizes[name] = size
-    return sizes
+    return _checked(rule).dim_sizes(dims, DEFAULT_DIM, DEFAULT_LOOP_DIM)
 
 
 def _positive(**counts):
