@@ -106,11 +106,6 @@ class LogDecay:
         return _sums(self._blocks, "upto")
 
     @cached_property
-    def block_after(self):
-        """[b, nc, nb, SUB, n]: after token j to the end of its sub-chunk."""
-        return _sums(self._blocks, "after")
-
-    @cached_property
     def block_totals(self):
         """[b, nc, nb, n]: each whole sub-chunk."""
         return self.block_upto[:, :, :, -1]
@@ -125,6 +120,11 @@ class LogDecay:
         return _exp(self.block_after).view(self.b, self.nc, self.C, self.n)
 
     @cached_property
+    def block_after(self):
+        """[b, nc, nb, SUB, n]: after token j to the end of its sub-chunk."""
+        return _sums(self._blocks, "after")
+
+    @cached_property
     def exp_blocks_between(self):
         """[b, nc, pairs, n]: for each pair (I, J) of ``pairs``, the decay over the whole
         sub-chunks strictly between J and I."""
@@ -134,27 +134,26 @@ class LogDecay:
         span = (ar > J[:, None]) & (ar < I[:, None])
         return _exp(torch.matmul(span.to(self.log.dtype), self.block_totals))
 
-    # ---- over the chunk: a sub-chunk's own sums plus the totals of whole sub-chunks
-    @cached_property
-    def upto(self):
-        """[b, nc, C, n]: from the chunk start through token i."""
-        before = _sums(self.block_totals, "before")  # [b, nc, nb, n]
-        return (self.block_upto + before.unsqueeze(3)).view(self.b, self.nc, self.C, self.n)
-
+    # ---- over the chunk: a sub-chunk's own sums and the totals of whole sub-chunks (as
+    # products of their exps: exps are the costly passes, and a product of small decays,
+    # unlike exp of a very negative number, takes no slow path)
     @cached_property
     def exp_upto(self):
-        return _exp(self.upto)
+        """[b, nc, C, n]: the decay from the chunk start through token i."""
+        before = _exp(_sums(self.block_totals, "before")).unsqueeze(3)  # [b, nc, nb, 1, n]
+        return (self.exp_block_upto * before).view(self.b, self.nc, self.C, self.n)
 
     @cached_property
     def exp_to_end(self):
         """[b, nc, C, n]: the decay after token j to the chunk end."""
-        later = _sums(self.block_totals, "after")  # [b, nc, nb, n]
-        return _exp(self.block_after + later.unsqueeze(3)).view(self.b, self.nc, self.C, self.n)
+        later = _exp(_sums(self.block_totals, "after")).unsqueeze(3)
+        to_block_end = self.exp_block_to_end.view(self.b, self.nc, self.nb, SUB, self.n)
+        return (to_block_end * later).view(self.b, self.nc, self.C, self.n)
 
-    @property
+    @cached_property
     def total(self):
         """[b, nc, n]: the whole chunk."""
-        return self.upto[:, :, -1]
+        return self.block_totals.sum(2)
 
     @cached_property
     def decay_between(self):
@@ -166,25 +165,28 @@ class LogDecay:
 
     # ---- within a sub-chunk
     @cached_property
-    def _centred(self):
-        """P - m with m half the sub-chunk's total: within ±LIMIT unless ``strong``. The
-        product of the two factors does not depend on m, so m takes no gradient (which
-        would only be rounding left over from cancelling terms)."""
-        return self.block_upto - 0.5 * self.block_totals.detach().unsqueeze(3)
+    def _middle(self):
+        """[b, nc, nb, 1, n]: m, half the sub-chunk's total. The product of the two factors
+        does not depend on m, so m takes no gradient (which would only be rounding left
+        over from cancelling terms)."""
+        return 0.5 * self.block_totals.detach().unsqueeze(3)
 
     @cached_property
     def strong(self):
-        """[b, nc, nb] bool: sub-chunks whose centred sums leave [-LIMIT, LIMIT] in some
+        """[b, nc, nb] bool: sub-chunks whose sums P - m leave [-LIMIT, LIMIT] in some
         channel (for decays <= 1: a sub-chunk decaying below exp(-2 LIMIT))."""
-        c = self._centred
-        return ((c.amax(3) > LIMIT) | (c.amin(3) < -LIMIT)).any(-1)
+        P, m = self.block_upto, self._middle[:, :, :, 0]
+        return ((P.amax(3) - m > LIMIT) | (P.amin(3) - m < -LIMIT)).any(-1)
 
     @cached_property
     def factored(self):
         """(exp(P - m), exp(m - P)), P - m clamped to [-LIMIT, LIMIT]: the within sub-chunk
-        decays factored at the middle (exact where not ``strong``)."""
-        c = self._centred.clamp(-LIMIT, LIMIT) if self.strong.any() else self._centred
-        decay = torch.exp(c)
+        decays factored at the middle (exact where not ``strong``). Without strong
+        sub-chunks P stays within [-2 LIMIT, 2 LIMIT], where exp(P) needs no clamp."""
+        if self.strong.any():
+            decay = torch.exp((self.block_upto - self._middle).clamp(-LIMIT, LIMIT))
+        else:
+            decay = self.exp_block_upto * torch.exp(-self._middle)
         return decay, torch.reciprocal(decay)
 
     def exact_within(self, at, W):

@@ -200,6 +200,31 @@ def test_half_inputs_accumulate_in_float32(name, dtype):
     assert _rms_ratio(as_list(out32)[0].double(), golden) < 2 * eps
 
 
+# ---------------------------------------------------------------- windows
+
+
+@pytest.mark.parametrize("name", ["gla", "raven", "mixed", "looped", "two_blocks"])
+def test_windows_match_naive(name, monkeypatch):
+    """A long call runs in windows of whole chunks, states carried from one to the next:
+    here windows of 64 tokens (the last one partial), one batch and three packed sequences
+    (windows cut each sequence; the short ones run out)."""
+    monkeypatch.setattr(torch_chunk_diagonal, "WINDOW_BYTES", 1)
+    rule = _rule(name)
+    tensors, initial = _inputs(rule, 150, seed=9)
+    assert torch_chunk_diagonal.window_length(rule, _bound(rule, tensors)) == 64
+    _assert_close(_run(rule, tensors, initial, "torch-chunk"),
+                  _run(rule, tensors, initial, "naive"), what=f"{name} windows")
+    cu = torch.tensor([0, 37, 177, 178])
+    tensors, initial = _inputs(rule, 178, B=1, seed=10, sequences=3)
+    _assert_close(_run(rule, tensors, initial, "torch-chunk", cu_seqlens=cu),
+                  _run(rule, tensors, initial, "naive", cu_seqlens=cu), what=f"{name} packed windows")
+
+
+def _bound(rule, tensors):
+    from recdsl.runtime.call import BoundCall
+    return BoundCall(rule.ir, (), tensors, None, None)
+
+
 # ---------------------------------------------------------------- keep_topk's ties
 
 
