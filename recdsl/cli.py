@@ -163,6 +163,7 @@ def _add_show(sub):
 def _show(args) -> int:
     from .codegen.torch_step import step_source
     from .ir.family import classify
+    from .runtime import backends
     from .ir.show import render
 
     rule = load(args.file, **merged(args.const))
@@ -170,7 +171,8 @@ def _show(args) -> int:
     if args.grad:
         sizes = sample.dim_sizes(rule, merged(args.dims))
         grad = step_source(rule.ir, sizes, grad=True).source
-    print(render(rule.ir, grad_code=grad, family=classify(rule.ir, rule.analysis)))
+    print(render(rule.ir, grad_code=grad, family=classify(rule.ir, rule.analysis),
+                 backends=backends.refusals(rule)))
     return 0
 
 

@@ -218,6 +218,36 @@ def test_show_gives_mlstm_reason_with_position(capsys):
     assert "mlstm.rec:12:10: the update of m is not affine in the states: state m inside max()" in out
 
 
+PER_CHANNEL_DECAY_DELTA = """rule gk_delta
+dims K, V
+state S[K, V]
+input q[K], k[K], v[V], gk[K], beta
+S = diag(exp(gk)) @ S
+S = S - beta * outer(k, k @ S) + beta * outer(k, v)
+output o = q @ S
+"""
+
+
+def test_show_lists_the_backends_and_why_the_chunk_paths_refuse_a_rule(tmp_path, capsys):
+    """A per-channel decay before the erase stays on the recurrent backend (issue 5's
+    choice), and `recdsl show` says so."""
+    path = tmp_path / "gk_delta.rec"
+    path.write_text(PER_CHANNEL_DECAY_DELTA)
+    assert main(["show", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert out.split("backends:\n", 1)[1].rstrip("\n").splitlines() == [
+        "  chunk        no: the per-channel decay diag(exp(gk)) @ S before the erase is not supported "
+        "chunkwise (use the recurrent backend)",
+        "  torch-chunk  no: the per-channel decay diag(exp(gk)) @ S before the erase (line 5) has no "
+        "numerically stable chunkwise form here; backend='recurrent' runs it",
+        "  recurrent    yes",
+        "  naive        yes",
+    ]
+    assert main(["show", str(ROOT / "examples" / "gla.rec")]) == 0
+    assert capsys.readouterr().out.split("backends:\n", 1)[1].split() == [
+        "chunk", "yes", "torch-chunk", "yes", "recurrent", "yes", "naive", "yes"]
+
+
 def test_show_grad_prints_runnable_derivative_code(capsys):
     assert main(["show", str(ROOT / "examples" / "kla.rec"), "--grad", "--dims", "K=4,V=3"]) == 0
     out = capsys.readouterr().out

@@ -293,9 +293,9 @@ def _caret(rule: CheckedRule, pos: ast.Pos) -> list:
 
 
 def render(checked: CheckedRule, grad_code: Optional[str] = None,
-           family: Optional[Family] = None) -> str:
-    """What ``recdsl show`` prints for a checked rule; ``grad_code`` is appended under a
-    heading when given."""
+           family: Optional[Family] = None, backends: Optional[dict] = None) -> str:
+    """What ``recdsl show`` prints for a checked rule; ``backends`` (name -> the reason it
+    refuses the rule, or None) and ``grad_code`` are appended under headings when given."""
     analysis: Analysis = family.analysis if family and family.analysis else analyse(checked)
     family = family or classify(checked, analysis)
     p = _Printer(checked)
@@ -340,6 +340,12 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
         m = p.math_at(rv.node)
         text = f"  {rv.name}_t = {m(rv.node.value)}"
         out.append(f"{text:<44}  {_read_note(rv)}")
+
+    if backends is not None:
+        out += ["", "backends:"]
+        width = max(map(len, backends))
+        for name, reason in backends.items():
+            out.append(f"  {name:<{width}}  " + ("yes" if reason is None else f"no: {reason}"))
 
     if grad_code is not None:
         out += ["", "derivatives:", grad_code.rstrip("\n")]

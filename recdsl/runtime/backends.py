@@ -73,6 +73,12 @@ _RUNNERS = {
 _PROBLEMS = {"torch-chunk": _torch_chunk_problem, "chunk": _triton_chunk_problem}
 
 
+def refusals(rule) -> dict:
+    """Every backend name -> why it cannot run ``rule`` (None: it can). About the rule only:
+    where a backend can run (CUDA, or the Triton interpreter) is ``available``'s concern."""
+    return {name: (_PROBLEMS[name](rule) if name in _PROBLEMS else None) for name in NAMES}
+
+
 def _triton_usable(device) -> bool:
     from .recurrent import triton_usable
     return triton_usable(device)
