@@ -89,6 +89,25 @@ def load_module(key: str, module_name: str, make_source):
     return module
 
 
+def load_generated(key: str, module_name: str, generate):
+    """``(spec, module)`` for generated kernels: ``generate()`` gives a spec with a
+    ``.source``; the source goes through ``load_module``'s cache, and the spec (cheap to
+    remake, unlike Triton's compile) is remade when the module came from disk and is kept
+    on the module."""
+    made = {}
+
+    def make_source():
+        made["spec"] = generate()
+        return made["spec"].source
+
+    module = load_module(key, module_name, make_source)
+    spec = getattr(module, "_recdsl_spec", None)
+    if spec is None:
+        spec = made.get("spec") or generate()
+        module._recdsl_spec = spec
+    return spec, module
+
+
 def _atomic_write(path: Path, text: str):
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
     with os.fdopen(fd, "w") as f:

@@ -16,7 +16,7 @@ import triton
 
 from ..codegen import prologue as prologue_gen
 from ..errors import BackendError
-from .cache import cache_key, load_module
+from .cache import cache_key, load_generated
 from .recurrent import check_device
 
 TOKENS_PER_PROGRAM = prologue_gen.TOKENS_PER_PROGRAM
@@ -30,18 +30,7 @@ def _prologue(rule, dim_sizes: dict):
     """The generated prologue module and its spec for a rule at these sizes (cached)."""
     sizes = {d: dim_sizes[d] for d in rule.ir.dims}
     key = cache_key(rule.ir.canonical(), "chunk-delta-prologue", repr(sorted(sizes.items())))
-    holder = {}
-
-    def make_source():
-        holder["spec"] = prologue_gen.generate(rule, sizes)
-        return holder["spec"].source
-
-    module = load_module(key, f"{rule.name}_chunk_prologue", make_source)
-    spec = getattr(module, "_recdsl_spec", None)
-    if spec is None:
-        spec = holder.get("spec") or prologue_gen.generate(rule, sizes)
-        module._recdsl_spec = spec
-    return spec, module
+    return load_generated(key, f"{rule.name}_chunk_prologue", lambda: prologue_gen.generate(rule, sizes))
 
 
 def _core():

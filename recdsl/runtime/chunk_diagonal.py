@@ -32,7 +32,7 @@ import triton
 from ..codegen import chunk_diagonal as codegen
 from ..codegen.chunk_diagonal import CHANNEL, PassShape
 from ..errors import BackendError
-from .cache import cache_key, load_module
+from .cache import cache_key, load_generated, load_module
 from .recurrent import check_device
 
 # Tokens per chunk; tests lower it to exercise chunk boundaries at small T.
@@ -230,18 +230,8 @@ def _prologue(rule, the_plan, dim_sizes: dict):
     sizes = {d: dim_sizes[d] for d in rule.ir.dims}
     key = cache_key(rule.ir.canonical(), "chunk-diagonal-prologue", codegen.VERSION,
                     repr(sorted(sizes.items())))
-    holder = {}
-
-    def make_source():
-        holder["spec"] = codegen.generate_prologue(rule, sizes, the_plan)
-        return holder["spec"].source
-
-    module = load_module(key, f"{rule.name}_chunk_diagonal_prologue", make_source)
-    spec = getattr(module, "_recdsl_spec", None)
-    if spec is None:
-        spec = holder.get("spec") or codegen.generate_prologue(rule, sizes, the_plan)
-        module._recdsl_spec = spec
-    return spec, module
+    return load_generated(key, f"{rule.name}_chunk_diagonal_prologue",
+                          lambda: codegen.generate_prologue(rule, sizes, the_plan))
 
 
 @dataclass

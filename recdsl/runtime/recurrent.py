@@ -9,7 +9,7 @@ import torch
 from ..codegen import tiling
 from ..codegen.recurrent import KernelSpec, generate
 from ..errors import BackendError
-from .cache import cache_key, load_module
+from .cache import cache_key, load_generated
 
 
 def triton_usable(device: torch.device) -> bool:
@@ -33,18 +33,7 @@ def kernels(rule, dim_sizes: dict):
     # the split thresholds are part of the key: tests lower them to exercise the split kernels
     key = cache_key(rule.ir.canonical(), "recurrent", repr(sorted(sizes.items())),
                     repr((tiling.SPLIT_ABOVE, tiling.SMALLEST_TILE)))
-    holder = {}
-
-    def make_source():
-        holder["spec"] = generate(rule.ir, sizes)
-        return holder["spec"].source
-
-    module = load_module(key, f"{rule.name}_recurrent", make_source)
-    spec = getattr(module, "_recdsl_spec", None)
-    if spec is None:
-        spec = holder.get("spec") or generate(rule.ir, sizes)
-        module._recdsl_spec = spec
-    return spec, module
+    return load_generated(key, f"{rule.name}_recurrent", lambda: generate(rule.ir, sizes))
 
 
 def checkpoint_interval(longest: int) -> int:
