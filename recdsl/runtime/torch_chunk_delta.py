@@ -32,11 +32,16 @@ import torch
 from ..errors import BackendError
 from ..grammar import ast
 from ..ir.pretty import unparse
-from .chunk_delta_core import chunk_delta
+from .chunk_delta_core import Scaled, _formed, chunk_delta
 from .tokenwise import Tokenwise
 
 # Tokens per chunk; 16, 32 and 64 are the tested sizes (any positive size is valid algebra).
-CHUNK_SIZE = 64
+# None picks by device: 32 on the CPU, where the L x L work is a large share of the time and
+# the state loop still runs matmuls big enough at 32 (benchmarks/bench_delta.py), 64 elsewhere.
+# An int forces a size everywhere.
+CHUNK_SIZE = None
+DEVICE_CHUNK_SIZES = {"cpu": 32}
+DEFAULT_CHUNK_SIZE = 64
 
 
 # ============================================================ the plan: what the rule does
@@ -256,7 +261,8 @@ def _loop_key(loop):
 
 def _step_values(values, step, shape_k, shape_v, dtype, device):
     """(log decay, negative-decay flags or None, b, k, u) of one canonical step, per token:
-    [B, T, H] for the scalars, [B, T, H, K] and [B, T, H, V] for k and u."""
+    [B, T, H] for the scalars, [B, T, H, K] and [B, T, H, V] for k and u (a single write
+    ``w * v`` left as Scaled(w, v): chunk_delta forms it a group of chunks at a time)."""
     g, neg = None, None
     for expr, loop in step.decays:
         log_d, negative = values.log_decay(expr, loop)
@@ -269,22 +275,22 @@ def _step_values(values, step, shape_k, shape_v, dtype, device):
                 torch.zeros(shape_v, dtype=dtype, device=device))
     b = values.value(*step.b).expand(shape_k[:3])
     k = values.value(*step.key).expand(shape_k)
-    u = None
+    terms = []
     for coef, right, loop, scales in step.writes:
         w = values.value(coef, loop)
         for expr, at in scales:
             w = w * values.value(expr, at)
-        part = w.unsqueeze(-1) * values.value(right, loop)
-        u = part if u is None else u + part
-    u = torch.zeros(shape_v, dtype=dtype, device=device) if u is None else u.expand(shape_v)
-    return g, neg, b, k, u
+        terms.append(Scaled(w.expand(shape_v[:3]), values.value(right, loop).expand(shape_v)))
+    if not terms:
+        return g, neg, b, k, torch.zeros(shape_v, dtype=dtype, device=device)
+    return g, neg, b, k, terms[0] if len(terms) == 1 else sum(t.form() for t in terms)
 
 
 # ============================================================ layout: sequences into chunks
 
 
 class _Chunks:
-    """Token tensors ``[B, T, H, ...]`` <-> chunks ``[nc, N*H, C, ...]``, one row of chunks per
+    """Token tensors ``[B, T, H, ...]`` <-> chunks ``[nc, N, H, C, ...]``, one row of chunks per
     sequence (packed sequences gathered apart, each padded to whole chunks with zeros: a zero
     key, write and log-decay make a step the identity)."""
 
@@ -305,7 +311,8 @@ class _Chunks:
             self.idx, self.pos = idx.to(dev), pos.to(dev)
 
     def split(self, x):
-        """[B, T, H, *rest] -> [nc, N*H, C, *rest]."""
+        """[B, T, H, *rest] -> [nc, N, H, C, *rest]: a view of x when the sequences fill whole
+        chunks (chunk_delta copies it a group of chunks at a time), else a padded copy."""
         rest = x.shape[3:]
         if self.call.packed:
             flat = torch.cat([x[0], x.new_zeros(1, *x.shape[2:])])
@@ -313,8 +320,15 @@ class _Chunks:
         elif self.Tp > x.shape[1]:
             x = torch.cat([x, x.new_zeros(x.shape[0], self.Tp - x.shape[1], *x.shape[2:])], 1)
         x = x.reshape(self.N, self.nc, self.C, self.H, *rest)
-        x = x.permute(1, 0, 3, 2, *range(4, x.dim()))
-        return x.reshape(self.nc, self.N * self.H, self.C, *rest)
+        return x.permute(1, 0, 3, 2, *range(4, x.dim()))
+
+    def destination(self, R, n, dtype):
+        """(tensor [B, T, H, R, n], its view [nc, N, H, C, R, n]) when the sequences fill whole
+        chunks, for chunk_delta to write its reads into; else None."""
+        if self.call.packed or self.Tp != self.call.time:
+            return None
+        full = torch.empty(self.N, self.Tp, self.H, R, n, dtype=dtype, device=self.call.device)
+        return full, self.split(full)
 
     def merge(self, y):
         """[nc, N*H, C, *rest] -> [B, T, H, *rest]."""
@@ -331,7 +345,8 @@ class _Chunks:
 
 def run(rule, call, chunk_size: Optional[int] = None):
     """Outputs ``[B, T, H, *shape]`` and final states ``[N, H, *dims]`` (compute dtype)."""
-    chunk = CHUNK_SIZE if chunk_size is None else chunk_size
+    chunk = chunk_size if chunk_size is not None else CHUNK_SIZE if CHUNK_SIZE is not None \
+        else DEVICE_CHUNK_SIZES.get(call.device.type, DEFAULT_CHUNK_SIZE)
     if not isinstance(chunk, int) or chunk < 1:
         raise BackendError(f"chunk size must be a positive integer (16, 32 or 64); got {chunk!r}")
     try:
@@ -348,10 +363,9 @@ def run(rule, call, chunk_size: Optional[int] = None):
     wanted = {}
     for name, _, groups, _ in reads:
         for state, side, terms in groups:
-            vec = None
-            for coef, vector in terms:
-                part = values.value(coef, None).unsqueeze(-1) * values.value(vector, None)
-                vec = part if vec is None else vec + part
+            parts_ = [Scaled(values.value(coef, None).expand(B, T, H), values.value(vector, None))
+                      for coef, vector in terms]
+            vec = parts_[0] if len(parts_) == 1 else sum(p.form() for p in parts_)
             wanted.setdefault(state, {}).setdefault(side, []).append((name, vec))
 
     parts = {name: [] for name, *_ in reads}
@@ -364,10 +378,13 @@ def run(rule, call, chunk_size: Optional[int] = None):
         m = len(per)
 
         def chunked(i):
-            """Item i of every step, [B, T, H, m, ...] -> [nc, N*H, C*m, ...] (token-major)."""
-            items = [p[i] if p[i] is not None else torch.zeros_like(per[0][0]) for p in per]
-            x = layout.split(torch.stack(items, 3) if m > 1 else items[0].unsqueeze(3))
-            return x.reshape(x.shape[0], x.shape[1], chunk * m, *x.shape[4:])
+            """Item i of every step, [B, T, H, m, ...] -> [nc, N, H, C*m, ...] (token-major)."""
+            if m == 1:
+                x = per[0][i]
+                return x.map(layout.split) if isinstance(x, Scaled) else layout.split(x)
+            items = [_formed(p[i]) if p[i] is not None else torch.zeros_like(per[0][0])
+                     for p in per]
+            return layout.split(torch.stack(items, 3)).flatten(3, 4)
 
         g, b, k, u = (chunked(i) for i in (0, 2, 3, 4))
         neg = chunked(1) if any(p[1] is not None for p in per) else None
@@ -375,10 +392,17 @@ def run(rule, call, chunk_size: Optional[int] = None):
         q_left = _read_block(layout, sides.get("left"))
         q_right = _read_block(layout, sides.get("right"))
         S0 = call.initial_state(var.name).to(dt).reshape(-1, Kd, Vd)
-        o_left, o_right, S = chunk_delta(k, b, u, g, S0, m, q_left, q_right, neg)
+        # destinations in the outputs' layout, which the forward-only path fills in place
+        dest = {side: layout.destination(len(sides[side]), n, dt)
+                for side, n in (("left", Vd), ("right", Kd)) if sides.get(side)}
+        views = {side: None if d is None else d[1] for side, d in dest.items()}
+        o_left, o_right, S = chunk_delta(k, b, u, g, S0, m, q_left, q_right, neg,
+                                         views.get("left"), views.get("right"))
         for side, o in (("left", o_left), ("right", o_right)):
+            in_place = o is not None and o is views.get(side)
             for r, (name, _) in enumerate(sides.get(side, [])):
-                parts[name].append(layout.merge(o[..., r, :]))
+                parts[name].append(dest[side][0][..., r, :] if in_place
+                                   else layout.merge(o[..., r, :]))
         finals.append(S.reshape(call.num_sequences, H, Kd, Vd))
 
     outputs = {}
@@ -398,8 +422,10 @@ def run(rule, call, chunk_size: Optional[int] = None):
 
 
 def _read_block(layout, reads):
-    """Read vectors [B, T, H, n] of one side -> [nc, N*H, C, R, n], or None."""
+    """Read vectors [B, T, H, n] of one side -> [nc, N, H, C, R, n], or None."""
     if not reads:
         return None
-    vectors = [vec for _, vec in reads]
+    if len(reads) == 1 and isinstance(reads[0][1], Scaled):  # [nc, N, H, C, 1] and [.., 1, n]
+        return reads[0][1].map(lambda x: layout.split(x.unsqueeze(3)))
+    vectors = [_formed(vec) for _, vec in reads]
     return layout.split(torch.stack(vectors, 3) if len(vectors) > 1 else vectors[0].unsqueeze(3))

@@ -4,7 +4,9 @@ Every comparison covers the outputs, the final states and the gradients of every
 and initial state (random upstream gradients). Rules: the four canonical delta rules
 (DeltaProduct with NH = 2 and 3), and rules written here: negative eigenvalues
 (beta = 2 sigmoid(b)), a Mamba-style gate computed from params, a decay of either sign after
-the write with a right read and an extra term, and two states read together.
+the write with a right read and an extra term, two states read together, and two writes with
+several outputs reading one state on each side. ``compare`` runs the gradient path and the
+forward-only path (no autograd), which differ in their arrangement (chunk_delta_core).
 """
 from __future__ import annotations
 
@@ -75,6 +77,22 @@ P = P - 0.5 * outer(kn, kn @ P) + 0.5 * outer(kn, v)
 output o = q @ S - 2 * (q @ P) + 0.5 * (k @ S)
 """
 
+# two writes in one step, and two outputs reading the state on each side
+TWO_READS = """
+rule two_reads
+dims K, V
+state S[K, V]
+input q[K], k[K], v[V], w[V]
+input g, beta
+let kn = l2norm(k)
+S = exp(g) * S
+S = S - beta * outer(kn, kn @ S) + beta * outer(kn, v) + 0.5 * beta * outer(kn, w)
+output o = q @ S
+output p = kn @ S
+output r = S @ w
+output s = S @ v
+"""
+
 PER_CHANNEL_DECAY = """
 rule kda_like
 dims K, V
@@ -139,7 +157,7 @@ def rule(name):
 CANONICAL = [("delta", {}), ("gated_delta", {}), ("kla", {}),
              ("deltaproduct", {"NH": 2}), ("deltaproduct", {"NH": 3})]
 WRITTEN = [("NEGATIVE_EIGENVALUES", {}), ("MAMBA_GATE", {}), ("DECAY_AFTER_WRITE", {}),
-           ("TWO_STATES", {})]
+           ("TWO_STATES", {}), ("TWO_READS", {})]
 
 
 def case_id(case):
@@ -186,14 +204,28 @@ def assert_close(got, want, tol, what):
     assert err <= tol * scale, f"{what}: max abs diff {err:.3e} (scale {scale:.3g})"
 
 
+def forward_only(r, leaves, backend, cu_seqlens=None):
+    """Outputs + final states of one call without autograd (torch-chunk's forward-only path)."""
+    init = tuple(leaves.get(f"init:{s.name}") for s in r.states)
+    named = {n: v for n, v in leaves.items() if not n.startswith("init:")}
+    with torch.no_grad():
+        out, final = r(**named, initial_state=init if any(i is not None for i in init) else None,
+                       output_final_state=True, backend=backend, cu_seqlens=cu_seqlens)
+    return as_list(out) + as_list(final)
+
+
 def compare(r, leaves, tol=TOL64, cu_seqlens=None):
+    """Outputs, final states and gradients against the naive loop, and the outputs and final
+    states of the forward-only path (no autograd) too."""
     ref, ref_grads = results(r, leaves, "naive", cu_seqlens)
     got, got_grads = results(r, leaves, "torch-chunk", cu_seqlens)
+    fwd = forward_only(r, leaves, "torch-chunk", cu_seqlens)
     names = [o.name for o in r.outputs] + [f"final {s.name}" for s in r.states]
-    for name, g, w in zip(names, got, ref):
-        assert g.shape == w.shape, name
-        assert torch.isfinite(g).all(), name
+    for name, g, f, w in zip(names, got, fwd, ref):
+        assert g.shape == w.shape and f.shape == w.shape, name
+        assert torch.isfinite(g).all() and torch.isfinite(f).all(), name
         assert_close(g, w, tol, name)
+        assert_close(f, w, tol, f"{name} (forward only)")
     for name in leaves:
         assert ref_grads[name] is not None, f"no gradient reaches {name}"
         assert torch.isfinite(got_grads[name]).all(), f"grad {name}"
@@ -211,7 +243,7 @@ def test_canonical_rules_match_naive(case, T):
     compare(r, make_leaves(r, time=T, dims=dims))
 
 
-@pytest.mark.parametrize("T", [1, 65, 130])
+@pytest.mark.parametrize("T", [1, 64, 130])  # 64: whole chunks, read in place (no padding)
 @pytest.mark.parametrize("case", WRITTEN, ids=case_id)
 def test_written_rules_match_naive(case, T):
     name, dims = case
@@ -232,7 +264,13 @@ def test_without_initial_state():
     compare(r, make_leaves(r, time=65, dims={}, initial=False))
 
 
-@pytest.mark.parametrize("chunk", [16, 32])
+def test_default_chunk_size_by_device():
+    assert torch_chunk_delta.CHUNK_SIZE is None
+    assert torch_chunk_delta.DEVICE_CHUNK_SIZES["cpu"] == 32
+    assert torch_chunk_delta.DEFAULT_CHUNK_SIZE == 64
+
+
+@pytest.mark.parametrize("chunk", [16, 64])  # 32 is the CPU default, run everywhere else
 @pytest.mark.parametrize("case", [("gated_delta", {}), ("deltaproduct", {"NH": 3})], ids=case_id)
 def test_chunk_sizes(case, chunk, monkeypatch):
     monkeypatch.setattr(torch_chunk_delta, "CHUNK_SIZE", chunk)
@@ -245,14 +283,45 @@ def test_chunk_sizes(case, chunk, monkeypatch):
                                   ("DECAY_AFTER_WRITE", {})], ids=case_id)
 def test_chunks_in_groups(case, monkeypatch):
     """Long inputs go through the chunks a group at a time (bounded temporaries): with groups
-    of one or two chunks the results are the same."""
+    of one or two chunks the results are the same, on both paths."""
     monkeypatch.setattr(chunk_delta_core, "GROUP_ELEMENTS", 1)
+    monkeypatch.setattr(chunk_delta_core, "FORWARD_GROUP_ELEMENTS", 1)
     monkeypatch.setattr(torch_chunk_delta, "CHUNK_SIZE", 16)
     name, dims = case
     r = rule(name)
     compare(r, make_leaves(r, time=75, dims=dims))
     monkeypatch.setattr(chunk_delta_core, "GROUP_ELEMENTS", 2 * 4 * 16 * (48 + 40))  # groups of 2 chunks (1 for NH = 2)
+    # groups of 2 chunks in the forward-only path (1 for NH = 2): the last group is partial
+    monkeypatch.setattr(chunk_delta_core, "FORWARD_GROUP_ELEMENTS", 2 * 4 * 16 * (16 + 48 + 40))
     compare(r, make_leaves(r, time=75, dims=dims))
+
+
+@pytest.mark.parametrize("case", [("gated_delta", {}), ("deltaproduct", {"NH": 2}),
+                                  ("DECAY_AFTER_WRITE", {}), ("TWO_READS", {})], ids=case_id)
+def test_forward_only_exact_decays(case, monkeypatch):
+    """The forward-only path factors each chunk's decays unless their log spread is too wide;
+    forced to the exact float64 differences everywhere, it gives the same values."""
+    monkeypatch.setattr(chunk_delta_core, "SPREAD_LIMIT", {torch.float64: -1.0})
+    name, dims = case
+    r = rule(name)
+    compare(r, make_leaves(r, time=130, dims=dims))
+
+
+def test_forward_only_mixes_factored_and_exact_groups(monkeypatch):
+    """Gates of -1e4 in the second chunk only: with groups of one chunk, that chunk takes the
+    exact decays and its neighbours the factored ones, in float64 and in float32."""
+    monkeypatch.setattr(chunk_delta_core, "FORWARD_GROUP_ELEMENTS", 1)
+    r = rule("gated_delta")
+    leaves = make_leaves(r, time=130, dims={})
+    g = leaves["g"].clone()
+    g[:, 40:44] = -1e4
+    leaves["g"] = g
+    compare(r, leaves)
+    ref = forward_only(r, leaves, "naive")
+    got = forward_only(r, {n: v.float() for n, v in leaves.items()}, "torch-chunk")
+    for g32, g64 in zip(got, ref):
+        assert torch.isfinite(g32).all()
+        assert_close(g32, g64, 1e-4, "float32 forward only")
 
 
 @pytest.mark.parametrize("case", [("gated_delta", {}), ("kla", {}), ("deltaproduct", {"NH": 2}),
@@ -301,10 +370,12 @@ def test_extreme_gates(gate):
     compare(r, leaves)
     single = {k: v.float() for k, v in leaves.items()}
     got, grads = results(r, single, "torch-chunk")
+    fwd = forward_only(r, single, "torch-chunk")
     ref, ref_grads = results(r, leaves, "naive")
-    for g32, g64 in zip(got, ref):
-        assert torch.isfinite(g32).all()
+    for g32, f32, g64 in zip(got, fwd, ref):
+        assert torch.isfinite(g32).all() and torch.isfinite(f32).all()
         assert_close(g32, g64, 2e-4, "float32 value")
+        assert_close(f32, g64, 2e-4, "float32 value (forward only)")
     for name in leaves:
         assert torch.isfinite(grads[name]).all(), name
         assert_close(grads[name], ref_grads[name], 2e-3, f"float32 grad {name}")
@@ -335,9 +406,11 @@ def test_float32_against_float64(case):
     leaves = make_leaves(r, time=130, dims=dims)
     ref, ref_grads = results(r, leaves, "naive")
     got, grads = results(r, {n: v.float() for n, v in leaves.items()}, "torch-chunk")
-    for g32, g64 in zip(got, ref):
-        assert g32.dtype == torch.float32
+    fwd = forward_only(r, {n: v.float() for n, v in leaves.items()}, "torch-chunk")
+    for g32, f32, g64 in zip(got, fwd, ref):
+        assert g32.dtype == torch.float32 and f32.dtype == torch.float32
         assert_close(g32, g64, 1e-4, "value")
+        assert_close(f32, g64, 1e-4, "value (forward only)")
     for n in leaves:
         assert grads[n].dtype == torch.float32
         assert_close(grads[n], ref_grads[n], 1e-3, f"grad {n}")
@@ -385,7 +458,7 @@ def test_long_sequences_stay_finite(T):
 
 @pytest.mark.parametrize("name", ["delta", "gated_delta", "kla", "deltaproduct",
                                   "NEGATIVE_EIGENVALUES", "MAMBA_GATE", "DECAY_AFTER_WRITE",
-                                  "TWO_STATES"])
+                                  "TWO_STATES", "TWO_READS"])
 def test_auto_picks_torch_chunk_on_cpu(name):
     r = rule(name)
     assert r.family == "delta"
