@@ -100,29 +100,32 @@ class LogDecay:
     def _blocks(self):
         return self.log.view(self.b, self.nc, self.nb, SUB, self.n)
 
-    @cached_property
+    @property
     def block_upto(self):
-        """[b, nc, nb, SUB, n]: from the sub-chunk start through token i."""
+        """[b, nc, nb, SUB, n]: from the sub-chunk start through token i (not kept: its
+        exp and a few reductions are)."""
         return _sums(self._blocks, "upto")
 
     @cached_property
     def block_totals(self):
         """[b, nc, nb, n]: each whole sub-chunk."""
-        return self.block_upto[:, :, :, -1]
+        return self._blocks.sum(3)
+
+    @property
+    def exp_block_upto(self):
+        return self._of_block_upto[0]
 
     @cached_property
-    def exp_block_upto(self):
-        return _exp(self.block_upto)
+    def _of_block_upto(self):
+        """exp(P) and ``strong``: from the same sums P, not kept."""
+        P, m = self.block_upto, self._middle[:, :, :, 0]
+        strong = ((P.amax(3) - m > LIMIT) | (P.amin(3) - m < -LIMIT)).any(-1)
+        return _exp(P), strong
 
     @cached_property
     def exp_block_to_end(self):
         """[b, nc, C, n]: the decay after token j to the end of its sub-chunk."""
-        return _exp(self.block_after).view(self.b, self.nc, self.C, self.n)
-
-    @cached_property
-    def block_after(self):
-        """[b, nc, nb, SUB, n]: after token j to the end of its sub-chunk."""
-        return _sums(self._blocks, "after")
+        return _exp(_sums(self._blocks, "after")).view(self.b, self.nc, self.C, self.n)
 
     @cached_property
     def exp_blocks_between(self):
@@ -160,8 +163,18 @@ class LogDecay:
         """[b, nc, C, C]: for a scalar decay, the decay after token j through token i (0 for
         j > i): exp of cumulative sums of masked values (Mamba-2's segment sums)."""
         causal, later = _masks(self.C, self.log)[3:]
-        masked = self.log * later  # [.., k, j] = x_k for k > j
-        return _exp(masked.cumsum(-2)) * causal
+        masked = self._one_chunk * later  # [.., k, j] = x_k for k > j
+        return mul(_exp(masked.cumsum(-2)), causal)
+
+    @cached_property
+    def _one_chunk(self):
+        """The log-decays, or those of the first chunk when every chunk has the same (a decay
+        fixed per head, as retention's) and no gradient is recorded: ``C x C`` factors of them
+        then broadcast over the chunks instead of being repeated."""
+        first = self.log[:, :1]
+        if self.nc > 1 and not _recording(self.log) and torch.equal(self.log, first.expand_as(self.log)):
+            return first
+        return self.log
 
     # ---- within a sub-chunk
     @cached_property
@@ -171,12 +184,11 @@ class LogDecay:
         over from cancelling terms)."""
         return 0.5 * self.block_totals.detach().unsqueeze(3)
 
-    @cached_property
+    @property
     def strong(self):
         """[b, nc, nb] bool: sub-chunks whose sums P - m leave [-LIMIT, LIMIT] in some
         channel (for decays <= 1: a sub-chunk decaying below exp(-2 LIMIT))."""
-        P, m = self.block_upto, self._middle[:, :, :, 0]
-        return ((P.amax(3) - m > LIMIT) | (P.amin(3) - m < -LIMIT)).any(-1)
+        return self._of_block_upto[1]
 
     @cached_property
     def factored(self):
@@ -271,9 +283,18 @@ def _recording(*tensors):
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
-def _mul(a, b):
+def mul(a, b):
     """``a * b``, in place in ``a`` (a temporary) when autograd is not recording."""
     return a * b if _recording(a, b) else a.mul_(b)
+
+
+def add(a, b):
+    """``a + b``, in place in ``a`` (a temporary of ``b``'s shape or larger) when autograd
+    is not recording."""
+    return a + b if _recording(a, b) or a.shape != torch.broadcast_shapes(a.shape, b.shape) \
+        else a.add_(b)
+
+
 
 
 def _mm(a, b, add=None):
@@ -337,7 +358,7 @@ def _to_end(values, logs):
     def compute():
         out = values * logs[0].exp_to_end.unsqueeze(3)
         for L in logs[1:]:
-            out = _mul(out, L.exp_to_end.unsqueeze(3))
+            out = mul(out, L.exp_to_end.unsqueeze(3))
         return out
     return logs[-1].remember(("to_end",) + tuple(id(L) for L in logs), values, compute)
 
@@ -358,23 +379,26 @@ def read(x, decays: Decays, u, w, starts):
     xq = x if D is None else x * D.exp_upto
     out = _mm(xq, starts)
     if G is not None:
-        out = _mul(out, G.exp_upto)
+        out = mul(out, G.exp_upto)
     if F is not None:
-        out = _mul(out, F.exp_upto)
+        out = mul(out, F.exp_upto)
     if W == 0:
         return out
     # from the writes inside the chunk
     CK = C * W
     uk, wk = u.reshape(b, nc, CK, d), w.reshape(b, nc, CK, f)
     if D is None:
-        score = _mul(_mm(x, uk.transpose(-1, -2)),
+        score = mul(_mm(x, uk.transpose(-1, -2)),
                      _keys(G.decay_between, W, dim=3) if G is not None
                      else _keys(_masks(C, x)[3], W, dim=1))
     else:
         score = _channel_scores(x, uk, D, W)  # causal already
         if G is not None:
-            score = _mul(score, _keys(G.decay_between, W, dim=3))
+            score = mul(score, _keys(G.decay_between, W, dim=3))
     if F is None:
+        if not _recording(out, score, wk):  # into ``out``: no copy of it
+            out.view(-1, C, f).baddbmm_(score.view(-1, C, CK), wk.reshape(-1, CK, f))
+            return out
         return _mm(score, wk, add=out)
     return _channel_values(score, wk, F, W).add_(out)
 
@@ -389,7 +413,7 @@ def _earlier(values, L: LogDecay, W):
     def compute():
         to_own_end = values * _keys(L.exp_block_to_end, W)
         out = to_own_end.view(b, nc, L.nb, CK // L.nb, n)[:, :, J]
-        return _mul(out, L.exp_blocks_between.unsqueeze(3))
+        return mul(out, L.exp_blocks_between.unsqueeze(3))
     return L.remember(("earlier", W), values, compute)
 
 
@@ -428,7 +452,7 @@ def _channel_scores(x, uk, D: LogDecay, W):
         exact = (D.exact_within(at, W) * xb[at].transpose(-1, -2).unsqueeze(-1)
                  * ub[at].transpose(-1, -2).unsqueeze(-2)).sum(-3)
         within = within.index_put(at, exact)
-    within = _mul(within, _below(W, x)[0])
+    within = mul(within, _below(W, x)[0])
     own = (xb.unsqueeze(-2) * ub.view(b, nc, nb, SUB, W, d)).sum(-1)  # [.., i, w]
     within.view(b, nc, nb, SUB, SUB, W).diagonal(0, 3, 4).copy_(own.transpose(-1, -2))
     score.diagonal(0, 2, 4).copy_(within.permute(0, 1, 3, 4, 2))
@@ -445,7 +469,7 @@ def _channel_values(score, wk, F: LogDecay, W):
     wb = wk.view(b, nc, nb, sk, f)
     # the sub-chunk itself: factored at the middle; own writes exactly
     inner = blocks.diagonal(0, 2, 4).permute(0, 1, 4, 2, 3)  # [b, nc, nb, SUB, sk]
-    out = _mul(_mm(inner * _below(W, score)[0], _factored_keys(wb, F, W)), F.factored[0])
+    out = mul(_mm(inner * _below(W, score)[0], _factored_keys(wb, F, W)), F.factored[0])
     own = (score.view(b, nc, nb, SUB, nb, SUB, W).diagonal(0, 2, 4).diagonal(0, 2, 3)
            .permute(0, 1, 3, 4, 2))  # [b, nc, nb, i, w]: the token's own writes
     out = out + (own.unsqueeze(-1) * wb.view(b, nc, nb, SUB, W, f)).sum(-2)
@@ -459,5 +483,5 @@ def _channel_values(score, wk, F: LogDecay, W):
         keys = _earlier(wk, F, W)
         for I in range(1, nb):
             cross = _mm(blocks[:, :, I, :, :I].reshape(b, nc, SUB, I * sk), _earlier_of(keys, I))
-            out[:, :, I] += _mul(cross, F.exp_block_upto[:, :, I])
+            out[:, :, I] += mul(cross, F.exp_block_upto[:, :, I])
     return out.view(b, nc, C, f)

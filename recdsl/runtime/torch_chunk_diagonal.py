@@ -198,6 +198,11 @@ class _Values(Tokenwise):
         B, T = self.shape_bt
         self.bound[name] = value.reshape(B * T, *value.shape[2:])
 
+    def forget(self):
+        """Drop the cached values (chained values stay bound)."""
+        self.memo.clear()
+        self.kept.clear()
+
     def _envs(self, loop):
         # the environments kept per loop index: a state-free let (Raven's routing, a topk
         # over all tokens) is computed once for every expression that uses it
@@ -284,6 +289,10 @@ class _Run:
     def outputs_and_states(self):
         for name, sa in self.rule.analysis.states.items():
             self.states[name] = self._state(sa)
+        # the per-token values the states were built from (Raven's routing) are in the
+        # states now: let them go (a read that needs one again computes it again)
+        self.shared.clear()
+        self.values.forget()
         values = {}
         for rv in self.rule.analysis.reads:
             values[rv.name] = self._value(rv)
@@ -369,33 +378,41 @@ class _Run:
 
     # ------------------------------------------------------------ reads
 
-    def _read(self, state, side, x):
-        """``x @ S`` (side left) or ``S @ x`` (side right) for every token, call layout."""
+    def _read(self, state, side, x, scale=None):
+        """``x @ S`` (side left) or ``S @ x`` (side right) for every token, call layout;
+        times ``scale`` ([B, T, H], a coefficient per token) if given. A new tensor."""
         st = self.states[state]
         x = self.layout.to_chunks(x.to(self.dtype))
         if side == "left":
             out = core.read(x, st.decays, st.left, st.right, st.starts)
         else:
             out = core.read(x, st.decays.transposed(), st.right, st.left, st.starts.transpose(-1, -2))
+        if scale is not None:  # on the output: no scaled copy of the read vectors
+            out = core.mul(out, self.layout.to_chunks(scale.to(self.dtype).unsqueeze(-1)))
         return self.layout.from_chunks(out)
 
     def _value(self, rv):
         values = self.values
         if rv.linear:
-            vectors = {}  # (state, side) -> the summed read vector
+            groups = {}  # (state, side) -> the terms reading it
             for term in rv.terms:
-                x = values.value(term.read.vector)
-                if not term.coef.is_one:
-                    x = values.value(term.coef.expr()).unsqueeze(-1) * x
-                key = (term.read.state, term.read.side)
-                vectors[key] = x if key not in vectors else vectors[key] + x
+                groups.setdefault((term.read.state, term.read.side), []).append(term)
             result = None
-            for (state, side), x in vectors.items():
-                out = self._read(state, side, x)
-                result = out if result is None else result + out
+            for (state, side), terms in groups.items():
+                scale = None
+                if len(terms) == 1:
+                    x = values.value(terms[0].read.vector)
+                    if not terms[0].coef.is_one:
+                        scale = values.value(terms[0].coef.expr())
+                else:  # one read of the summed vectors
+                    x = sum(values.value(t.read.vector) if t.coef.is_one else
+                            values.value(t.coef.expr()).unsqueeze(-1) * values.value(t.read.vector)
+                            for t in terms)
+                out = self._read(state, side, x, scale)
+                result = out if result is None else core.add(result, out)
             if rv.extra is not None:
                 extra = values.value(rv.extra)
-                result = extra if result is None else result + extra
+                result = extra if result is None else core.add(result, extra)
             return result
         # a per-token function of reads: the reads' values stand in for the read nodes
         table = {}
