@@ -73,7 +73,9 @@ EXP_FLOOR = -80.0  # exp(-80) = 2e-35: no decay left; below about -87 fp32 exp i
 def _exp(x):
     """exp of a sum of log-decays (a new tensor), the sum clamped at EXP_FLOOR: torch's fp32
     exp takes a slow path for arguments whose result is subnormal, which strong gates produce
-    by the million."""
+    by the million (the clamp, a pass of its own, only when some sum is below the floor)."""
+    if x.numel() and bool(x.amin() >= EXP_FLOOR):
+        return torch.exp(x)
     return x.clamp(min=EXP_FLOOR).exp_()
 
 
@@ -141,17 +143,31 @@ class LogDecay:
     # products of their exps: exps are the costly passes, and a product of small decays,
     # unlike exp of a very negative number, takes no slow path)
     @cached_property
+    def exp_before(self):
+        """[b, nc, nb, 1, n]: the decay over the whole sub-chunks before each sub-chunk."""
+        return _exp(_sums(self.block_totals, "before")).unsqueeze(3)
+
+    @cached_property
+    def exp_later(self):
+        """[b, nc, nb, 1, n]: the decay over the whole sub-chunks after each sub-chunk."""
+        return _exp(_sums(self.block_totals, "after")).unsqueeze(3)
+
+    @cached_property
     def exp_upto(self):
         """[b, nc, C, n]: the decay from the chunk start through token i."""
-        before = _exp(_sums(self.block_totals, "before")).unsqueeze(3)  # [b, nc, nb, 1, n]
-        return (self.exp_block_upto * before).view(self.b, self.nc, self.C, self.n)
+        return (self.exp_block_upto * self.exp_before).view(self.b, self.nc, self.C, self.n)
 
     @cached_property
     def exp_to_end(self):
         """[b, nc, C, n]: the decay after token j to the chunk end."""
-        later = _exp(_sums(self.block_totals, "after")).unsqueeze(3)
         to_block_end = self.exp_block_to_end.view(self.b, self.nc, self.nb, SUB, self.n)
-        return (to_block_end * later).view(self.b, self.nc, self.C, self.n)
+        return (to_block_end * self.exp_later).view(self.b, self.nc, self.C, self.n)
+
+    def upto_times(self, x):
+        """``x`` [b, nc, C, n] (a temporary: changed in place without autograd) times
+        ``exp_upto``, without forming it."""
+        x = mul(x, self.exp_block_upto.view(x.shape))
+        return mul(x.view(self.b, self.nc, self.nb, SUB, -1), self.exp_before).view(x.shape)
 
     @cached_property
     def total(self):
@@ -351,16 +367,26 @@ def states(decays: Decays, left, right, initial):
 
 
 def _to_end(values, logs):
-    """``values`` [b, nc, C, W, n] decayed from each token to the chunk end by ``logs``."""
+    """``values`` [b, nc, C, W, n] decayed from each token to the chunk end by ``logs``:
+    by the first, the decay to the end of the token's sub-chunk (shared with the reads'
+    earlier sub-chunks) times that over the later sub-chunks."""
     if not logs:
         return values
+    b, nc, C, W, n = values.shape
+    L0 = logs[0]
 
     def compute():
-        out = values * logs[0].exp_to_end.unsqueeze(3)
+        own_end = _to_own_end(values.reshape(b, nc, C * W, n), L0, W)
+        out = own_end.view(b, nc, L0.nb, SUB * W, n) * L0.exp_later
         for L in logs[1:]:
-            out = mul(out, L.exp_to_end.unsqueeze(3))
-        return out
+            out = mul(out, _keys(L.exp_to_end, W).view(b, nc, L0.nb, SUB * W, -1))
+        return out.view(b, nc, C, W, n)
     return logs[-1].remember(("to_end",) + tuple(id(L) for L in logs), values, compute)
+
+
+def _to_own_end(values, L: LogDecay, W):
+    """``values`` [b, nc, C * W, n] (keys) decayed to the end of their sub-chunk."""
+    return L.remember(("to own end", W), values, lambda: values * _keys(L.exp_block_to_end, W))
 
 
 # ============================================================ reads
@@ -375,13 +401,16 @@ def read(x, decays: Decays, u, w, starts):
     b, nc, C, W, d = u.shape
     f = w.shape[-1]
     G, D, F = decays.scalar, decays.rows, decays.cols
-    # from the state entering the chunk (bmm keeps its operands, not its result: in place)
-    xq = x if D is None else x * D.exp_upto
+    # from the state entering the chunk (bmm keeps its operands, not its result: in place);
+    # xe: x decayed from its sub-chunk's start (also the queries of earlier sub-chunks)
+    xe = None if D is None else x * D.exp_block_upto.view(x.shape)
+    xq = x if D is None else (xe.view(b, nc, D.nb, SUB, d) * D.exp_before).view(x.shape)
     out = _mm(xq, starts)
+    del xq
     if G is not None:
         out = mul(out, G.exp_upto)
     if F is not None:
-        out = mul(out, F.exp_upto)
+        out = F.upto_times(out)
     if W == 0:
         return out
     # from the writes inside the chunk
@@ -392,7 +421,7 @@ def read(x, decays: Decays, u, w, starts):
                      _keys(G.decay_between, W, dim=3) if G is not None
                      else _keys(_masks(C, x)[3], W, dim=1))
     else:
-        score = _channel_scores(x, uk, D, W)  # causal already
+        score = _channel_scores(x, xe, uk, D, W)  # causal already
         if G is not None:
             score = mul(score, _keys(G.decay_between, W, dim=3))
     if F is None:
@@ -404,25 +433,18 @@ def read(x, decays: Decays, u, w, starts):
 
 
 def _earlier(values, L: LogDecay, W):
-    """[b, nc, pairs, SUB * W, n]: for each sub-chunk pair (I, J), the key-side values of
-    sub-chunk J (``values`` [b, nc, C * W, n]) decayed to the end of sub-chunk I - 1: to the
-    end of J, then over the whole sub-chunks between."""
+    """For each query sub-chunk I = 1, 2, ...: the keys of the sub-chunks J < I (``values``
+    [b, nc, C * W, n]) decayed to the end of sub-chunk I - 1 (to the end of J, then over the
+    whole sub-chunks between), one [b, nc, I * SUB * W, n] tensor."""
     b, nc, CK, n = values.shape
-    I, J = _pairs(L.nb, values.device)
+    sk = CK // L.nb
 
     def compute():
-        to_own_end = values * _keys(L.exp_block_to_end, W)
-        out = to_own_end.view(b, nc, L.nb, CK // L.nb, n)[:, :, J]
-        return mul(out, L.exp_blocks_between.unsqueeze(3))
+        own_end = _to_own_end(values, L, W).view(b, nc, L.nb, sk, n)
+        between = L.exp_blocks_between.unsqueeze(3)  # [b, nc, pairs, 1, n], those of I together
+        return [(own_end[:, :, :I] * between[:, :, I * (I - 1) // 2:I * (I + 1) // 2])
+                .view(b, nc, I * sk, n) for I in range(1, L.nb)]
     return L.remember(("earlier", W), values, compute)
-
-
-def _earlier_of(keys, I):
-    """The rows of ``_earlier`` for query sub-chunk I (its pairs are consecutive), as one
-    [b, nc, I * SUB * W, n] block of keys (a view)."""
-    first = I * (I - 1) // 2
-    b, nc, _, sk, n = keys.shape
-    return keys[:, :, first:first + I].reshape(b, nc, I * sk, n)
 
 
 def _factored_keys(values, L: LogDecay, W):
@@ -431,9 +453,10 @@ def _factored_keys(values, L: LogDecay, W):
                       lambda: values * _keys(L.factored[1], W, dim=3))
 
 
-def _channel_scores(x, uk, D: LogDecay, W):
+def _channel_scores(x, xe, uk, D: LogDecay, W):
     """score[i, key] = sum_d x_i[d] u_key[d] decay_d(key -> i) for keys up to i, 0 for later
-    keys, by secondary chunking on the contracted axis."""
+    keys, by secondary chunking on the contracted axis (``xe``: x decayed from the start of
+    its sub-chunk)."""
     b, nc, C, d = x.shape
     nb, sk, CK = D.nb, SUB * W, uk.shape[2]
     xb, ub = x.view(b, nc, nb, SUB, d), uk.view(b, nc, nb, sk, d)
@@ -441,9 +464,9 @@ def _channel_scores(x, uk, D: LogDecay, W):
     # earlier sub-chunks: decay(j -> end of I - 1) * decay(end of I - 1 -> i)
     if nb > 1:
         keys = _earlier(uk, D, W)
-        xr = xb[:, :, 1:] * D.exp_block_upto[:, :, 1:]
+        xr = xe.view(b, nc, nb, SUB, d)
         for I in range(1, nb):
-            block = _mm(xr[:, :, I - 1], _earlier_of(keys, I).transpose(-1, -2))
+            block = _mm(xr[:, :, I], keys[I - 1].transpose(-1, -2))
             score[:, :, I, :, :I] = block.view(b, nc, SUB, I, sk)
     # the sub-chunk itself: factored at the middle; own writes exactly
     within = _mm(xb * D.factored[0], _factored_keys(ub, D, W).transpose(-1, -2))
@@ -482,6 +505,6 @@ def _channel_values(score, wk, F: LogDecay, W):
     if nb > 1:
         keys = _earlier(wk, F, W)
         for I in range(1, nb):
-            cross = _mm(blocks[:, :, I, :, :I].reshape(b, nc, SUB, I * sk), _earlier_of(keys, I))
+            cross = _mm(blocks[:, :, I, :, :I].reshape(b, nc, SUB, I * sk), keys[I - 1])
             out[:, :, I] += mul(cross, F.exp_block_upto[:, :, I])
     return out.view(b, nc, C, f)
