@@ -13,18 +13,28 @@ i (``i >= j``), the state after step i is
     S_i = Γ_i0 S_0 + sum_{j <= i} Γ_ij k_j v'_jᵀ,     V' = U - W S_0,
     (I + A) [W | U] = [diag(b) (K ⊙ exp(γ)) | Û],     A = strict_lower(diag(b) (K Kᵀ ⊙ Γ)),
 
-with ``(I + A)^{-1}`` from one ``torch.linalg.solve_triangular`` against the identity (a unit
-lower triangular solve, in the compute precision). Everything inside the chunks is computed
-for many chunks of all sequences at once (all of them for short inputs; long ones go through
-in groups of bounded size, see ``chunk_delta``); only the state passing,
-``V'_c = U_c - W_c S`` then ``S <- exp(γ_L) S + K_endᵀ V'_c``, is a loop over chunks (two
-batched matmuls per chunk). The gradient is autograd through these ops, with two explicit
-backwards (``_UnitLowerSolve``, ``_PairDecays``) where autograd's own would be slow.
+with ``(I + A)^{-1}`` unit lower triangular. The state passing between chunks,
+``V'_c = U_c - W_c S`` then ``S <- exp(γ_L) S + K_endᵀ V'_c``, is the only loop over chunks
+(two batched matmuls per chunk); everything inside the chunks is batched over many chunks of
+all sequences at once. The same algebra comes in two arrangements:
+
+* with autograd (``chunk_delta`` when an input requires grad): every chunk of a group of
+  bounded size at once, ``(I + A)^{-1}`` from one ``torch.linalg.solve_triangular`` against
+  the identity, ``Γ`` from exact differences of float64 cumulative log-decays; the gradient
+  is autograd through these ops, with two explicit backwards (``_UnitLowerSolve``,
+  ``_PairDecays``) where autograd's own would be slow.
+* forward only (no graph wanted): ``_forward_only``, arranged for the CPU's caches and for
+  few Python-level ops: small groups of chunks read straight from the (strided) inputs into
+  buffers made once per call, ``Γ_ij = a_i a'_j`` factored so that ``A`` and the reads come
+  out of plain matmuls of rescaled rows (the exact differences for a chunk whose log-decays
+  spread too widely), ``(I + A)^{-1}`` assembled from 16 x 16 diagonal blocks, the reads
+  written straight into the outputs' layout.
 
 Numerics: decays live in log space as chunk-local cumulative sums, taken in float64 whatever
 the compute precision, so that their differences (the log of ``Γ_ij``) are exact to the compute
 precision even after a gate of -1e4 earlier in the chunk; they are exponentiated only where
 ``i >= j`` (-inf elsewhere), so every exponent is <= 0 for decays <= 1 and nothing overflows.
+The factored form is used only where both factors stay within ``exp(±SPREAD_LIMIT / 2)``.
 No T x T tensor is formed: chunks are ``L x L``.
 
 Layout: every tensor is ``[nc, Z, L, ...]``: chunk index first (so the state loop slices
@@ -56,7 +66,8 @@ class Scaled(NamedTuple):
         return Scaled(fn(self.scale), fn(self.vector))
 
 
-def _formed(x):
+def formed(x):
+    """A tensor, or a Scaled formed into one."""
     return x.form() if isinstance(x, Scaled) else x
 
 
@@ -146,7 +157,7 @@ def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, ne
         with torch.no_grad():
             return _forward_only(k, b, u, g, S0, steps_per_token, q_left, q_right, neg,
                                  out_left, out_right)
-    k, b, u, g, q_left, q_right, neg = (None if x is None else _flat_z(_formed(x), k.dim() - 3)
+    k, b, u, g, q_left, q_right, neg = (None if x is None else _flat_z(formed(x), k.dim() - 3)
                                         for x in (k, b, u, g, q_left, q_right, neg))
     nc, Z, L, K = k.shape
     V = u.shape[-1]
@@ -260,7 +271,7 @@ FORWARD_GROUP_ELEMENTS = 1 << 18
 # largest spread of a chunk's cumulative log-decays for which Γ_ij = exp(c_i - r) exp(r - c_j)
 # (r the middle of the spread) keeps both factors well inside the floating-point range
 SPREAD_LIMIT = {torch.float32: 120.0, torch.float64: 1200.0}
-SOLVE_BLOCK = 16  # rows per block of the forward-only path's triangular solve
+SOLVE_BLOCK = 16  # rows per diagonal block of the forward-only path's (I + A)^-1
 
 
 def _unit_lower_inverse(A):
@@ -270,29 +281,75 @@ def _unit_lower_inverse(A):
     return torch.linalg.solve_triangular(A, eye, upper=False, unitriangular=True)
 
 
-def _unit_lower_solve(A, R, out, T):
-    """``out = (I + strict_lower(A))^{-1} R`` for ``A [.., L, L]``, ``R, out [.., L, n]``;
-    ``T [.., L, L]`` is a buffer for the inverse, zero above its diagonal blocks.
+class _Group:
+    """The buffers of ``n`` chunks of the forward-only path and the views its steps use, made
+    once per call (twice when the last group is shorter): Python-level views cost about as
+    much as the small matmuls they feed, so they are not remade for every group.
 
-    The inverse is assembled from blocks of SOLVE_BLOCK rows: the diagonal blocks come from
-    small triangular solves (which cost far less per matrix than one of size L), the blocks
-    below them from ``T_i,<i = -T_ii A_i,<i T_<i,<i`` (two small matmuls per block row); then
-    one matmul applies it."""
-    s = SOLVE_BLOCK
-    L = A.shape[-1]
-    if L % s or L <= s:
-        torch.matmul(_unit_lower_inverse(A), R, out=out)
-        return out
-    nb = L // s
-    diagonal = lambda X: X.unflatten(-1, (nb, s)).unflatten(-3, (nb, s)).diagonal(
-        dim1=-4, dim2=-2).movedim(-1, -3)  # [.., nb, s, s], a view
-    D = _unit_lower_inverse(diagonal(A))
-    diagonal(T).copy_(D)
-    for i in range(1, nb):
-        rows, before = slice(i * s, (i + 1) * s), slice(0, i * s)
-        T[..., rows, before] = -(D[..., i, :, :] @ (A[..., rows, before] @ T[..., before, before]))
-    torch.matmul(T, R, out=out)
-    return out
+    Every buffer is ``[n, Z, ...]``; ``*_in`` views see it with Z as the inputs give it."""
+
+    def __init__(self, n, zs, L, C, K, V, Rl, Rr, like):
+        Z = math.prod(zs)
+        new = lambda *shape: like.new_empty(n, Z, *shape)
+        in_z = lambda t: t.view(n, *zs, *t.shape[2:])
+        self.n = n
+        self.ka = new(L, K)  # b a k (factored) or b k: A's rows
+        self.kk = new(L, K)  # a' k (factored) or k, then the keys to the chunk's end
+        self.A = new(L, L)
+        self.R = new(L, K + V)  # [b start k | u]
+        self.X = new(L, K + V)  # [W | U] = (I + A)^{-1} R
+        self.Vp = new(L, V)  # V' = U - W S_in
+        self.S = like.new_empty(n + 1, Z, K, V)  # the state entering each chunk, then after
+        self.ka_in, self.kk_in = in_z(self.ka), in_z(self.kk)
+        self.Rk_in, self.Ru_in = in_z(self.R[..., :K]), in_z(self.R[..., K:])
+        self.kk_t = self.kk.transpose(-1, -2)
+        # the state loop's operands, chunk by chunk
+        self.W, self.U = self.X[..., :K].unbind(0), self.X[..., K:].unbind(0)
+        self.Ss, self.Vs, self.K_end = self.S.unbind(0), self.Vp.unbind(0), self.kk_t.unbind(0)
+        self.S_in = self.S[:n]
+        self._solve_views(L)
+        # the reads, o = q @ S [.., V] (left) and o = S @ x [.., K] (right)
+        for side, R, width, out_width in (("left", Rl, K, V), ("right", Rr, V, K)):
+            if not R:
+                continue
+            rows = new(C * R, width)  # q a or q (x a or x): P's rows
+            scaled = new(C * R, width)  # q start (x start)
+            out = new(C * R, out_width)
+            setattr(self, f"{side}_a", rows)
+            setattr(self, f"{side}_s", scaled)
+            setattr(self, f"{side}_P", new(C * R, L))
+            setattr(self, f"{side}_o", out)
+            for name, t in (("a", rows), ("s", scaled), ("o", out)):
+                setattr(self, f"{side}_{name}_in", t.view(n, *zs, C, R, t.shape[-1]))
+
+    def _solve_views(self, L):
+        s = SOLVE_BLOCK
+        self.blocked = L > s and L % s == 0
+        if not self.blocked:
+            return
+        nb = L // s
+        diagonal = lambda X: X.view(*X.shape[:-2], nb, s, nb, s).diagonal(
+            dim1=-4, dim2=-2).movedim(-1, -3)  # [n, Z, nb, s, s], a view
+        self.T = self.A.new_zeros(self.A.shape)  # zero above its diagonal blocks, for good
+        self.A_diag, self.T_diag = diagonal(self.A), diagonal(self.T)
+        self.eye = torch.eye(s, dtype=self.A.dtype, device=self.A.device).expand(self.A_diag.shape)
+        self.below = [(i, self.A[..., i * s:(i + 1) * s, :i * s], self.T[..., :i * s, :i * s],
+                       self.T[..., i * s:(i + 1) * s, :i * s]) for i in range(1, nb)]
+
+    def solve(self):
+        """``X = (I + strict_lower(A))^{-1} R``.
+
+        The inverse is assembled from blocks of SOLVE_BLOCK rows: the diagonal blocks come
+        from small triangular solves (which cost far less per matrix than one of size L), the
+        blocks below them from ``T_i,<i = -T_ii A_i,<i T_<i,<i``; then one matmul applies it."""
+        if not self.blocked:
+            torch.matmul(_unit_lower_inverse(self.A), self.R, out=self.X)
+            return
+        D = torch.linalg.solve_triangular(self.A_diag, self.eye, upper=False, unitriangular=True)
+        self.T_diag.copy_(D)
+        for i, A_i, T_before, T_i in self.below:
+            torch.neg(D[..., i, :, :] @ (A_i @ T_before), out=T_i)
+        torch.matmul(self.T, self.R, out=self.X)
 
 
 def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_right=None):
@@ -304,8 +361,8 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
     ``r`` their middle), so that ``A`` and the reads' ``P`` are plain matmuls of rescaled rows,
     with no L x L exponential; a group with a chunk whose log-decays spread too widely for that
     (a decay near 0 inside it) takes the exact differences of float64 cumulative sums instead,
-    as ``_chunk_group`` does. ``[W | U]`` comes from a blocked triangular solve; the reads of
-    the entering states are batched over the group after its state loop."""
+    as ``_chunk_group`` does. ``[W | U]`` comes from a blocked inverse; the reads of the
+    entering states are batched over the group after its state loop."""
     nz = k.dim() - 3
     zs = tuple(k.shape[1:1 + nz])  # Z as the inputs give it (e.g. sequences, heads)
     nc, L, K = k.shape[0], k.shape[-2], k.shape[-1]
@@ -332,132 +389,139 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
     if not all(factored):
         to_end = signed((cum[..., L - 1:] - cum).exp(),
                         None if sign is None else sign[..., L - 1:] * sign)
-    totals = start[..., L - 1, None, None].unbind(0)  # [Z, 1, 1] per chunk
-    # per-row scales, shaped to multiply the inputs as given: [nc, *zs, L or C, 1 (, 1)]
-    rows_of = lambda x: x.reshape(nc, *zs, x.shape[-1], 1)
-    reads_of = lambda x: x[..., ends].reshape(nc, *zs, C, 1, 1)
-    b_rows, ba_rows, bs_rows, a_inv_rows = map(rows_of, (b, b * a, b * start, a_inv))
-    a_reads, start_reads = reads_of(a), reads_of(start)
-    # the read vectors' rows are multiplied by these (times the vectors' own scales if unformed)
-    read_scales = lambda x: (None, a_reads, start_reads) if not isinstance(x, Scaled) else (
-        x.scale.unsqueeze(-1), a_reads * x.scale.unsqueeze(-1), start_reads * x.scale.unsqueeze(-1))
-    if isinstance(q_left, Scaled):
-        (ql_plain, ql_a, ql_start), q_left = read_scales(q_left), q_left.vector
-    else:
-        ql_plain, ql_a, ql_start = read_scales(q_left)
-    if isinstance(q_right, Scaled):
-        (qr_plain, qr_a, qr_start), q_right = read_scales(q_right), q_right.vector
-    else:
-        qr_plain, qr_a, qr_start = read_scales(q_right)
-    u_scale, u = (u.scale.unsqueeze(-1), u.vector) if isinstance(u, Scaled) else (None, u)
-    end_rows = end.unsqueeze(-1)  # [nc, Z, 1, 1]
+    total = start[..., L - 1, None, None]  # [nc, Z, 1, 1]
 
-    Rl = q_left.shape[-2] if q_left is not None else 0
-    Rr = q_right.shape[-2] if q_right is not None else 0
+    # per-row scales, shaped to multiply the inputs as given: [nc, *zs, L, 1] and, for the
+    # reads' rows (each token's last step), [nc, *zs, C, R, 1] -- times the read vectors' own
+    # scales when they come unformed
+    rows_of = lambda x: x.reshape(nc, *zs, L, 1)
+    reads_of = lambda x: x[..., ends].reshape(nc, *zs, C, 1, 1)
+    scales = dict(b=rows_of(b), ba=rows_of(b * a), bs=rows_of(b * start), a_inv=rows_of(a_inv),
+                  end=end.unsqueeze(-1), total=total)
+    if to_end is not None:
+        scales["to_end"] = to_end.unsqueeze(-1)
+    inputs = dict(k=k)
+    if isinstance(u, Scaled):
+        inputs["u"], scales["u"] = u.vector, u.scale.unsqueeze(-1)
+    else:
+        inputs["u"] = u
+    a_r, start_r = reads_of(a), reads_of(start)
+    R_of = {}
+    for side, x in (("left", q_left), ("right", q_right)):
+        if x is None:
+            continue
+        if isinstance(x, Scaled):
+            own = x.scale.unsqueeze(-1)  # [nc, *zs, C, R, 1]
+            x = x.vector
+            scales[f"{side}_plain"] = own
+            scales[f"{side}_a"], scales[f"{side}_s"] = a_r * own, start_r * own
+        else:
+            scales[f"{side}_a"], scales[f"{side}_s"] = a_r, start_r
+        inputs[side] = x
+        R_of[side] = x.shape[-2]
+    Rl, Rr = R_of.get("left", 0), R_of.get("right", 0)
     # the reads go to the given destinations, else to new [nc, Z, C, R, ..] tensors
     o_left = out_left if out_left is not None or not Rl else k.new_empty(nc, Z, C, Rl, V)
     o_right = out_right if out_right is not None or not Rr else k.new_empty(nc, Z, C, Rr, K)
-    out_left = o_left if out_left is not None or not Rl else o_left.view(nc, *zs, C, Rl, V)
-    out_right = o_right if out_right is not None or not Rr else o_right.view(nc, *zs, C, Rr, K)
+    if Rl:
+        inputs["out_left"] = o_left if out_left is not None else o_left.view(nc, *zs, C, Rl, V)
+    if Rr:
+        inputs["out_right"] = o_right if out_right is not None else o_right.view(nc, *zs, C, Rr, K)
+
     G = max(1, min(nc, FORWARD_GROUP_ELEMENTS // (Z * L * (L + K + V))))
-    new = lambda *shape: k.new_empty(G, Z, *shape)
-    full = dict(
-        ka=new(L, K),  # b a k (factored) or b k: A's rows
-        kk=new(L, K),  # a' k or k, then the keys to the chunk's end
-        A=new(L, L),
-        T=k.new_zeros(G, Z, L, L),  # (I + A)^{-1}: zero above the diagonal blocks
-        R=new(L, K + V),  # [b start k | u]
-        X=new(L, K + V),  # [W | U] = (I + A)^{-1} R
-        Vp=new(L, V),  # V' = U - W S_in
-        qa=new(C * Rl, K),  # q a or q: P's rows
-        qs=new(C * Rl, K),  # q start
-        P=new(C * Rl, L),
-        o_left=new(C * Rl, V),
-        o_right=new(C * Rr, K),
-        S=k.new_empty(G + 1, Z, K, V),  # the state entering each chunk of the group, then after
-    )
-    full["S"][0] = S0
-    as_in = lambda t: t.view(t.shape[0], *zs, *t.shape[2:])  # a buffer seen with the inputs' Z
-    for c0 in range(0, nc, G):
-        c1 = min(nc, c0 + G)
-        n = c1 - c0
-        buf = full if n == G else {name: t[:n + (name == "S")] for name, t in full.items()}
-        ka, kk, A, T, R, X, Vp, qa, qs, P = (
-            buf[x] for x in ("ka", "kk", "A", "T", "R", "X", "Vp", "qa", "qs", "P"))
-        kg = k[c0:c1]
-        q = q_left[c0:c1].flatten(-3, -2) if Rl else None  # [n, *zs, C * Rl, K]
-        plain = not all(factored[c0:c1])
-        if plain:
-            torch.mul(kg, b_rows[c0:c1], out=as_in(ka))
-            as_in(kk).copy_(kg)
-        else:
-            torch.mul(kg, ba_rows[c0:c1], out=as_in(ka))
-            torch.mul(kg, a_inv_rows[c0:c1], out=as_in(kk))
-        torch.matmul(ka, kk.transpose(-1, -2), out=A)  # its upper part is not read
-        if Rl:
-            q_rows = as_in(qa).unflatten(-2, (C, Rl))
-            if not plain:
-                torch.mul(q.unflatten(-2, (C, Rl)), ql_a[c0:c1], out=q_rows)
-            elif ql_plain is not None:
-                torch.mul(q.unflatten(-2, (C, Rl)), ql_plain[c0:c1], out=q_rows)
-            else:
-                as_in(qa).copy_(q)
-            torch.matmul(qa, kk.transpose(-1, -2), out=P)
-        if plain:
-            pair = _pair_decays(cum[c0:c1], None if neg is None else neg[c0:c1], lower, dt)
-            A *= pair
-            if Rl:
-                P.unflatten(-2, (C, Rl)).mul_(pair[..., ends, :].unsqueeze(-2))
-            kk.mul_(to_end[c0:c1].unsqueeze(-1))
-        else:
-            pair = None
-            if Rl:
-                _tril_reads(P, C, Rl, m)
-            kk.mul_(end_rows[c0:c1])  # end a' k: the keys to the chunk's end
-        torch.mul(kg, bs_rows[c0:c1], out=as_in(R[..., :K]))
-        if u_scale is None:
-            as_in(R[..., K:]).copy_(u[c0:c1])
-        else:
-            torch.mul(u[c0:c1], u_scale[c0:c1], out=as_in(R[..., K:]))
-        _unit_lower_solve(A, R, X, T)
+    # every per-chunk tensor cut into its groups at once
+    inputs = {name: x.split(G) for name, x in inputs.items()}
+    scales = {name: x.split(G) for name, x in scales.items()}
+    groups = {}  # chunks per group -> _Group
+    S = S0.to(dt)
+    for gi, c0 in enumerate(range(0, nc, G)):
+        n = min(G, nc - c0)
+        grp = groups.get(n) or groups.setdefault(n, _Group(n, zs, L, C, K, V, Rl, Rr, k))
+        x = {name: parts[gi] for name, parts in inputs.items()}
+        f = {name: parts[gi] for name, parts in scales.items()}
+        grp.Ss[0].copy_(S)
+        _group_step(grp, x, f, factored[c0:c0 + n], L, C, m, Rl, Rr,
+                    lambda: _pair_decays(cum[c0:c0 + n], None if neg is None else neg[c0:c0 + n],
+                                         lower, dt))
+        S = grp.Ss[n]
+    return o_left, o_right, S.clone()
 
-        # the state passing: V'_c = U_c - W_c S, S <- exp(γ_L) S + K_endᵀ V'_c
-        Ws, Us = X[..., :K].unbind(0), X[..., K:].unbind(0)
-        Ss, Vs, Ks = buf["S"].unbind(0), Vp.unbind(0), kk.transpose(-1, -2).unbind(0)
-        for c in range(n):
-            torch.baddbmm(Us[c], Ws[c], Ss[c], alpha=-1, out=Vs[c])
-            torch.mul(Ss[c], totals[c0 + c], out=Ss[c + 1]).baddbmm_(Ks[c], Vs[c])
-        S_in = buf["S"][:n]
 
-        # reads after each token's last step: o = q start S_in + P V'
-        flat = lambda t: t.flatten(0, 1)
-        if Rl:
-            torch.mul(q.unflatten(-2, (C, Rl)), ql_start[c0:c1],
-                      out=as_in(qs).unflatten(-2, (C, Rl)))
-            o = buf["o_left"]
-            torch.baddbmm(flat(qs) @ flat(S_in), flat(P), flat(Vp), out=flat(o))
-            out_left[c0:c1].copy_(as_in(o).unflatten(-2, (C, Rl)))
-        if Rr:  # o = S x: start (S_in x) + sum_j Γ_ij (x · v'_j) k_j
-            xr = _flat_z(q_right[c0:c1], nz)  # [n, Z, C, Rr, V]
-            st_r, a_r = (_flat_z(x[c0:c1], nz) for x in (qr_start, qr_a))
-            xs = (xr * st_r).flatten(2, 3)
-            kz = _flat_z(kg, nz)
-            if pair is None:
-                Pr = (xr * a_r).flatten(2, 3) @ Vp.transpose(-1, -2)
-                _tril_reads(Pr, C, Rr, m)
-                kr = kz * _flat_z(a_inv_rows[c0:c1], nz)
-            else:
-                if qr_plain is not None:
-                    xr = xr * _flat_z(qr_plain[c0:c1], nz)
-                Pr = xr.flatten(2, 3) @ Vp.transpose(-1, -2)
-                Pr.unflatten(-2, (C, Rr)).mul_(pair[..., ends, :].unsqueeze(-2))
-                kr = kz
-            o = buf["o_right"]
-            torch.baddbmm(flat(xs) @ flat(S_in).transpose(-1, -2), flat(Pr), flat(kr),
-                          out=flat(o))
-            out_right[c0:c1].copy_(as_in(o).unflatten(-2, (C, Rr)))
-        full["S"][0] = buf["S"][n]
-    return o_left, o_right, full["S"][0].clone()
+def _group_step(grp, x, f, factored, L, C, m, Rl, Rr, pair_decays):
+    """One group of chunks: A and the reads' P, [W | U], the state loop, the reads.
+
+    x: the group's inputs (k, u, left, right, out_left, out_right: [n, *zs, ...] views);
+    f: the group's per-row scales; pair_decays(): Γ [n, Z, L, L] for the exact path."""
+    ends = slice(m - 1, L, m)
+    k = x["k"]
+    plain = not all(factored)
+    pair = pair_decays() if plain else None
+    if plain:
+        torch.mul(k, f["b"], out=grp.ka_in)
+        grp.kk_in.copy_(k)
+    else:
+        torch.mul(k, f["ba"], out=grp.ka_in)
+        torch.mul(k, f["a_inv"], out=grp.kk_in)
+    torch.matmul(grp.ka, grp.kk_t, out=grp.A)  # its upper part is not read
+    if plain:
+        grp.A.mul_(pair)
+    if Rl:  # P = (q a)(a' k)ᵀ, or (q kᵀ) ⊙ Γ
+        _read_rows(grp.left_a_in, x["left"], f, "left", plain)
+        P = grp.left_P
+        torch.matmul(grp.left_a, grp.kk_t, out=P)
+        if plain:
+            P.view(*P.shape[:2], C, Rl, L).mul_(pair[..., ends, :].unsqueeze(-2))
+        else:
+            _tril_reads(P, C, Rl, m)
+    if plain:
+        grp.kk.mul_(f["to_end"])
+    else:
+        grp.kk.mul_(f["end"])  # end a' k: the keys to the chunk's end
+    torch.mul(k, f["bs"], out=grp.Rk_in)
+    if "u" in f:
+        torch.mul(x["u"], f["u"], out=grp.Ru_in)
+    else:
+        grp.Ru_in.copy_(x["u"])
+    grp.solve()
+
+    # the state passing: V'_c = U_c - W_c S, S <- exp(γ_L) S + K_endᵀ V'_c
+    W, U, Ss, Vs, K_end, total = grp.W, grp.U, grp.Ss, grp.Vs, grp.K_end, f["total"]
+    for c in range(grp.n):
+        torch.baddbmm(U[c], W[c], Ss[c], alpha=-1, out=Vs[c])
+        torch.mul(Ss[c], total[c], out=Ss[c + 1]).baddbmm_(K_end[c], Vs[c])
+
+    # reads after each token's last step: o = q start S_in + P V'
+    flat = lambda t: t.flatten(0, 1)
+    if Rl:
+        torch.mul(x["left"], f["left_s"], out=grp.left_s_in)
+        torch.baddbmm(flat(grp.left_s) @ flat(grp.S_in), flat(grp.left_P), flat(grp.Vp),
+                      out=flat(grp.left_o))
+        x["out_left"].copy_(grp.left_o_in)
+    if Rr:  # o = S x: start (S_in x) + sum_j Γ_ij (x · v'_j) k_j
+        _read_rows(grp.right_a_in, x["right"], f, "right", plain)
+        P = grp.right_P
+        torch.matmul(grp.right_a, grp.Vp.transpose(-1, -2), out=P)
+        # the keys of P's columns go where A's rows were: k (exact) or a' k (factored)
+        if plain:
+            P.view(*P.shape[:2], C, Rr, L).mul_(pair[..., ends, :].unsqueeze(-2))
+            grp.ka_in.copy_(k)
+        else:
+            _tril_reads(P, C, Rr, m)
+            torch.mul(k, f["a_inv"], out=grp.ka_in)
+        torch.mul(x["right"], f["right_s"], out=grp.right_s_in)
+        torch.baddbmm(flat(grp.right_s) @ flat(grp.S_in).transpose(-1, -2), flat(P), flat(grp.ka),
+                      out=flat(grp.right_o))
+        x["out_right"].copy_(grp.right_o_in)
+
+
+def _read_rows(out, x, f, side, plain):
+    """The read vectors' rows of P: x a (factored), else x, times their own scales if any."""
+    if not plain:
+        torch.mul(x, f[f"{side}_a"], out=out)
+    elif f"{side}_plain" in f:
+        torch.mul(x, f[f"{side}_plain"], out=out)
+    else:
+        out.copy_(x)
 
 
 def _tril_reads(P, C, R, m):

@@ -74,7 +74,7 @@ def _exp(x):
     """exp of a sum of log-decays (a new tensor), the sum clamped at EXP_FLOOR: torch's fp32
     exp takes a slow path for arguments whose result is subnormal, which strong gates produce
     by the million (the clamp, a pass of its own, only when some sum is below the floor)."""
-    if x.numel() and bool(x.amin() >= EXP_FLOOR):
+    if x.numel() > 1 << 16 and bool(x.amin() >= EXP_FLOOR):
         return torch.exp(x)
     return x.clamp(min=EXP_FLOOR).exp_()
 
@@ -155,11 +155,15 @@ class LogDecay:
     @cached_property
     def exp_upto(self):
         """[b, nc, C, n]: the decay from the chunk start through token i."""
+        if self.n == 1:  # a scalar decay: small, one cumulative sum
+            return _exp(_sums(self.log, "upto"))
         return (self.exp_block_upto * self.exp_before).view(self.b, self.nc, self.C, self.n)
 
     @cached_property
     def exp_to_end(self):
         """[b, nc, C, n]: the decay after token j to the chunk end."""
+        if self.n == 1:
+            return _exp(_sums(self.log, "after"))
         to_block_end = self.exp_block_to_end.view(self.b, self.nc, self.nb, SUB, self.n)
         return (to_block_end * self.exp_later).view(self.b, self.nc, self.C, self.n)
 
@@ -172,7 +176,7 @@ class LogDecay:
     @cached_property
     def total(self):
         """[b, nc, n]: the whole chunk."""
-        return self.block_totals.sum(2)
+        return self.log.sum(2) if self.n == 1 else self.block_totals.sum(2)
 
     @cached_property
     def decay_between(self):
@@ -188,7 +192,7 @@ class LogDecay:
         fixed per head, as retention's) and no gradient is recorded: ``C x C`` factors of them
         then broadcast over the chunks instead of being repeated."""
         first = self.log[:, :1]
-        if self.nc > 1 and not _recording(self.log) and torch.equal(self.log, first.expand_as(self.log)):
+        if self.nc > 1 and not recording(self.log) and torch.equal(self.log, first.expand_as(self.log)):
             return first
         return self.log
 
@@ -294,20 +298,20 @@ def _pairs(nb, device):
     return tuple(torch.tril_indices(nb, nb, -1, device=device))
 
 
-def _recording(*tensors):
+def recording(*tensors):
     """Whether autograd records ops on these tensors (else they may be changed in place)."""
     return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
 
 
 def mul(a, b):
     """``a * b``, in place in ``a`` (a temporary) when autograd is not recording."""
-    return a * b if _recording(a, b) else a.mul_(b)
+    return a * b if recording(a, b) else a.mul_(b)
 
 
 def add(a, b):
     """``a + b``, in place in ``a`` (a temporary of ``b``'s shape or larger) when autograd
     is not recording."""
-    return a + b if _recording(a, b) or a.shape != torch.broadcast_shapes(a.shape, b.shape) \
+    return a + b if recording(a, b) or a.shape != torch.broadcast_shapes(a.shape, b.shape) \
         else a.add_(b)
 
 
@@ -345,7 +349,7 @@ def states(decays: Decays, left, right, initial):
         if part is not None:
             log_total = part if log_total is None else log_total + part
     decay = None if log_total is None else _exp(log_total)
-    if not _recording(own, initial, *([] if decay is None else [decay])):
+    if not recording(own, initial, *([] if decay is None else [decay])):
         # one buffer, each chunk's start written in place
         starts = own.new_empty(b, nc, R, Cc)
         starts[:, 0] = initial
@@ -376,6 +380,11 @@ def _to_end(values, logs):
     L0 = logs[0]
 
     def compute():
+        if L0.n == 1:  # a scalar decay: its (small) decay to the chunk end
+            out = values * L0.exp_to_end.unsqueeze(3)
+            for L in logs[1:]:
+                out = mul(out, L.exp_to_end.unsqueeze(3))
+            return out
         own_end = _to_own_end(values.reshape(b, nc, C * W, n), L0, W)
         out = own_end.view(b, nc, L0.nb, SUB * W, n) * L0.exp_later
         for L in logs[1:]:
@@ -425,7 +434,7 @@ def read(x, decays: Decays, u, w, starts):
         if G is not None:
             score = mul(score, _keys(G.decay_between, W, dim=3))
     if F is None:
-        if not _recording(out, score, wk):  # into ``out``: no copy of it
+        if not recording(out, score, wk):  # into ``out``: no copy of it
             out.view(-1, C, f).baddbmm_(score.view(-1, C, CK), wk.reshape(-1, CK, f))
             return out
         return _mm(score, wk, add=out)

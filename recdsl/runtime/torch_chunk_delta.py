@@ -32,7 +32,7 @@ import torch
 from ..errors import BackendError
 from ..grammar import ast
 from ..ir.pretty import unparse
-from .chunk_delta_core import Scaled, _formed, chunk_delta
+from .chunk_delta_core import Scaled, chunk_delta, formed
 from .tokenwise import Tokenwise
 
 # Tokens per chunk; 16, 32 and 64 are the tested sizes (any positive size is valid algebra).
@@ -382,7 +382,7 @@ def run(rule, call, chunk_size: Optional[int] = None):
             if m == 1:
                 x = per[0][i]
                 return x.map(layout.split) if isinstance(x, Scaled) else layout.split(x)
-            items = [_formed(p[i]) if p[i] is not None else torch.zeros_like(per[0][0])
+            items = [formed(p[i]) if p[i] is not None else torch.zeros_like(per[0][0])
                      for p in per]
             return layout.split(torch.stack(items, 3)).flatten(3, 4)
 
@@ -427,5 +427,5 @@ def _read_block(layout, reads):
         return None
     if len(reads) == 1 and isinstance(reads[0][1], Scaled):  # [nc, N, H, C, 1] and [.., 1, n]
         return reads[0][1].map(lambda x: layout.split(x.unsqueeze(3)))
-    vectors = [_formed(vec) for _, vec in reads]
+    vectors = [formed(vec) for _, vec in reads]
     return layout.split(torch.stack(vectors, 3) if len(vectors) > 1 else vectors[0].unsqueeze(3))

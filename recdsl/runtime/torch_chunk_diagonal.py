@@ -161,9 +161,17 @@ class _Layout:
             self.gather = gather.reshape(-1).to(call.device)
             self.scatter = torch.cat(scatter).to(call.device)
 
-    def to_chunks(self, x):
-        """``[B, T, H, *rest]`` -> ``[N * H, chunks, C, *rest]``."""
+    def to_chunks(self, x, scale=None):
+        """``[B, T, H, *rest]`` -> ``[N * H, chunks, C, *rest]``, times ``scale`` ([B, T, H],
+        per token) if given: without autograd in the same pass as the copy."""
         rest = x.shape[3:]
+        if scale is not None:
+            scale = scale.reshape(scale.shape + (1,) * len(rest))
+            if self.packed or self.Tp > self.T or core.recording(x, scale):
+                return self.to_chunks(x * scale)
+            out = torch.empty((self.N * self.H, self.nc, self.C) + rest, dtype=x.dtype, device=x.device)
+            torch.mul(x.movedim(2, 1), scale.movedim(2, 1), out=out.view((self.N, self.H, self.Tp) + rest))
+            return out
         zeros = lambda n: x.new_zeros((x.shape[0], n) + x.shape[2:])
         if self.packed:
             x = torch.cat([x, zeros(1)], dim=1)[0].index_select(0, self.gather)
@@ -379,16 +387,15 @@ class _Run:
     # ------------------------------------------------------------ reads
 
     def _read(self, state, side, x, scale=None):
-        """``x @ S`` (side left) or ``S @ x`` (side right) for every token, call layout;
-        times ``scale`` ([B, T, H], a coefficient per token) if given. A new tensor."""
+        """``x @ S`` (side left) or ``S @ x`` (side right) for every token, call layout, with
+        ``x`` times ``scale`` ([B, T, H], a coefficient per token) if given. A new tensor."""
         st = self.states[state]
-        x = self.layout.to_chunks(x.to(self.dtype))
+        # (the scale of a linear read: in the copy into chunks)
+        x = self.layout.to_chunks(x.to(self.dtype), None if scale is None else scale.to(self.dtype))
         if side == "left":
             out = core.read(x, st.decays, st.left, st.right, st.starts)
         else:
             out = core.read(x, st.decays.transposed(), st.right, st.left, st.starts.transpose(-1, -2))
-        if scale is not None:  # on the output: no scaled copy of the read vectors
-            out = core.mul(out, self.layout.to_chunks(scale.to(self.dtype).unsqueeze(-1)))
         return self.layout.from_chunks(out)
 
     def _value(self, rv):
