@@ -68,15 +68,15 @@ def run(rule, call):
 # one window: memory the allocator hands out again, where whole-sequence temporaries are
 # fresh pages on every call (glibc returns large freed blocks to the system), whose page
 # faults cost as much as the arithmetic. A window holds about WINDOW_BYTES per widest value.
-WINDOW_BYTES = 4 << 20
+WINDOW_BYTES = 2 << 20
 
 
 def window_length(rule, call) -> int:
     """Tokens per window: a multiple of the chunk length."""
-    width = 1
+    width = 1  # the widest per-token value: a state's axis, or its entries per chunk token
     for s in rule.states:
-        R, Cc = (call.dim_sizes[d] for d in s.dims) if len(s.dims) == 2 else (1, 1)
-        width = max(width, R, Cc, R * Cc // core.CHUNK)
+        sizes = [call.dim_sizes[d] for d in s.dims]
+        width = max(width, *sizes, math.prod(sizes) // core.CHUNK)
     per_token = call.num_sequences * call.heads * width * call.compute_dtype.itemsize
     return max(1, WINDOW_BYTES // (per_token * core.CHUNK)) * core.CHUNK
 
