@@ -265,9 +265,12 @@ def _per_read(gamma_r, start_r, R):
 
 # ============================================================ forward only (no gradient)
 
-# chunks per group in the forward-only path: its L x L and L x (K + V) temporaries stay near
-# 1 MB, so that they live in the cache between the batched steps and the state loop
-FORWARD_GROUP_ELEMENTS = 1 << 18
+# elements of a group's L x (L + K + V) temporaries in the forward-only path, by device type:
+# on the CPU about 1 MB, so that they stay in the cache between the batched steps and the
+# state loop (larger and smaller groups were both slower, benchmarks/bench_delta.py); other
+# devices take large groups (fewer, larger kernels)
+FORWARD_GROUP_ELEMENTS = {"cpu": 1 << 18}
+FORWARD_GROUP_ELEMENTS_OTHER = 1 << 24
 # largest spread of a chunk's cumulative log-decays for which Γ_ij = exp(c_i - r) exp(r - c_j)
 # (r the middle of the spread) keeps both factors well inside the floating-point range
 SPREAD_LIMIT = {torch.float32: 120.0, torch.float64: 1200.0}
@@ -428,7 +431,8 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
     if Rr:
         inputs["out_right"] = o_right if out_right is not None else o_right.view(nc, *zs, C, Rr, K)
 
-    G = max(1, min(nc, FORWARD_GROUP_ELEMENTS // (Z * L * (L + K + V))))
+    budget = FORWARD_GROUP_ELEMENTS.get(dev.type, FORWARD_GROUP_ELEMENTS_OTHER)
+    G = max(1, min(nc, budget // (Z * L * (L + K + V))))
     # every per-chunk tensor cut into its groups at once
     inputs = {name: x.split(G) for name, x in inputs.items()}
     scales = {name: x.split(G) for name, x in scales.items()}

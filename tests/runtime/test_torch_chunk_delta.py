@@ -285,14 +285,14 @@ def test_chunks_in_groups(case, monkeypatch):
     """Long inputs go through the chunks a group at a time (bounded temporaries): with groups
     of one or two chunks the results are the same, on both paths."""
     monkeypatch.setattr(chunk_delta_core, "GROUP_ELEMENTS", 1)
-    monkeypatch.setattr(chunk_delta_core, "FORWARD_GROUP_ELEMENTS", 1)
+    monkeypatch.setitem(chunk_delta_core.FORWARD_GROUP_ELEMENTS, "cpu", 1)
     monkeypatch.setattr(torch_chunk_delta, "CHUNK_SIZE", 16)
     name, dims = case
     r = rule(name)
     compare(r, make_leaves(r, time=75, dims=dims))
     monkeypatch.setattr(chunk_delta_core, "GROUP_ELEMENTS", 2 * 4 * 16 * (48 + 40))  # groups of 2 chunks (1 for NH = 2)
     # groups of 2 chunks in the forward-only path (1 for NH = 2): the last group is partial
-    monkeypatch.setattr(chunk_delta_core, "FORWARD_GROUP_ELEMENTS", 2 * 4 * 16 * (16 + 48 + 40))
+    monkeypatch.setitem(chunk_delta_core.FORWARD_GROUP_ELEMENTS, "cpu", 2 * 4 * 16 * (16 + 48 + 40))
     compare(r, make_leaves(r, time=75, dims=dims))
 
 
@@ -310,7 +310,7 @@ def test_forward_only_exact_decays(case, monkeypatch):
 def test_forward_only_mixes_factored_and_exact_groups(monkeypatch):
     """Gates of -1e4 in the second chunk only: with groups of one chunk, that chunk takes the
     exact decays and its neighbours the factored ones, in float64 and in float32."""
-    monkeypatch.setattr(chunk_delta_core, "FORWARD_GROUP_ELEMENTS", 1)
+    monkeypatch.setitem(chunk_delta_core.FORWARD_GROUP_ELEMENTS, "cpu", 1)
     r = rule("gated_delta")
     leaves = make_leaves(r, time=130, dims={})
     g = leaves["g"].clone()
