@@ -323,12 +323,13 @@ class _Chunks:
         return x.permute(1, 0, 3, 2, *range(4, x.dim()))
 
     def destination(self, R, n, dtype):
-        """(tensor [B, T, H, R, n], its view [nc, N, H, C, R, n]) when the sequences fill whole
-        chunks, for chunk_delta to write its reads into; else None."""
+        """(R outputs [R, B, T, H, n], their view [nc, N, H, C, R, n]) when the sequences fill
+        whole chunks, for chunk_delta to write its reads into; else None."""
         if self.call.packed or self.Tp != self.call.time:
             return None
-        full = torch.empty(self.N, self.Tp, self.H, R, n, dtype=dtype, device=self.call.device)
-        return full, self.split(full)
+        full = torch.empty(R, self.N, self.Tp, self.H, n, dtype=dtype, device=self.call.device)
+        view = full.view(R, self.N, self.nc, self.C, self.H, n).permute(2, 1, 4, 3, 0, 5)
+        return full, view
 
     def merge(self, y):
         """[nc, N*H, C, *rest] -> [B, T, H, *rest]."""
@@ -363,9 +364,9 @@ def run(rule, call, chunk_size: Optional[int] = None):
     wanted = {}
     for name, _, groups, _ in reads:
         for state, side, terms in groups:
-            parts_ = [Scaled(values.value(coef, None).expand(B, T, H), values.value(vector, None))
+            scaled = [Scaled(values.value(coef, None).expand(B, T, H), values.value(vector, None))
                       for coef, vector in terms]
-            vec = parts_[0] if len(parts_) == 1 else sum(p.form() for p in parts_)
+            vec = scaled[0] if len(scaled) == 1 else sum(t.form() for t in scaled)
             wanted.setdefault(state, {}).setdefault(side, []).append((name, vec))
 
     parts = {name: [] for name, *_ in reads}
@@ -401,8 +402,7 @@ def run(rule, call, chunk_size: Optional[int] = None):
         for side, o in (("left", o_left), ("right", o_right)):
             in_place = o is not None and o is views.get(side)
             for r, (name, _) in enumerate(sides.get(side, [])):
-                parts[name].append(dest[side][0][..., r, :] if in_place
-                                   else layout.merge(o[..., r, :]))
+                parts[name].append(dest[side][0][r] if in_place else layout.merge(o[..., r, :]))
         finals.append(S.reshape(call.num_sequences, H, Kd, Vd))
 
     outputs = {}

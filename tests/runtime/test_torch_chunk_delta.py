@@ -251,6 +251,16 @@ def test_written_rules_match_naive(case, T):
     compare(r, make_leaves(r, time=T, dims=dims))
 
 
+def test_forward_only_outputs_in_place_are_contiguous():
+    """With whole chunks the forward-only path writes the reads straight into the outputs:
+    each output its own contiguous tensor, also with two reads of one state on each side."""
+    r = rule("TWO_READS")
+    leaves = make_leaves(r, time=64, dims={})
+    outs = forward_only(r, leaves, "torch-chunk")
+    assert all(o.is_contiguous() for o in outs)
+    assert len({o.data_ptr() for o in outs}) == len(outs)
+
+
 def test_negative_eigenvalues_are_reached():
     """beta = 2 sigmoid(b) near 2 makes I - beta k kᵀ reflect along k: still exact."""
     r = rule("NEGATIVE_EIGENVALUES")
