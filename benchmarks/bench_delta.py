@@ -4,7 +4,7 @@ Gated DeltaNet (examples/gated_delta.rec) at B=2, H=4, K=V=64 over several seque
 the naive loop, torch-chunk, and, when fla-core is installed, flash-linear-attention's
 PyTorch references naive_chunk_gated_delta_rule and naive_recurrent_gated_delta_rule (loaded
 from their file, without importing the fla package). Forward and forward+backward, median
-wall time of several runs in this process; torch-chunk's achieved GFLOP/s against the
+wall and CPU time of several runs in this process; torch-chunk's achieved GFLOP/s against the
 machine's fp32 matmul rate measured in the same run; a table on stdout and a PNG plot.
 
 The per-token loops (recdsl's naive loop, fla's recurrent reference) are timed only up to
@@ -34,7 +34,9 @@ from recdsl.runtime import torch_chunk_delta  # noqa: E402
 from recdsl.runtime.sample import sample_inputs  # noqa: E402
 
 B, H, K, V = 2, 4, 64, 64
-CHUNK = 64
+# torch-chunk's own chunk size on the CPU (the forward-only path and the gradient path alike)
+CHUNK = torch_chunk_delta.DEVICE_CHUNK_SIZES.get("cpu", torch_chunk_delta.DEFAULT_CHUNK_SIZE)
+FLA_CHUNK = 64  # fla's reference at its default chunk size
 L2NORM_EPS = 1e-6  # recdsl's l2norm: x / sqrt(sum(x^2) + 1e-6)
 
 
@@ -42,31 +44,36 @@ L2NORM_EPS = 1e-6  # recdsl's l2norm: x / sqrt(sum(x^2) + 1e-6)
 
 
 def seconds(fn):
-    start = time.perf_counter()
+    """(wall, CPU) seconds of one call; the CPU time (this process's, all threads) leaves out
+    the time spent waiting for a core that other processes share."""
+    wall, cpu = time.perf_counter(), time.process_time()
     fn()
-    return time.perf_counter() - start
+    return time.perf_counter() - wall, time.process_time() - cpu
 
 
 def timed(fn, reps, budget):
-    """Median seconds of ``fn()`` over ``reps`` runs after one warm-up; fewer runs when one
-    run takes more than ``budget`` seconds (never fewer than one)."""
-    first = seconds(fn)
+    """Median wall seconds of ``fn()`` over ``reps`` runs after one warm-up; fewer runs when
+    one run takes more than ``budget`` seconds (never fewer than one)."""
+    first = seconds(fn)[0]
     if first >= budget:
         return first
-    return statistics.median(seconds(fn) for _ in range(reps))
+    return statistics.median(seconds(fn)[0] for _ in range(reps))
 
 
 def timed_together(fns: dict, reps, budget) -> dict:
-    """Median seconds of each function, the runs interleaved (A B C, A B C, ...) after one
-    warm-up each, so that a change in the machine's load hits every contender alike. A
-    function whose warm-up takes more than ``budget`` seconds is timed by that run alone."""
+    """(median wall, median CPU) seconds of each function, the runs interleaved (A B C,
+    A B C, ...) after one warm-up each, so that a change in the machine's load hits every
+    contender alike. A function whose warm-up takes more than ``budget`` seconds is timed by
+    that run alone."""
     first = {name: seconds(fn) for name, fn in fns.items()}
     times = {name: [] for name in fns}
     for _ in range(reps):
         for name, fn in fns.items():
-            if first[name] < budget:
+            if first[name][0] < budget:
                 times[name].append(seconds(fn))
-    return {name: statistics.median(times[name]) if times[name] else first[name] for name in fns}
+    median = lambda runs, i: statistics.median(r[i] for r in runs)
+    return {name: (median(times[name], 0), median(times[name], 1)) if times[name] else first[name]
+            for name in fns}
 
 
 def matmul_rate(reps=10) -> float:
@@ -76,17 +83,19 @@ def matmul_rate(reps=10) -> float:
 
 
 def chunk_flops(T, chunk=CHUNK, m=1) -> float:
-    """Floating-point operations of torch-chunk's forward (the matmuls, the triangular solve
-    and the elementwise L x L work), counted from the algorithm in chunk_delta_core."""
+    """Floating-point operations of torch-chunk's forward-only path (chunk_delta_core's
+    _forward_only: its matmuls and the blocked inverse), counted from the algorithm."""
     L, C = chunk * m, chunk
     nc = math.ceil(T / chunk)
+    block = min(L, 16)  # SOLVE_BLOCK
     per_chunk = (
-        2 * L * L * K  # K Kᵀ
-        + L * L * (K + V)  # forward substitution for [W | U]
-        + 2 * L * K * V * 2  # V' = U - W S and the state update Kᵀ V'
+        2 * L * L * K  # A = (b a k)(a' k)ᵀ
+        + 2 * C * L * K  # P = (q a)(a' k)ᵀ
+        + (L // block) * block ** 3 // 3 + 2 * L * L * L // 3  # (I + A)^-1: blocks, then below
+        + 2 * L * L * (K + V)  # [W | U] = (I + A)^-1 [b start k | u]
+        + 2 * L * K * V * 2  # V' = U - W S and the state update K_endᵀ V'
         + 2 * C * K * V  # the read of the entering state
-        + 2 * C * L * K + 2 * C * L * V  # Q Kᵀ and its product with V'
-        + 8 * L * L  # segment sums, decays and masks
+        + 2 * C * L * V  # P V'
     )
     return nc * B * H * per_chunk
 
@@ -115,6 +124,7 @@ def l2norm(x):
 
 
 def torch_chunk(rule, chunk):
+    """torch-chunk at a forced chunk size (None: the backend's own choice)."""
     def fn(x):
         before, torch_chunk_delta.CHUNK_SIZE = torch_chunk_delta.CHUNK_SIZE, chunk
         try:
@@ -128,11 +138,13 @@ def contenders(rule, fla, chunks=(CHUNK,)):
     """name -> fn(inputs) -> output. fla gets the same tensors, q and k normalised the way
     the rule does (inside the timed region, as in the rule)."""
     out = {"naive loop": lambda x: rule(**x, backend="naive")[0]}
+    out["torch-chunk"] = torch_chunk(rule, None)
     for chunk in chunks:
-        out["torch-chunk" if chunk == CHUNK else f"torch-chunk C={chunk}"] = torch_chunk(rule, chunk)
+        if chunk != CHUNK:
+            out[f"torch-chunk C={chunk}"] = torch_chunk(rule, chunk)
     if fla is not None:
         out["fla naive_chunk"] = lambda x: fla.naive_chunk_gated_delta_rule(
-            l2norm(x["q"]), l2norm(x["k"]), x["v"], x["g"], x["beta"], chunk_size=CHUNK)[0]
+            l2norm(x["q"]), l2norm(x["k"]), x["v"], x["g"], x["beta"], chunk_size=FLA_CHUNK)[0]
         out["fla naive_recurrent"] = lambda x: fla.naive_recurrent_gated_delta_rule(
             l2norm(x["q"]), l2norm(x["k"]), x["v"], x["beta"], x["g"])[0]
     return out
@@ -166,9 +178,9 @@ def main(argv=None):
                    help="time the per-token loops only up to this T, extrapolate beyond")
     p.add_argument("--long", type=int, default=65536,
                    help="T of the final torch-chunk forward finiteness run (0: skip)")
-    p.add_argument("--chunks", type=int, nargs="+", default=[CHUNK, 32],
-                   help=f"torch-chunk chunk sizes to time (default {CHUNK} 32; {CHUNK} is the "
-                        f"backend's default)")
+    p.add_argument("--chunks", type=int, nargs="+", default=[64],
+                   help=f"torch-chunk chunk sizes to time besides the backend's own ({CHUNK} on "
+                        f"the CPU; default: 64)")
     p.add_argument("--plot", default="bench_delta.png", help="where to write the PNG plot")
     args = p.parse_args(argv)
     if args.threads:
@@ -180,13 +192,13 @@ def main(argv=None):
     fla = load_fla()
     fns = contenders(rule, fla, args.chunks)
     rate = matmul_rate()
-    print(f"# gated_delta, B={B} H={H} K={K} V={V}, fp32, chunk {CHUNK}, torch {torch.__version__}, "
-          f"{torch.get_num_threads()} threads")
+    print(f"# gated_delta, B={B} H={H} K={K} V={V}, fp32, torch-chunk chunk {CHUNK} (fla {FLA_CHUNK}), "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print(f"# fp32 matmul rate (1024 x 1024 x 1024): {rate:.1f} GFLOP/s")
     if fla is None:
         print("# fla-core is not installed: its references are skipped")
 
-    results = {}  # (name, T, backward) -> (seconds, extrapolated)
+    results = {}  # (name, T, backward) -> (wall seconds, CPU seconds, extrapolated)
     for T in lengths:
         inputs = sample_inputs(rule, batch=B, time=T, heads=H, dims={"K": K, "V": V})
         if fla is not None and T == lengths[0]:
@@ -199,11 +211,12 @@ def main(argv=None):
             for name, fn in fns.items():
                 if name in LOOPS and T > args.loop_max_t and T != lengths[0]:
                     base = max([t for t in lengths if t <= args.loop_max_t] or lengths[:1])
-                    results[(name, T, backward)] = (results[(name, base, backward)][0] * T / base, True)
+                    wall, cpu, _ = results[(name, base, backward)]
+                    results[(name, T, backward)] = (wall * T / base, cpu * T / base, True)
                 else:
                     measured[name] = run_once(fn, inputs, backward)
-            for name, median in timed_together(measured, args.reps, budget=20.0).items():
-                results[(name, T, backward)] = (median, False)
+            for name, (wall, cpu) in timed_together(measured, args.reps, budget=20.0).items():
+                results[(name, T, backward)] = (wall, cpu, False)
 
     print_table(results, fns, lengths, rate)
     if long_t:
@@ -211,27 +224,30 @@ def main(argv=None):
     plot(results, fns, lengths, args.plot)
 
 
-def fmt(entry):
-    seconds, extrapolated = entry
+def fmt(entry, i=0):
+    seconds, extrapolated = entry[i], entry[2]
     text = f"{seconds * 1e3:,.0f}" if seconds >= 0.01 else f"{seconds * 1e3:.2f}"
     return ("~" if extrapolated else "") + text
 
 
 def print_table(results, fns, lengths, rate):
     ref = "fla naive_chunk"
-    head = f"{'T':>6}  {'method':<20} {'fwd ms':>10} {'fwd+bwd ms':>11}"
+    head = (f"{'T':>6}  {'method':<20} {'fwd ms':>9} {'fwd+bwd ms':>11}   {'CPU: fwd':>8} "
+            f"{'fwd+bwd':>8}")
     if ref in fns:
-        head += f"  {'vs fla chunk fwd':>16} {'fwd+bwd':>8}"
+        head += f"   {'fla chunk / this: fwd':>21} {'fwd+bwd':>8}   {'CPU: fwd':>8} {'fwd+bwd':>8}"
     print()
     print(head)
     print("-" * len(head))
     for T in lengths:
         for name in fns:
             fwd, both = results[(name, T, False)], results[(name, T, True)]
-            line = f"{T:>6}  {name:<20} {fmt(fwd):>10} {fmt(both):>11}"
+            line = (f"{T:>6}  {name:<20} {fmt(fwd):>9} {fmt(both):>11}   {fmt(fwd, 1):>8} "
+                    f"{fmt(both, 1):>8}")
             if ref in fns:
-                rf, rb = results[(ref, T, False)][0], results[(ref, T, True)][0]
-                line += f"  {rf / fwd[0]:>15.1f}x {rb / both[0]:>7.1f}x"
+                rf, rb = results[(ref, T, False)], results[(ref, T, True)]
+                line += (f"   {rf[0] / fwd[0]:>20.1f}x {rb[0] / both[0]:>7.1f}x   "
+                         f"{rf[1] / fwd[1]:>7.1f}x {rb[1] / both[1]:>7.1f}x")
             print(line)
     print()
     print("torch-chunk achieved rate (forward flops counted from the algorithm; forward+backward "
@@ -242,7 +258,7 @@ def print_table(results, fns, lengths, rate):
         for name in fns:
             if not name.startswith("torch-chunk"):
                 continue
-            chunk = int(name.split("=")[1]) if "=" in name else CHUNK
+            chunk = int(name.split("=")[1]) if "=" in name else CHUNK  # forward-only flops
             flops = chunk_flops(T, chunk)
             f = flops / results[(name, T, False)][0] / 1e9
             fb = 3 * flops / results[(name, T, True)][0] / 1e9
@@ -271,7 +287,8 @@ def plot(results, fns, lengths, path):
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), sharey=True)
     for ax, backward in zip(axes, (False, True)):
         for name in fns:
-            pts = [(T, *results[(name, T, backward)]) for T in lengths]
+            pts = [(T, results[(name, T, backward)][0], results[(name, T, backward)][2])
+                   for T in lengths]
             line, = ax.plot([t for t, _, _ in pts], [s for _, s, _ in pts], marker="o", label=name)
             for t, s, extrapolated in pts:
                 if extrapolated:

@@ -308,6 +308,12 @@ def mul(a, b):
     return a * b if recording(a, b) else a.mul_(b)
 
 
+def addcmul(a, b, c):
+    """``a + b * c``, in place in ``a`` (a temporary of the result's shape) when autograd is
+    not recording."""
+    return torch.addcmul(a, b, c) if recording(a, b, c) else a.addcmul_(b, c)
+
+
 def add(a, b):
     """``a + b``, in place in ``a`` (a temporary of ``b``'s shape or larger) when autograd
     is not recording."""
@@ -504,7 +510,10 @@ def _channel_values(score, wk, F: LogDecay, W):
     out = mul(_mm(inner * _below(W, score)[0], _factored_keys(wb, F, W)), F.factored[0])
     own = (score.view(b, nc, nb, SUB, nb, SUB, W).diagonal(0, 2, 4).diagonal(0, 2, 3)
            .permute(0, 1, 3, 4, 2))  # [b, nc, nb, i, w]: the token's own writes
-    out = out + (own.unsqueeze(-1) * wb.view(b, nc, nb, SUB, W, f)).sum(-2)
+    if W == 1:
+        out = addcmul(out, own, wb)
+    else:
+        out = out + (own.unsqueeze(-1) * wb.view(b, nc, nb, SUB, W, f)).sum(-2)
     if F.strong.any():  # strong decays: exact, channels first ([.., f, i, key])
         at = F.strong.nonzero(as_tuple=True)
         exact = (F.exact_within(at, W) * inner[at].unsqueeze(-3)
@@ -515,5 +524,8 @@ def _channel_values(score, wk, F: LogDecay, W):
         keys = _earlier(wk, F, W)
         for I in range(1, nb):
             cross = _mm(blocks[:, :, I, :, :I].reshape(b, nc, SUB, I * sk), keys[I - 1])
-            out[:, :, I] += mul(cross, F.exp_block_upto[:, :, I])
+            if recording(out, cross):
+                out[:, :, I] += cross * F.exp_block_upto[:, :, I]
+            else:
+                out[:, :, I].addcmul_(cross, F.exp_block_upto[:, :, I])
     return out.view(b, nc, C, f)
