@@ -416,35 +416,37 @@ def read(x, decays: Decays, u, w, starts):
     b, nc, C, W, d = u.shape
     f = w.shape[-1]
     G, D, F = decays.scalar, decays.rows, decays.cols
-    # from the state entering the chunk (bmm keeps its operands, not its result: in place);
-    # xe: x decayed from its sub-chunk's start (also the queries of earlier sub-chunks)
-    xe = None if D is None else x * D.exp_block_upto.view(x.shape)
-    xq = x if D is None else (xe.view(b, nc, D.nb, SUB, d) * D.exp_before).view(x.shape)
-    out = _mm(xq, starts)
-    del xq
-    if G is not None:
-        out = mul(out, G.exp_upto)
-    if F is not None:
-        out = F.upto_times(out)
-    if W == 0:
-        return out
-    # from the writes inside the chunk
     CK = C * W
     uk, wk = u.reshape(b, nc, CK, d), w.reshape(b, nc, CK, f)
-    if D is None:
+    # the scores of the writes inside the chunk; with a decay on the contracted axis from
+    # xe, x decayed from its sub-chunk's start, which then becomes (in place) x decayed from
+    # the chunk start, for the state entering the chunk
+    xe = None if D is None else x * D.exp_block_upto.view(x.shape)
+    if W == 0:
+        score = None
+    elif D is None:
         score = mul(_mm(x, uk.transpose(-1, -2)),
-                     _keys(G.decay_between, W, dim=3) if G is not None
-                     else _keys(_masks(C, x)[3], W, dim=1))
+                    _keys(G.decay_between, W, dim=3) if G is not None
+                    else _keys(_masks(C, x)[3], W, dim=1))
     else:
         score = _channel_scores(x, xe, uk, D, W)  # causal already
         if G is not None:
             score = mul(score, _keys(G.decay_between, W, dim=3))
+    # from the state entering the chunk (bmm keeps its operands, not its result: in place)
+    xq = x if D is None else mul(xe.view(b, nc, D.nb, SUB, d), D.exp_before).view(x.shape)
+    del xe
+    out = _mm(xq, starts)
+    del xq
+    if G is not None:
+        out = mul(out, G.exp_upto)
+    if score is None:
+        return out if F is None else F.upto_times(out)
     if F is None:
         if not recording(out, score, wk):  # into ``out``: no copy of it
             out.view(-1, C, f).baddbmm_(score.view(-1, C, CK), wk.reshape(-1, CK, f))
             return out
         return _mm(score, wk, add=out)
-    return _channel_values(score, wk, F, W).add_(out)
+    return _channel_values(score, wk, F, W, out)
 
 
 def _earlier(values, L: LogDecay, W):
@@ -497,9 +499,10 @@ def _channel_scores(x, xe, uk, D: LogDecay, W):
     return score.view(b, nc, C, CK)
 
 
-def _channel_values(score, wk, F: LogDecay, W):
-    """out_i[f] = sum_key score[i, key] w_key[f] decay_f(key -> i), by secondary chunking on
-    the free axis (score must be 0 for keys after i). A new tensor."""
+def _channel_values(score, wk, F: LogDecay, W, start):
+    """start_i[f] decayed from the chunk start to token i (``start`` [b, nc, C, f], changed in
+    place without autograd) plus sum_key score[i, key] w_key[f] decay_f(key -> i), by
+    secondary chunking on the free axis (score must be 0 for keys after i)."""
     b, nc, C, CK = score.shape
     f = wk.shape[-1]
     nb, sk = F.nb, SUB * W
@@ -507,25 +510,37 @@ def _channel_values(score, wk, F: LogDecay, W):
     wb = wk.view(b, nc, nb, sk, f)
     # the sub-chunk itself: factored at the middle; own writes exactly
     inner = blocks.diagonal(0, 2, 4).permute(0, 1, 4, 2, 3)  # [b, nc, nb, SUB, sk]
-    out = mul(_mm(inner * _below(W, score)[0], _factored_keys(wb, F, W)), F.factored[0])
+    within = _mm(inner * _below(W, score)[0], _factored_keys(wb, F, W))  # times factored[0]
     own = (score.view(b, nc, nb, SUB, nb, SUB, W).diagonal(0, 2, 4).diagonal(0, 2, 3)
            .permute(0, 1, 3, 4, 2))  # [b, nc, nb, i, w]: the token's own writes
-    if W == 1:
-        out = addcmul(out, own, wb)
-    else:
-        out = out + (own.unsqueeze(-1) * wb.view(b, nc, nb, SUB, W, f)).sum(-2)
-    if F.strong.any():  # strong decays: exact, channels first ([.., f, i, key])
+    strong = F.strong.any()
+    if strong:  # strong decays: exact, channels first ([.., f, i, key])
+        within = mul(within, F.factored[0])
+        within = within + (own.unsqueeze(-1) * wb.view(b, nc, nb, SUB, W, f)).sum(-2)
         at = F.strong.nonzero(as_tuple=True)
         exact = (F.exact_within(at, W) * inner[at].unsqueeze(-3)
                  * wb[at].transpose(-1, -2).unsqueeze(-2)).sum(-1)
-        out = out.index_put(at, exact.transpose(-1, -2))
-    # earlier sub-chunks: decay(j -> end of I - 1), then decay(end of I - 1 -> i)
+        within = within.index_put(at, exact.transpose(-1, -2))
+    # the state entering the chunk and the earlier sub-chunks: decayed to the end of
+    # sub-chunk I - 1, then all from there to token i
+    acc = mul(start.view(b, nc, nb, SUB, f), F.exp_before)
     if nb > 1:
         keys = _earlier(wk, F, W)
-        for I in range(1, nb):
-            cross = _mm(blocks[:, :, I, :, :I].reshape(b, nc, SUB, I * sk), keys[I - 1])
-            if recording(out, cross):
-                out[:, :, I] += cross * F.exp_block_upto[:, :, I]
-            else:
-                out[:, :, I].addcmul_(cross, F.exp_block_upto[:, :, I])
-    return out.view(b, nc, C, f)
+        cross = [_mm(blocks[:, :, I, :, :I].reshape(b, nc, SUB, I * sk), keys[I - 1])
+                 for I in range(1, nb)]
+        if recording(acc, *cross):
+            acc = acc + torch.cat([torch.zeros_like(acc[:, :, :1]), torch.stack(cross, 2)], 2)
+        else:
+            for I, c in enumerate(cross, 1):
+                acc[:, :, I] += c
+        del cross
+    acc = mul(acc, F.exp_block_upto)
+    if strong:
+        acc = add(acc, within)
+    else:
+        acc = addcmul(acc, within, F.factored[0])
+        if W == 1:
+            acc = addcmul(acc, own, wb)
+        else:
+            acc = add(acc, (own.unsqueeze(-1) * wb.view(b, nc, nb, SUB, W, f)).sum(-2))
+    return acc.view(b, nc, C, f)
