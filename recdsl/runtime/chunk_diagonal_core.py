@@ -13,13 +13,14 @@ Layout: ``[b, nc, C, ...]`` (batch and heads folded into ``b``, ``nc`` chunks of
 ``C`` a multiple of ``SUB``); writes carry a ``W`` axis (several writes per token).
 
 **Decays in log space.** The decay between two tokens is ``exp(sum of the log-decays between
-them)``. Each sum that spans tokens of different sub-chunks (below), and the scalar decays'
-``C x C`` matrix, is formed directly from its own terms (prefix and suffix sums within a
-sub-chunk plus whole sub-chunk totals, Mamba-2's segment sums: cumulative sums of masked
-values), never as a difference ``cum_i - cum_j`` of chunk-wide cumulative sums, which loses
-the precision of the larger sums and whose gradient cancels the contributions of every token
-but those between i and j (the decay gradients of fp32 runs then lost up to 30x the naive
-loop's error; now they are within 1-4x of it). Those exponents are sums of log-decays: <= 0
+them)``. Each such sum, and the scalar decays' ``C x C`` matrix, is formed from sums over
+at most one sub-chunk (below) and whole sub-chunk totals (Mamba-2's segment sums for the
+matrix: cumulative sums of masked values), never as a difference ``cum_i - cum_j`` of
+chunk-wide cumulative sums, which loses the precision of the larger sums and whose gradient
+cancels the contributions of every token but those between i and j (the decay gradients of
+fp32 runs then lost up to 30x the naive loop's error; now they are within 1-4x of it).
+Decays are applied as products of these factors' exps (a product of small numbers, unlike
+exp of a very negative one, takes no slow path). The exponents are sums of log-decays: <= 0
 for decays in (0, 1]. The only positive exponents are the within-sub-chunk factors below,
 bounded by ``LIMIT``.
 
@@ -33,9 +34,10 @@ bounded by ``LIMIT``.
   ``exp(P_i - m) * exp(m - P_j)`` with ``P`` the cumulative sum from the sub-chunk start and
   ``m`` half the sub-chunk's total, a ``16 x 16`` matrix product whose factors stay within
   ``exp(±LIMIT)`` (``LIMIT = 20``) while the sub-chunk decays by less than ``exp(-2 LIMIT)``
-  in every channel. A token's own write is not decayed and is taken exactly (its term would
+  in every channel (the decay from a token to its sub-chunk's end then comes from the same
+  factors). A token's own write is not decayed and is taken exactly (its term would
   otherwise enter the decay gradients only to cancel there). Sub-chunks beyond that (strong
-  gates) get exact ``16 x 16 x channels`` decays instead.
+  gates) get exact ``16 x 16 x channels`` decays and sums instead.
 
 Why this and not the plain factorisation ``exp(D_i) * exp(-D_j)`` over a whole chunk:
 ``exp(-D_j)`` overflows once the decays of one chunk add up below about -88 (fp32), and the
@@ -254,13 +256,12 @@ def _masks(L, like):
 
 @functools.lru_cache(maxsize=None)
 def _below_cached(W, dtype, device):
-    below = torch.ones(SUB, SUB, dtype=dtype, device=device).tril(-1)
-    return (below.repeat_interleave(W, dim=1),)
+    return torch.ones(SUB, SUB, dtype=dtype, device=device).tril(-1).repeat_interleave(W, dim=1)
 
 
 def _below(W, like):
-    """([SUB, SUB * W] 0/1: the key is a write of an earlier token of the sub-chunk; keys
-    are token-major)."""
+    """[SUB, SUB * W] 0/1: the key is a write of an earlier token of the sub-chunk (keys are
+    token-major)."""
     return _below_cached(W, like.dtype, like.device)
 
 
@@ -497,7 +498,7 @@ def _channel_scores(x, xe, uk, D: LogDecay, W):
         exact = (D.exact_within(at, W) * xb[at].transpose(-1, -2).unsqueeze(-1)
                  * ub[at].transpose(-1, -2).unsqueeze(-2)).sum(-3)
         within = within.index_put(at, exact)
-    within = mul(within, _below(W, x)[0])
+    within = mul(within, _below(W, x))
     own = (xb.unsqueeze(-2) * ub.view(b, nc, nb, SUB, W, d)).sum(-1)  # [.., i, w]
     within.view(b, nc, nb, SUB, SUB, W).diagonal(0, 3, 4).copy_(own.transpose(-1, -2))
     score.diagonal(0, 2, 4).copy_(within.permute(0, 1, 3, 4, 2))
@@ -515,7 +516,7 @@ def _channel_values(score, wk, F: LogDecay, W, start):
     wb = wk.view(b, nc, nb, sk, f)
     # the sub-chunk itself: factored at the middle; own writes exactly
     inner = blocks.diagonal(0, 2, 4).permute(0, 1, 4, 2, 3)  # [b, nc, nb, SUB, sk]
-    within = _mm(inner * _below(W, score)[0], _factored_keys(wb, F, W))  # times factored[0]
+    within = _mm(inner * _below(W, score), _factored_keys(wb, F, W))  # times factored[0]
     own = (score.view(b, nc, nb, SUB, nb, SUB, W).diagonal(0, 2, 4).diagonal(0, 2, 3)
            .permute(0, 1, 3, 4, 2))  # [b, nc, nb, i, w]: the token's own writes
     strong = F.strong.any()
