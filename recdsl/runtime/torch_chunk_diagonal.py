@@ -21,6 +21,10 @@ entries only, as in the naive loop, whose evaluator Tokenwise uses).
 Packed sequences are unpacked into rows and every row is padded with zeros to whole chunks:
 a zero log-decay is no decay and a zero write adds nothing, so padding changes neither the
 outputs nor the final states.
+
+Long calls run in windows of whole chunks, one after the other, the final states of one the
+initial states of the next (``WINDOW_BYTES``): the same algebra, with temporaries the size of
+a window.
 """
 from __future__ import annotations
 
@@ -116,11 +120,12 @@ class _Window:
                 self.cu_seqlens.append(self.cu_seqlens[-1] + b - a)
             at = self.positions.to(call.device)
             take = lambda t: t.index_select(1, at)
+            self.time = self.cu_seqlens[-1]
         else:
             self.positions = None
             take = lambda t: t[:, first:first + length]
+            self.time = min(length, call.time - first)
         self.tensors = {name: take(t) if name in inputs else t for name, t in call.tensors.items()}
-        self.time = next(iter(self.tensors[v] for v in inputs)).shape[1] if inputs else 0
         self.initial = None if states is None else dict(zip((s.name for s in call.rule.states), states))
         self.call = call
 
