@@ -145,19 +145,20 @@ def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, ne
     ``Z`` may be given as several dims (e.g. sequences and heads), the same in every tensor,
     and the tensors may be strided views: the forward-only path then copies one group of
     chunks at a time instead of the whole input.
-    u, q_left and q_right may be ``Scaled`` (an unformed product).
+    k, u, q_left and q_right may be ``Scaled`` (an unformed product).
     out_left, out_right: optional destinations ``[nc, *Z, C, R, ..]`` (any strides, e.g. views
     of the outputs' final layout) that the forward-only path writes and returns instead of
     allocating; the gradient path ignores them.
     Returns (o_left [nc, Z, C, R, V] | None, o_right [nc, Z, C, R, K] | None, S_final [Z, K, V]).
     """
-    tensors = (k, b, g, S0, neg) + tuple(t for x in (u, q_left, q_right) if x is not None
-                                          for t in (x if isinstance(x, Scaled) else (x,)))
+    tensors = (b, g, S0, neg) + tuple(t for x in (k, u, q_left, q_right) if x is not None
+                                       for t in (x if isinstance(x, Scaled) else (x,)))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         with torch.no_grad():
             return _forward_only(k, b, u, g, S0, steps_per_token, q_left, q_right, neg,
                                  out_left, out_right)
-    k, b, u, g, q_left, q_right, neg = (None if x is None else _flat_z(formed(x), k.dim() - 3)
+    nz = formed(k).dim() - 3
+    k, b, u, g, q_left, q_right, neg = (None if x is None else _flat_z(formed(x), nz)
                                         for x in (k, b, u, g, q_left, q_right, neg))
     nc, Z, L, K = k.shape
     V = u.shape[-1]
@@ -366,6 +367,9 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
     (a decay near 0 inside it) takes the exact differences of float64 cumulative sums instead,
     as ``_chunk_group`` does. ``[W | U]`` comes from a blocked inverse; the reads of the
     entering states are batched over the group after its state loop."""
+    k_scale = None  # the keys' own scales when they come unformed: folded into the row scales
+    if isinstance(k, Scaled):
+        k_scale, k = k.scale, k.vector
     nz = k.dim() - 3
     zs = tuple(k.shape[1:1 + nz])  # Z as the inputs give it (e.g. sequences, heads)
     nc, L, K = k.shape[0], k.shape[-2], k.shape[-1]
@@ -399,8 +403,11 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
     # scales when they come unformed
     rows_of = lambda x: x.reshape(nc, *zs, L, 1)
     reads_of = lambda x: x[..., ends].reshape(nc, *zs, C, 1, 1)
-    scales = dict(b=rows_of(b), ba=rows_of(b * a), bs=rows_of(b * start), a_inv=rows_of(a_inv),
-                  end=end.unsqueeze(-1), total=total)
+    ks = 1.0 if k_scale is None else _flat_z(k_scale, nz).to(dt)  # [nc, Z, L]
+    scales = dict(b=rows_of(b * ks), ba=rows_of(b * a * ks), bs=rows_of(b * start * ks),
+                  a_inv=rows_of(a_inv * ks), end=end.unsqueeze(-1), total=total)
+    if k_scale is not None:
+        scales["k"] = rows_of(ks)
     if to_end is not None:
         scales["to_end"] = to_end.unsqueeze(-1)
     inputs = dict(k=k)
@@ -462,7 +469,7 @@ def _group_step(grp, x, f, factored, L, C, m, Rl, Rr, pair_decays):
     pair = pair_decays() if plain else None
     if plain:
         torch.mul(k, f["b"], out=grp.ka_in)
-        grp.kk_in.copy_(k)
+        _scaled_copy(grp.kk_in, k, f.get("k"))
     else:
         torch.mul(k, f["ba"], out=grp.ka_in)
         torch.mul(k, f["a_inv"], out=grp.kk_in)
@@ -482,10 +489,7 @@ def _group_step(grp, x, f, factored, L, C, m, Rl, Rr, pair_decays):
     else:
         grp.kk.mul_(f["end"])  # end a' k: the keys to the chunk's end
     torch.mul(k, f["bs"], out=grp.Rk_in)
-    if "u" in f:
-        torch.mul(x["u"], f["u"], out=grp.Ru_in)
-    else:
-        grp.Ru_in.copy_(x["u"])
+    _scaled_copy(grp.Ru_in, x["u"], f.get("u"))
     grp.solve()
 
     # the state passing: V'_c = U_c - W_c S, S <- exp(γ_L) S + K_endᵀ V'_c
@@ -508,7 +512,7 @@ def _group_step(grp, x, f, factored, L, C, m, Rl, Rr, pair_decays):
         # the keys of P's columns go where A's rows were: k (exact) or a' k (factored)
         if plain:
             P.view(*P.shape[:2], C, Rr, L).mul_(pair[..., ends, :].unsqueeze(-2))
-            grp.ka_in.copy_(k)
+            _scaled_copy(grp.ka_in, k, f.get("k"))
         else:
             _tril_reads(P, C, Rr, m)
             torch.mul(k, f["a_inv"], out=grp.ka_in)
@@ -518,14 +522,20 @@ def _group_step(grp, x, f, factored, L, C, m, Rl, Rr, pair_decays):
         x["out_right"].copy_(grp.right_o_in)
 
 
+def _scaled_copy(out, x, scale):
+    """out = x (times scale, per row, if any)."""
+    if scale is None:
+        out.copy_(x)
+    else:
+        torch.mul(x, scale, out=out)
+
+
 def _read_rows(out, x, f, side, plain):
     """The read vectors' rows of P: x a (factored), else x, times their own scales if any."""
-    if not plain:
-        torch.mul(x, f[f"{side}_a"], out=out)
-    elif f"{side}_plain" in f:
-        torch.mul(x, f[f"{side}_plain"], out=out)
+    if plain:
+        _scaled_copy(out, x, f.get(f"{side}_plain"))
     else:
-        out.copy_(x)
+        torch.mul(x, f[f"{side}_a"], out=out)
 
 
 def _tril_reads(P, C, R, m):

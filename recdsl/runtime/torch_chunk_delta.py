@@ -31,6 +31,7 @@ import torch
 
 from ..errors import BackendError
 from ..grammar import ast
+from ..ir import builtins
 from ..ir.pretty import unparse
 from .chunk_delta_core import Scaled, chunk_delta, formed
 from .tokenwise import Tokenwise
@@ -195,10 +196,15 @@ def _canonical_steps(template, dim_sizes) -> list:
 
 
 class _Values:
-    """Tokenwise values, each expression evaluated once per loop index."""
+    """Tokenwise values, each expression evaluated once per loop index.
 
-    def __init__(self, rule, call):
+    ``lean`` (no gradient wanted): ``vector`` leaves ``l2norm(e)`` unformed, as
+    Scaled(1 / sqrt(sum(e^2) + eps), e), which chunk_delta's forward-only path folds into its
+    own per-row scales: the same values without two full-size temporaries per l2norm."""
+
+    def __init__(self, rule, call, lean=False):
         self.tw = Tokenwise(rule.ir, call)
+        self.lean = lean
         self.lets = {}
         self.consts = dict(rule.ir.consts)
         self._collect(rule.ir.body)
@@ -215,6 +221,20 @@ class _Values:
         key = ("value", id(expr), _loop_key(loop))
         if key not in self.cache:
             self.cache[key] = self.tw.value(expr, loop)
+        return self.cache[key]
+
+    def vector(self, expr, loop):
+        """A per-token vector, a Scaled one for l2norm(e) when lean (see the class)."""
+        e = expr
+        while isinstance(e, ast.Name) and e.kind == "let" and e.id in self.lets:
+            e = self.lets[e.id]
+        if not (self.lean and isinstance(e, ast.Call) and e.fn == "l2norm"):
+            return self.value(expr, loop)
+        key = ("l2norm", id(e), _loop_key(loop))
+        if key not in self.cache:
+            x = self.value(e.args[0], loop)
+            squares = torch.linalg.vector_norm(x, dim=-1).square_()
+            self.cache[key] = Scaled(torch.rsqrt(squares + builtins.L2NORM_EPS), x)
         return self.cache[key]
 
     def log_decay(self, expr, loop):
@@ -274,7 +294,9 @@ def _step_values(values, step, shape_k, shape_v, dtype, device):
         return (g, neg, torch.zeros_like(g), torch.zeros(shape_k, dtype=dtype, device=device),
                 torch.zeros(shape_v, dtype=dtype, device=device))
     b = values.value(*step.b).expand(shape_k[:3])
-    k = values.value(*step.key).expand(shape_k)
+    k = values.vector(*step.key)
+    k = k.map(lambda t: t.expand(shape_k[:t.dim()])) if isinstance(k, Scaled) else \
+        k.expand(shape_k)
     terms = []
     for coef, right, loop, scales in step.writes:
         w = values.value(coef, loop)
@@ -354,7 +376,10 @@ def run(rule, call, chunk_size: Optional[int] = None):
         templates, reads = _plan(rule)
     except _Unsupported as e:
         raise BackendError(f"backend 'torch-chunk' cannot run rule '{rule.name}': {e}") from None
-    values = _Values(rule, call)
+    # no graph wanted: chunk_delta takes its forward-only path, which can take unformed inputs
+    given = list(call.tensors.values()) + list(call.initial.values())
+    lean = not (torch.is_grad_enabled() and any(t.requires_grad for t in given))
+    values = _Values(rule, call, lean)
     layout = _Chunks(call, chunk)
     dt = call.compute_dtype
     B, T, H = call.batch, call.time, call.heads
@@ -364,8 +389,8 @@ def run(rule, call, chunk_size: Optional[int] = None):
     wanted = {}
     for name, _, groups, _ in reads:
         for state, side, terms in groups:
-            scaled = [Scaled(values.value(coef, None).expand(B, T, H), values.value(vector, None))
-                      for coef, vector in terms]
+            scaled = [_read_vector(values.value(coef, None).expand(B, T, H),
+                                   values.vector(vector, None)) for coef, vector in terms]
             vec = scaled[0] if len(scaled) == 1 else sum(t.form() for t in scaled)
             wanted.setdefault(state, {}).setdefault(side, []).append((name, vec))
 
@@ -419,6 +444,13 @@ def run(rule, call, chunk_size: Optional[int] = None):
             value = torch.zeros(full, dtype=dt, device=call.device)
         outputs[name] = value.to(dt)
     return [outputs[o.name] for o in rule.ir.outputs], finals
+
+
+def _read_vector(coef, vector):
+    """coef * vector, unformed (coef [B, T, H]; vector a tensor or a Scaled one)."""
+    if isinstance(vector, Scaled):
+        return Scaled(coef * vector.scale, vector.vector)
+    return Scaled(coef, vector)
 
 
 def _read_block(layout, reads):
