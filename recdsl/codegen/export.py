@@ -17,7 +17,6 @@ import sys
 from pathlib import Path
 
 from ..errors import RecdslError
-from ..grammar import ast
 from ..ir.checked import CheckedRule
 from ..ir.ssa import lower
 from ..ir.vjp import adjoint
@@ -38,27 +37,9 @@ _VARIANT = "initial state, final state, packed sequences, checkpoints every 16 t
 # --------------------------------------------------------------------- dims
 
 
-def _loop_dims(body) -> set:
-    out = set()
-    for stmt in body:
-        if isinstance(stmt, ast.For):
-            out.add(stmt.dim)
-            out |= _loop_dims(stmt.body)
-    return out
-
-
 def default_dims(rule: CheckedRule, given: dict | None = None) -> dict:
     """Every dim's size: ``given``, else 2 for a dim a ``for`` loop runs over, else 64."""
-    loops = _loop_dims(rule.body)
-    sizes = {d: DEFAULT_LOOP_DIM if d in loops else DEFAULT_DIM for d in rule.dims}
-    for name, size in (given or {}).items():
-        if name not in sizes:
-            raise RecdslError(f"rule '{rule.name}' has no dim '{name}'; its dims are: "
-                              + (", ".join(rule.dims) or "none"))
-        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise RecdslError(f"dim {name} must be a positive whole number, not {size!r}")
-        sizes[name] = size
-    return sizes
+    return rule.dim_sizes(given, DEFAULT_DIM, DEFAULT_LOOP_DIM)
 
 
 # --------------------------------------------------------------------- generators
