@@ -9,7 +9,7 @@ from recdsl.codegen import naive
 from recdsl.errors import BackendError
 from recdsl.runtime import torch_chunk_diagonal
 from recdsl.runtime.sample import sample_initial_state, sample_inputs
-from tests.helpers import EXAMPLES, as_list
+from tests.helpers import EXAMPLES, as_list, rms_ratio, rule_results
 
 # dims that are not powers of two; M > topk so that routing really drops slots
 SIZES = {"K": 6, "V": 5, "N": 7, "P": 5, "M": 12, "NH": 3}
@@ -97,24 +97,9 @@ def _inputs(rule, T, B=2, H=2, seed=0, sequences=None):
     return tensors, (initial if isinstance(initial, tuple) else (initial,))
 
 
-def _run(rule, tensors, initial, backend, dtype=torch.float64, cu_seqlens=None, seed=5):
+def _run(rule, tensors, initial, backend, dtype=torch.float64, cu_seqlens=None):
     """Outputs, final states and gradients (random upstream) by name, in float64."""
-    leaves = {k: v.to(dtype).requires_grad_(True) for k, v in tensors.items()}
-    init = tuple(s.to(dtype).requires_grad_(True) for s in initial) if initial else None
-    out, final = rule(**leaves, initial_state=init, output_final_state=True, backend=backend,
-                      cu_seqlens=cu_seqlens)
-    results = as_list(out) + as_list(final)
-    names = [f"out {o.name}" for o in rule.outputs] + [f"final {s.name}" for s in rule.states]
-    values = {n: r.detach().double() for n, r in zip(names, results)}
-    g = torch.Generator().manual_seed(seed)
-    ups = [torch.randn(r.shape, generator=g, dtype=torch.float64) for r in results]
-    loss = sum((r.double() * u).sum() for r, u in zip(results, ups))
-    wrt = list(leaves.values()) + list(init or ())
-    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
-    wrt_names = [f"d{k}" for k in leaves] + [f"d{s.name}0" for s in rule.states][:len(init or ())]
-    for n, gr, w in zip(wrt_names, grads, wrt):
-        values[n] = (gr if gr is not None else torch.zeros_like(w)).double()
-    return values
+    return rule_results(rule, tensors, initial, backend, dtype, cu_seqlens)
 
 
 def _assert_close(got, want, tol=1e-10, what=""):
@@ -123,10 +108,6 @@ def _assert_close(got, want, tol=1e-10, what=""):
         scale = 1.0 + want[name].abs().max().item()
         err = (got[name] - want[name]).abs().max().item()
         assert err <= tol * scale, f"{what} {name}: max abs error {err:.2e} (scale {scale:.2e})"
-
-
-def _rms_ratio(x, golden):
-    return ((x - golden).pow(2).mean().sqrt() / golden.pow(2).mean().sqrt().clamp_min(1e-30)).item()
 
 
 # ---------------------------------------------------------------- against the naive loop
@@ -187,8 +168,8 @@ def test_float32_close_to_float64(name):
     reference = _run(rule, tensors, initial, "naive", torch.float32)
     got = _run(rule, tensors, initial, "torch-chunk", torch.float32)
     for key in golden:
-        err = _rms_ratio(got[key], golden[key])
-        allowed = max(10 * _rms_ratio(reference[key], golden[key]), 3e-6)
+        err = rms_ratio(got[key], golden[key])
+        allowed = max(10 * rms_ratio(reference[key], golden[key]), 3e-6)
         assert err <= allowed, f"{name} {key}: rms ratio {err:.2e} > {allowed:.2e}"
 
 
@@ -210,7 +191,7 @@ def test_half_inputs_accumulate_in_float32(name, dtype):
     assert all(f.dtype == torch.float32 for f in as_list(final32))
     # the only error left is rounding the output itself to the half type
     eps = {torch.float16: 2 ** -11, torch.bfloat16: 2 ** -8}[dtype]
-    assert _rms_ratio(as_list(out32)[0].double(), golden) < 2 * eps
+    assert rms_ratio(as_list(out32)[0].double(), golden) < 2 * eps
 
 
 # ---------------------------------------------------------------- windows
@@ -346,7 +327,7 @@ def test_long_sequence_finite_and_close_to_float64(name):
     # still responding at the end: the state neither vanished nor blew up
     assert out[:, -100:].abs().max() > 1e-3
     want, _ = rule(**{k: v.detach().double() for k, v in tensors.items()}, backend="torch-chunk")
-    assert _rms_ratio(out.detach().double(), want) < 1e-4
+    assert rms_ratio(out.detach().double(), want) < 1e-4
 
 
 @pytest.mark.parametrize("name", ["gla", "raven"])
