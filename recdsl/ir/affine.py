@@ -196,6 +196,18 @@ class StateAnalysis:
         return [w for s in self.steps for w in s.writes]
 
 
+def loop_groups(steps) -> list:
+    """``steps`` as ``(loop, [steps])`` runs in order: consecutive steps of one ``for`` body
+    together (to be repeated per loop value), each step outside a loop alone (loop None)."""
+    groups = []
+    for step in steps:
+        if groups and step.loop is not None and groups[-1][0] is step.loop:
+            groups[-1][1].append(step)
+        else:
+            groups.append((step.loop, [step]))
+    return groups
+
+
 @dataclass(eq=False)
 class Read:
     state: str

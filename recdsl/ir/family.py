@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from ..grammar import ast
-from .affine import Analysis, StateAnalysis, analyse, same_expr
+from .affine import Analysis, StateAnalysis, analyse, loop_groups, same_expr
 from .checked import CheckedRule
 from .pretty import unparse
 
@@ -141,13 +141,7 @@ def _form(sa: StateAnalysis) -> str:
 
 def _unrolled(sa: StateAnalysis):
     """The factors in application order with each loop's body taken twice."""
-    groups = []
-    for step in sa.steps:
-        if groups and step.loop is not None and groups[-1][0] is step.loop:
-            groups[-1][1].append(step)
-        else:
-            groups.append((step.loop, [step]))
-    for loop, steps in groups:
+    for loop, steps in loop_groups(sa.steps):
         for _ in range(2 if loop is not None else 1):
             for step in steps:
                 yield from step.factors

@@ -35,6 +35,7 @@ import torch
 
 from ..errors import BackendError
 from ..grammar import ast
+from ..ir.affine import loop_groups
 from ..ir.pretty import unparse
 from . import chunk_diagonal_core as core
 from .tokenwise import Tokenwise
@@ -245,13 +246,7 @@ def _loop_key(loop):
 
 def _unrolled(sa, dim_sizes):
     """(step, loop values) in execution order, each ``for`` body repeated."""
-    groups = []
-    for step in sa.steps:
-        if groups and step.loop is not None and groups[-1][0] is step.loop:
-            groups[-1][1].append(step)
-        else:
-            groups.append((step.loop, [step]))
-    for loop, steps in groups:
+    for loop, steps in loop_groups(sa.steps):
         for j in range(dim_sizes[loop.dim]) if loop is not None else [None]:
             for step in steps:
                 yield step, ({loop.var: j} if loop is not None else None)
