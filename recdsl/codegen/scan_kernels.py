@@ -1,0 +1,117 @@
+"""Fixed Triton kernels of the elementwise-scan family: h_t = a_t * h_{t-1} + b_t per channel.
+
+Not generated per rule: a rule of the family reaches these kernels with its state flattened
+into channels (``C`` = every entry of the state), its per-token multipliers ``a`` and writes
+``b`` laid out ``[N, T, C]`` (N sequences) and its initial state ``[N, C]``. The autograd
+wrapper is ``recdsl.runtime.scan_triton.linear_scan``.
+
+Layout of the work (as Mamba's selective scan): one program per (sequence, block of
+``BLOCK_C`` channels), a sequential loop over the tokens inside it. Channels are independent,
+so programs never talk to each other; the loop carries one state vector in registers.
+
+- forward: ``h_t = a_t * h_{t-1} + b_t`` from ``h_{-1} = h0``; every state is stored;
+- backward, tokens in reverse: ``g_t = dh_t + a_{t+1} g_{t+1}``, ``db_t = g_t``,
+  ``da_t = g_t * h_{t-1}`` (the forward's stored states), ``dh0 = a_0 g_0``.
+
+Arithmetic is in the element type of ``h`` (fp32, or fp64 for fp64 inputs): inputs are
+converted on load, gradients converted to their tensor's type on store. Offsets are int64
+(``(n * T + t) * C + c``), so ``N * T * C`` may pass 2**31.
+
+The file is self-contained (only ``triton`` imports at module level): ``aot_module`` hands
+its text to ``recdsl.codegen.aot``, which imports a copy from a temporary folder.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# Channel blocks a launch may pick, widest first; num_warps = BLOCK_C // 128 gives every
+# thread 4 consecutive channels (one 16-byte load of fp32 per token and tensor).
+BLOCKS = (512, 256, 128)
+# Narrow the block until a launch has about this many programs (2 per SM of an H100): each
+# program's loop is latency-bound, so a GPU needs many of them in flight. Not tuned on a GPU.
+TARGET_PROGRAMS = 264
+
+
+@triton.jit
+def linear_scan_fwd(a_ptr, b_ptr, h0_ptr, h_ptr, T, C, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(C, BLOCK_C)
+    seq = (pid // blocks).to(tl.int64)
+    cols = (pid % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    acc = h_ptr.dtype.element_ty
+    state = tl.load(h0_ptr + seq * C + cols, mask=mask, other=0.0).to(acc)
+    for t in range(T):
+        # from the token index, not a carried offset: when C % 16 == 0 (a launch specialises
+        # on it) the compiler then sees aligned offsets and vectorises the loads
+        offs = (seq * T + tl.cast(t, tl.int64)) * C + cols
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(acc)
+        b = tl.load(b_ptr + offs, mask=mask, other=0.0).to(acc)
+        state = a * state + b
+        tl.store(h_ptr + offs, state, mask=mask)
+
+
+@triton.jit
+def linear_scan_bwd(a_ptr, h0_ptr, h_ptr, dh_ptr, da_ptr, db_ptr, dh0_ptr, T, C,
+                    BLOCK_C: tl.constexpr):
+    # T >= 1 (the wrapper does not launch for T == 0)
+    pid = tl.program_id(0)
+    blocks = tl.cdiv(C, BLOCK_C)
+    seq = (pid // blocks).to(tl.int64)
+    cols = (pid % blocks) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mask = cols < C
+    acc = h_ptr.dtype.element_ty
+    carry = tl.zeros([BLOCK_C], dtype=acc)  # a_{t+1} * g_{t+1}
+    for i in range(T - 1):  # t = T-1 down to 1: h_{t-1} is a stored state
+        offs = (seq * T + T - 1 - tl.cast(i, tl.int64)) * C + cols  # token t, as in the forward
+        g = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(acc) + carry
+        h_prev = tl.load(h_ptr + offs - C, mask=mask, other=0.0).to(acc)
+        a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(acc)
+        tl.store(db_ptr + offs, g, mask=mask)
+        tl.store(da_ptr + offs, g * h_prev, mask=mask)
+        carry = a * g
+    # t = 0: h_{-1} is the initial state, and a_0 g_0 is its gradient
+    offs = seq * T * C + cols
+    g = tl.load(dh_ptr + offs, mask=mask, other=0.0).to(acc) + carry
+    h_prev = tl.load(h0_ptr + seq * C + cols, mask=mask, other=0.0).to(acc)
+    a = tl.load(a_ptr + offs, mask=mask, other=0.0).to(acc)
+    tl.store(db_ptr + offs, g, mask=mask)
+    tl.store(da_ptr + offs, g * h_prev, mask=mask)
+    tl.store(dh0_ptr + seq * C + cols, a * g, mask=mask)
+
+
+def launch_config(sequences: int, channels: int) -> tuple:
+    """(BLOCK_C, num_warps) of a launch over ``sequences`` x ``channels``: the widest block
+    not wider than the channels need that still gives about TARGET_PROGRAMS programs."""
+    for block in block_choices(channels):
+        if block == BLOCKS[-1] or sequences * triton.cdiv(channels, block) >= TARGET_PROGRAMS:
+            return block, block // 128
+    raise AssertionError("unreachable: the narrowest block always fits")
+
+
+def block_choices(channels: int) -> list:
+    """The blocks ``launch_config`` may pick for ``channels``, whatever the sequence count."""
+    cap = max(BLOCKS[-1], triton.next_power_of_2(max(1, channels)))
+    return [block for block in BLOCKS if block <= cap]
+
+
+def aot_module(channels: int):
+    """The scan kernels as ``recdsl.codegen.aot.build_module`` builds them: forward and
+    backward for every channel block a launch may pick for ``channels`` (the report does not
+    know the number of sequences). Inputs and their gradients are in the caller's dtype, the
+    states and their gradient fp32."""
+    from pathlib import Path
+
+    from .aot import DATA, GeneratedModule, KernelEntry
+    fwd_types = {"a_ptr": DATA, "b_ptr": DATA, "h0_ptr": DATA, "h_ptr": "*fp32", "T": "i32", "C": "i32"}
+    bwd_types = {"a_ptr": DATA, "h0_ptr": DATA, "h_ptr": "*fp32", "dh_ptr": "*fp32", "da_ptr": DATA,
+                 "db_ptr": DATA, "dh0_ptr": DATA, "T": "i32", "C": "i32"}
+    kernels = []
+    for block in block_choices(channels):
+        variant = f"C={channels}, BLOCK_C={block}"
+        kernels += [KernelEntry("linear_scan_fwd", dict(fwd_types), {"BLOCK_C": block}, block // 128,
+                                variant=f"{variant} forward"),
+                    KernelEntry("linear_scan_bwd", dict(bwd_types), {"BLOCK_C": block}, block // 128,
+                                variant=f"{variant} backward")]
+    return GeneratedModule("scan", "scan_kernels.py", Path(__file__).read_text(), kernels)
