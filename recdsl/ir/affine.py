@@ -20,12 +20,23 @@ The data model, outermost first:
                          identity                S
                          scalar    decay coef    decay * S              (decay a per-token scalar,
                                                                          coef the same as a Coef)
-                         rows      decay         diag(decay) @ S
+                         rows      decay         diag(decay) @ S        (a vector state: decay * h)
                          cols      decay         S @ diag(decay)
-                         rank_one  vec key coef  (I - coef * vec keyᵀ) S
-                       ``householder`` is true for a rank_one factor whose ``vec`` is its ``key``
-                       and that a write of the same step (before the next erase, in the same loop
-                       iteration) writes along that key: ``(I - beta k kᵀ)``.
+                         entries   parts         D ⊙ S, D = sum(coef * product of ops): the
+                                                 per-entry (Hadamard) decay (Mamba-1's
+                                                 exp(dt ⊗ A)), or a sum of row and column decays
+                         rank_one  vec key coef  (D - coef * vec keyᵀ) S   (side "left")
+                                   diag          S (D - coef * key vecᵀ)   (side "right")
+                       D is the identity when ``diag`` is None, else ``diag``, an elementwise
+                       Factor (scalar, rows, cols or entries): the sum ``alpha * S - beta *
+                       outer(k, k @ S)`` is ``(alpha I - beta k kᵀ) S``, never ``alpha (I - beta /
+                       alpha k kᵀ) S``, which divides by a coefficient that may be 0.
+                       ``parts`` (every elementwise factor): ``((Coef, ops), ...)``, each op
+                       ``("rows", x)``, ``("cols", y)`` or ``("entries", M)``: the decay as a sum of
+                       products, whatever the kind (a scalar decay is ``((coef, ()),)``).
+                       ``householder`` is true for a left rank_one factor whose ``vec`` is its
+                       ``key`` and that a write of the same step (before the next erase, in the same
+                       loop iteration) writes along that key: ``(I - beta k kᵀ)``.
 ``Write``              a term free of states: ``kind`` outer (``coef * outer(left, right)``),
                        vector (``coef * left``), scalar (``coef``) or other (``coef * value``, a
                        matrix that is not an outer product).
@@ -127,16 +138,38 @@ class Loop:
     parent: Optional["Loop"] = None
 
 
+ELEMENTWISE = ("scalar", "rows", "cols", "entries")
+
+
 @dataclass(eq=False)
 class Factor:
-    kind: str  # identity, scalar, rows, cols, rank_one
+    kind: str  # identity, scalar, rows, cols, entries, rank_one
     node: object  # the term of the source it comes from
-    decay: object = None  # scalar: the scalar; rows/cols: the vector x of diag(x)
+    decay: object = None  # scalar: the scalar; rows/cols: the vector x of diag(x); entries: D
+    #                       when it is one expression (None for a sum of row and column decays)
     coef: Optional[Coef] = None  # scalar: the decay as a Coef; rank_one: b = coef * vec
     vec: object = None  # rank_one: the vector b is a multiple of
     key: object = None  # rank_one: k in I - b kᵀ
     householder: bool = False
     loop: Optional[Loop] = None
+    side: str = "left"  # rank_one: left (D - b kᵀ) S or right S (D - k bᵀ)
+    diag: Optional["Factor"] = None  # rank_one: its elementwise part D (None: the identity)
+    sum_parts: tuple = ()  # elementwise factors merged from a sum: ((Coef, ops), ...)
+
+    @property
+    def elementwise(self) -> bool:
+        return self.kind in ELEMENTWISE
+
+    @property
+    def parts(self) -> tuple:
+        """An elementwise factor's decay as ``((Coef, ops), ...)``: sum of coef * product of ops."""
+        if self.sum_parts:
+            return self.sum_parts
+        if self.kind == "scalar":
+            return ((self.coef if self.coef is not None else Coef.of(self.decay), ()),)
+        if self.kind in ("rows", "cols", "entries"):
+            return ((Coef(), ((self.kind, self.decay),)),)
+        raise ValueError(f"a {self.kind} factor is not elementwise")
 
 
 @dataclass(eq=False)
@@ -387,8 +420,8 @@ class _Outer:  # outer(a, b), state-free
 
 @dataclass(eq=False)
 class _Lin:  # ops applied to the target state: left ops in application order, right ops
-    left: tuple = ()  # ("rows", x) | ("rank_one", a, k)
-    right: tuple = ()  # ("cols", y)
+    left: tuple = ()  # ("rows", x) | ("entries", M) | ("rank_one", a, k): a (kᵀ S)
+    right: tuple = ()  # ("cols", y) | ("rank_one", b, x): (S x) bᵀ
 
 
 @dataclass(eq=False)
@@ -578,9 +611,18 @@ class _UpdateAnalyser:
             if not (self.target.rank == 1 and self.affine_in_states(dep_side)
                     and self.deps(dep_side) == {self.target.name}):
                 self.state_scaled_write(e, dep_side, free_side)
+        # the free side scales the state whole ((1 - z) * h is one decay 1 - z); a write it
+        # multiplies is split into terms, one outer product each
+        whole_coef, whole = peel(free_side)
+        whole_core = _One() if whole.shape == () else _Free(whole)
+        if whole.shape == ():
+            whole_coef = whole_coef * Coef.of(whole)
         out = []
-        for tf in self.free(free_side):
-            for td in self.terms(dep_side):
+        for td in self.terms(dep_side):
+            if isinstance(td.core, (_Lin, _ReadVec)):
+                out.append(_Term(whole_coef * td.coef, self.combine(e, whole_core, td.core), e))
+                continue
+            for tf in self.free(free_side):
                 out.append(_Term(tf.coef * td.coef, self.combine(e, tf.core, td.core), e))
         return out
 
@@ -588,11 +630,17 @@ class _UpdateAnalyser:
         """The core of (free value) * (core): elementwise."""
         if isinstance(free_core, _One):
             return core
-        if isinstance(free_core, _Free) and len(free_core.expr.shape) == 1:
-            if isinstance(core, _Lin) and self.target.rank == 1:
-                return _Lin(core.left + (("rows", free_core.expr),), core.right)
-            if isinstance(core, _ReadVec) and core.side == "dot":
-                return _Lin((("rank_one", free_core.expr, core.vector),), ())
+        x = free_core.expr
+        if isinstance(core, _Lin) and len(x.shape) == self.target.rank:
+            # an elementwise decay: rows of a vector state, entries of a matrix one
+            kind = "rows" if self.target.rank == 1 else "entries"
+            return _Lin(core.left + ((kind, x),), core.right)
+        if isinstance(core, _ReadVec) and core.side == "dot" and len(x.shape) == 1:
+            return _Lin((("rank_one", x, core.vector),), ())
+        if isinstance(core, _Free) and core.expr.shape == x.shape:
+            return _Free(_binop("*", x, core.expr, span(e), x.shape))
+        if isinstance(core, _Outer) and len(x.shape) == 2:
+            return _Free(_binop("*", x, _core_expr(core, span(e)), span(e), x.shape))
         self.unrecognised(e)
 
     def matmul(self, e):
@@ -651,9 +699,18 @@ class _UpdateAnalyser:
         if (da | db) - {self.target.name} or not self.affine_in_states(e):
             d = da | db
             self.fail("write", f"the write {unparse(e)} depends on {_states(d)}", e, d)
-        if da:  # outer(S @ x, b): a rank-one factor on the value axis
-            self.unrecognised(e, f"{unparse(e)} (a rank-one term on the right of "
-                                 f"{self.target.name})")
+        if da:  # outer(S @ x, b): a rank-one factor on the right of S
+            cb, b_vec = peel(b)
+            out = []
+            for t in self.terms(a):
+                if isinstance(t.core, _ReadVec) and t.core.side == "right":
+                    out.append(_Term(cb * t.coef, _Lin((), (("rank_one", b_vec, t.core.vector),)), e))
+                elif isinstance(t.core, _Free):
+                    ca, a_vec = peel(t.core.expr)
+                    out.append(_Term(ca * t.coef * cb, _Outer(a_vec, b_vec), e))
+                else:
+                    self.unrecognised(e)
+            return out
         ca, a_vec = peel(a)
         out = []
         for t in self.terms(b):
@@ -749,48 +806,116 @@ def _step(stmt: ast.Update, var: Var, terms, loop) -> Step:
             [Factor("cols", node, op[1], loop=loop) for op in shared_right] + \
             [Factor("rows", node, op[1], loop=loop) for op in shared_left]
         return step
-    idents = [t for t in linear if not t.core.left and not t.core.right]
-    ranks = [t for t in linear if len(t.core.left) == 1 and t.core.left[0][0] == "rank_one"
-             and not t.core.right]
-    others = [t for t in linear if t not in idents and t not in ranks]
-    factors = []
+    elementwise = [t for t in linear if _elementwise_ops(t.core)]
+    ranks = [t for t in linear if len(t.core.left) + len(t.core.right) == 1
+             and (t.core.left or t.core.right)[0][0] == "rank_one"]
+    others = [t for t in linear if t not in elementwise and t not in ranks]
     if others:
-        if len(linear) > 1:
-            fail(others[0].node, f"{unparse(others[0].node)} is added to other terms in "
-                                 f"{var.name}: a sum that is not a product of recognised factors")
         t = others[0]
-        for op in t.core.left:
-            if op[0] != "rows":
-                fail(t.node, f"{unparse(t.node)} is not a recognised factor of the update of "
-                             f"{var.name}")
-            factors.append(Factor("rows", t.node, op[1], loop=loop))
-        for op in t.core.right:
-            factors.append(Factor("cols", t.node, op[1], loop=loop))
+        if len(linear) > 1:
+            fail(t.node, f"{unparse(t.node)} is added to other terms in {var.name}: a sum of "
+                         f"terms in {var.name} is affine only as elementwise decays plus at most "
+                         f"one rank-one term")
+        fail(t.node, f"{unparse(t.node)} is not a recognised factor of the update of "
+                     f"{var.name}: a rank-one term needs {var.name} itself beside it")
+    if len(ranks) > 1:
+        fail(ranks[1].node, f"two rank-one terms in one update of {var.name} "
+                            f"({unparse(ranks[0].node)} and {unparse(ranks[1].node)}): "
+                            f"write them as two statements")
+    diag = _elementwise_factor(stmt, var, elementwise, loop) if elementwise else None
+    if not ranks:
+        return Step(stmt, diag, writes, loop)
+    if diag is None:
+        fail(ranks[0].node, f"{unparse(ranks[0].node)} without {var.name} itself is not a "
+                            f"recognised factor: did you mean {var.name} - ...?")
+    t = ranks[0]
+    right = bool(t.core.right)
+    _, vec, key = (t.core.right if right else t.core.left)[0]
+    side = "right" if right else "left"
+    if len(diag) == 1 and diag[0].kind == "identity":
+        return Step(stmt, [Factor("rank_one", t.node, coef=t.coef.negate(), vec=vec, key=key,
+                                  loop=loop, side=side)], writes, loop)
+    if len(diag) == 1 and diag[0].kind == "scalar":
+        # alpha S - c b kᵀ S is alpha (I - (c / alpha) b kᵀ) S when c / alpha cancels to a
+        # product (exp(g) * beta / exp(g)); otherwise the sum stays whole, with no division
+        alpha = diag[0].coef
+        ratio = t.coef / alpha
+        if not ratio.divisors:
+            return Step(stmt, [diag[0], Factor("rank_one", t.node, coef=ratio.negate(), vec=vec,
+                                               key=key, loop=loop, side=side)], writes, loop)
+    part = diag[0] if len(diag) == 1 else _merged(stmt, var, diag, loop)
+    return Step(stmt, [Factor("rank_one", t.node, coef=t.coef.negate(), vec=vec, key=key,
+                              loop=loop, side=side, diag=part)], writes, loop)
+
+
+def _elementwise_ops(core) -> bool:
+    return all(op[0] in ("rows", "entries") for op in core.left) and all(
+        op[0] == "cols" for op in core.right)
+
+
+def _ops(core) -> tuple:
+    return tuple((op[0], op[1]) for op in core.left + core.right)
+
+
+def _elementwise_factor(stmt, var, terms, loop) -> list:
+    """The factors of a sum of elementwise terms ``sum(coef * ops(S))``: one term gives one
+    factor per op (a product), several are merged into one decay (a sum)."""
+    at = span(stmt.value)
+    if len(terms) == 1:
+        t = terms[0]
+        factors = [Factor(kind, t.node, x, loop=loop) for kind, x in _ops(t.core)]
         if not t.coef.is_one:
             factors.append(Factor("scalar", t.node, t.coef.expr(), t.coef, loop=loop))
-        return Step(stmt, factors, writes, loop)
-    alpha = _sum_coefs([t.coef for t in idents], at) if idents else None
-    if ranks:
-        if len(ranks) > 1:
-            fail(ranks[1].node, f"two rank-one terms in one update of {var.name} "
-                                f"({unparse(ranks[0].node)} and {unparse(ranks[1].node)}): "
-                                f"write them as two statements")
-        if alpha is None:
-            fail(ranks[0].node, f"{unparse(ranks[0].node)} without {var.name} itself is not a "
-                                f"recognised factor: did you mean {var.name} - ...?")
-        t = ranks[0]
-        _, vec, key = t.core.left[0]
-        if not alpha.is_one:
-            factors.append(Factor("scalar", idents[0].node, alpha.expr(), alpha, loop=loop))
-        factors.append(Factor("rank_one", t.node, coef=(t.coef / alpha).negate(), vec=vec,
-                              key=key, loop=loop))
-        return Step(stmt, factors, writes, loop)
-    if alpha.is_one:
-        factors.append(Factor("identity", idents[0].node, loop=loop))
-    else:
-        factors.append(Factor("scalar", idents[0].node if len(idents) == 1 else stmt.value,
-                              alpha.expr(), alpha, loop=loop))
-    return Step(stmt, factors, writes, loop)
+        return factors or [Factor("identity", t.node, loop=loop)]
+    if all(not _ops(t.core) for t in terms):
+        alpha = _sum_coefs([t.coef for t in terms], at)
+        if alpha.is_one:
+            return [Factor("identity", terms[0].node, loop=loop)]
+        return [Factor("scalar", stmt.value, alpha.expr(), alpha, loop=loop)]
+    parts = tuple((t.coef, _ops(t.core)) for t in terms)
+    kinds = {op[0] for _, ops in parts for op in ops}
+    if var.rank == 1:
+        kinds = {"rows"}
+    kind = next(iter(kinds)) if len(kinds) == 1 and kinds != {"entries"} else "entries"
+    decay = _parts_expr(parts, kind, var, at)
+    return [Factor(kind, stmt.value, decay, loop=loop, sum_parts=parts)]
+
+
+def _merged(stmt, var, factors, loop) -> Factor:
+    """A product of elementwise factors as one (the D of a rank-one factor D - b kᵀ)."""
+    ops = []
+    coef = Coef()
+    for f in factors:
+        if f.kind == "scalar":
+            coef = coef * f.coef
+        else:
+            ops.append((f.kind, f.decay))
+    kinds = {k for k, _ in ops}
+    kind = next(iter(kinds)) if len(kinds) == 1 and kinds != {"entries"} else "entries"
+    parts = ((coef, tuple(ops)),)
+    at = span(stmt.value)
+    return Factor(kind, stmt.value, _parts_expr(parts, kind, var, at), loop=loop,
+                  sum_parts=parts)
+
+
+def _parts_expr(parts, kind, var, at):
+    """The decay of ``parts`` as one expression of the language (a vector for rows or cols, a
+    matrix for entries), or None where the language has no way to write it (a row decay
+    summed with a column decay)."""
+    shape = {"rows": var.dims[:1], "cols": var.dims[-1:], "entries": var.dims}[kind]
+    total = None
+    for coef, ops in parts:
+        value = None
+        for op_kind, x in ops:
+            if kind == "entries" and op_kind != "entries":
+                return None
+            value = x if value is None else _binop("*", value, x, at, shape)
+        negative = coef.sign == -1 and total is not None  # written as a difference
+        magnitude = coef.negate() if negative else coef
+        value = magnitude.expr(at) if value is None else _scale(magnitude, value, at)
+        total = value if total is None else _binop("-" if negative else "+", total, value, at,
+                                                   shape)
+    return total
 
 
 def _shared_ops(op_lists, from_end):

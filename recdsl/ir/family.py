@@ -1,12 +1,19 @@
-"""The kernel family of a rule, from its affine structure (``recdsl.ir.affine``).
+"""The kernel families that can run a rule, from its affine normal form (``recdsl.ir.affine``).
+
+Each family is a planner that accepts the normal form or refuses it with a reason and the
+position of the term that breaks it; ``PLANNERS`` asks them in order of preference, and the
+first that accepts is the rule's family:
 
 - ``delta``: every state decays (scalar, or per channel on its rows before the erase) and goes
   through Householder-like erases ``I - beta k kᵀ``, each followed by writes along the same
   key: delta, gated_delta, kla, deltaproduct.
 - ``diagonal``: every state has only scalar or diagonal decays (rows or columns) and writes
   that are outer products: linear_attention, retention, mamba2, gla, raven.
-- ``recurrent``: anything else, with the reason and the position of the term that breaks the
-  chunkwise form.
+- ``scan``: every state's transition is elementwise (scalar, row, column or per-entry decays,
+  any state shape, writes of any form): an associative scan over time, with the outputs any
+  per-token function of the states before, between or after the token's updates: minGRU,
+  HGRN, Mamba-1, and every rule of the diagonal family too.
+- ``recurrent``: none accepts; the reason is the refusal of the family closest to fitting.
 
 Both chunkwise families also need every state to be a matrix, every output to be a linear read
 of the states after the token's updates (``coef * x @ S + extra``), and the vectors of those
@@ -22,17 +29,42 @@ from .affine import Analysis, StateAnalysis, analyse, loop_groups, same_expr
 from .checked import CheckedRule
 from .pretty import unparse
 
+CHUNK_FAMILIES = ("delta", "diagonal")
+
+
+@dataclass
+class Verdict:
+    """One planner's answer: accepted (``reason`` says what it recognised) or refused (why,
+    with the position of the offending term)."""
+    family: str
+    accepted: bool
+    reason: str
+    pos: Optional[ast.Pos] = None
+
+    def where(self, filename: str) -> str:
+        return f"{filename}:{self.pos.line}:{self.pos.column}" if self.pos else filename
+
 
 @dataclass
 class Family:
-    name: str  # delta, diagonal or recurrent
-    reason: str  # for recurrent: why; for the chunk families: what was recognised
+    name: str  # delta, diagonal, scan or recurrent
+    reason: str  # for recurrent: why; for the others: what was recognised
     pos: Optional[ast.Pos] = None  # for recurrent: the offending term
     analysis: Optional[Analysis] = field(default=None, repr=False, compare=False)
+    verdicts: dict = field(default_factory=dict, repr=False, compare=False)  # name -> Verdict
 
     def where(self, filename: str) -> str:
         """``file:line:col`` of the offending term, or the file alone."""
         return f"{filename}:{self.pos.line}:{self.pos.column}" if self.pos else filename
+
+    def accepts(self, name: str) -> bool:
+        v = self.verdicts.get(name)
+        return v is not None and v.accepted
+
+    @property
+    def chunk(self) -> Optional[str]:
+        """The chunkwise family (delta or diagonal) that runs the rule, or None."""
+        return next((n for n in CHUNK_FAMILIES if self.accepts(n)), None)
 
 
 class _Recurrent(Exception):
@@ -40,29 +72,73 @@ class _Recurrent(Exception):
         self.reason, self.pos = reason, pos
 
 
+def _describe_states(analysis) -> str:
+    return "; ".join(f"{sa.name}: {describe(sa)}" for sa in analysis.states.values())
+
+
+def _plan_chunk(analysis: Analysis, name: str) -> str:
+    """Accept for the delta or diagonal family, or raise _Recurrent."""
+    _affine(analysis)
+    for sa in analysis.states.values():
+        if sa.var.rank != 2:
+            what = "a scalar" if sa.var.rank == 0 else "a vector"
+            raise _Recurrent(f"state {sa.name} is {what}; the chunkwise forms take matrix "
+                             f"states", sa.var.pos)
+    forms = {n: _form(sa) for n, sa in analysis.states.items()}
+    if len(set(forms.values())) > 1:
+        first = next(iter(forms))
+        other = next(n for n in forms if forms[n] != forms[first])
+        raise _Recurrent(f"state {first} has the {forms[first]} form and state {other} the "
+                         f"{forms[other]} form: no single chunkwise form fits both",
+                         analysis.states[other].var.pos)
+    form = next(iter(forms.values()))
+    if form != name:
+        sa = next(iter(analysis.states.values()))
+        raise _Recurrent(f"the update of {sa.name} has the {form} form, not the {name} form",
+                         sa.var.pos)
+    _reads(analysis)
+    return _describe_states(analysis)
+
+
+def _plan_scan(analysis: Analysis) -> str:
+    """Accept when every state's transition is elementwise, or raise _Recurrent."""
+    _affine(analysis)
+    for sa in analysis.states.values():
+        for f in sa.factors:
+            if not f.elementwise:
+                raise _Recurrent(f"{unparse(f.node)} is a rank-one factor of {sa.name}: its "
+                                 f"transition is not elementwise, so no elementwise scan",
+                                 ast.expr_span(f.node))
+    return _describe_states(analysis)
+
+
+PLANNERS = (
+    ("delta", lambda a: _plan_chunk(a, "delta")),
+    ("diagonal", lambda a: _plan_chunk(a, "diagonal")),
+    ("scan", _plan_scan),
+)
+
+
 def classify(checked: CheckedRule, analysis: Optional[Analysis] = None) -> Family:
-    """The family of a checked rule (``analysis`` is computed when not given)."""
+    """The family of a checked rule (``analysis`` is computed when not given), with every
+    planner's verdict."""
     analysis = analysis or analyse(checked)
-    try:
-        _affine(analysis)
-        for sa in analysis.states.values():
-            if sa.var.rank != 2:
-                what = "a scalar" if sa.var.rank == 0 else "a vector"
-                raise _Recurrent(f"state {sa.name} is {what}; the chunkwise forms take matrix "
-                                 f"states", sa.var.pos)
-        forms = {name: _form(sa) for name, sa in analysis.states.items()}
-        if len(set(forms.values())) > 1:
-            first = next(iter(forms))
-            other = next(n for n in forms if forms[n] != forms[first])
-            raise _Recurrent(f"state {first} has the {forms[first]} form and state {other} the "
-                             f"{forms[other]} form: no single chunkwise form fits both",
-                             analysis.states[other].var.pos)
-        _reads(analysis)
-    except _Recurrent as e:
-        return Family("recurrent", e.reason, e.pos, analysis)
-    name = next(iter(forms.values()))
-    reason = "; ".join(f"{sa.name}: {describe(sa)}" for sa in analysis.states.values())
-    return Family(name, reason, None, analysis)
+    verdicts = {}
+    for name, plan in PLANNERS:
+        try:
+            verdicts[name] = Verdict(name, True, plan(analysis))
+        except _Recurrent as e:
+            verdicts[name] = Verdict(name, False, e.reason, e.pos)
+    accepted = next((v for v in verdicts.values() if v.accepted), None)
+    if accepted is not None:
+        return Family(accepted.family, accepted.reason, None, analysis, verdicts)
+    # the refusal of the family closest to fitting: an erase asks for the delta form, a
+    # non-elementwise rule without one for the diagonal form
+    closest = verdicts["diagonal"]
+    if any(f.kind == "rank_one" for sa in analysis.states.values() if sa.affine
+           for f in sa.factors):
+        closest = verdicts["delta"]
+    return Family("recurrent", closest.reason, closest.pos, analysis, verdicts)
 
 
 def _affine(analysis: Analysis):
@@ -95,6 +171,19 @@ def _form(sa: StateAnalysis) -> str:
         if w.kind != "outer":
             raise _Recurrent(f"the write {unparse(w.node)} to {sa.name} is not an outer product "
                              f"outer(a, b)", ast.expr_span(w.node))
+    for f in sa.factors:
+        if f.kind == "entries":
+            raise _Recurrent(f"the per-entry decay {_decay_text(f)} of {sa.name} is not a product "
+                             f"of a row and a column decay: no chunked matmul form (the "
+                             f"elementwise scan runs it)", ast.expr_span(f.node))
+        if f.kind == "rank_one" and f.side == "right":
+            raise _Recurrent(f"{unparse(f.node)} is a rank-one factor on the right of {sa.name} "
+                             f"({sa.name} (I - b kᵀ)): the chunkwise forms take erases on the "
+                             f"left", ast.expr_span(f.node))
+        if f.kind == "rank_one" and f.diag is not None:
+            raise _Recurrent(f"{unparse(f.node)} erases the undecayed {sa.name} beside the decay "
+                             f"{_decay_text(f.diag)} (a sum, not a product): the delta form "
+                             f"decays, then erases", ast.expr_span(f.node))
     erases = [f for f in sa.factors if f.kind == "rank_one"]
     if not erases:
         return "diagonal"
@@ -182,19 +271,37 @@ def describe(sa: StateAnalysis) -> str:
         loop = f" (for {f.loop.var} in {f.loop.dim})" if f.loop else ""
         if f.kind == "scalar":
             parts.append(f"scalar decay {unparse(f.decay)}{loop}")
+        elif f.kind == "rows" and sa.var.rank == 1:
+            parts.append(f"elementwise decay {_decay_text(f)}{loop}")
         elif f.kind == "rows":
-            parts.append(f"row decay diag({unparse(f.decay)}){loop}")
+            parts.append(f"row decay diag({_decay_text(f)}){loop}")
         elif f.kind == "cols":
-            parts.append(f"column decay diag({unparse(f.decay)}){loop}")
+            parts.append(f"column decay diag({_decay_text(f)}){loop}")
+        elif f.kind == "entries":
+            parts.append(f"per-entry decay {_decay_text(f)}{loop}")
         elif f.kind == "rank_one":
             what = "Householder-like erase" if f.householder else "rank-one factor"
-            parts.append(f"{what} along {unparse(f.key)}{loop}")
+            side = " on the right" if f.side == "right" else ""
+            diag = f" beside the decay {_decay_text(f.diag)}" if f.diag is not None else ""
+            parts.append(f"{what}{side} along {unparse(f.key)}{diag}{loop}")
     if not parts:
         parts.append("no decay")
     writes = [w for w in sa.writes]
     if writes:
         parts.append("writes " + ", ".join(_write_text(w) for w in writes))
     return ", ".join(parts)
+
+
+def _decay_text(f) -> str:
+    """An elementwise factor's decay: its expression, or its parts as a sum."""
+    if f.decay is not None:
+        return unparse(f.decay)
+    terms = []
+    for coef, ops in f.parts:
+        body = " * ".join(f"{'diag' if k != 'entries' else ''}({unparse(x)})" for k, x in ops)
+        terms.append(f"{_factor_text(coef)} * {body}" if body and not coef.is_one
+                     else body or coef.text())
+    return " + ".join(terms)
 
 
 def _write_text(w) -> str:

@@ -1,82 +1,95 @@
-"""The backend registry: which backends exist, which can run a given rule here, and which
-one "auto" picks. A backend is a function ``run(rule, call) -> (outputs, final_states)``."""
+"""The backend registry: which backends exist, which can run a given rule on which device, and
+which one "auto" picks. A backend is a function ``run(rule, call) -> (outputs, final_states)``.
+
+Each parallel backend belongs to the families it runs (``FAMILY_MODULES``: family -> the
+runtime module exposing ``problem(rule)`` and ``run(rule, call)``); whether the rule is in a
+family is the planners' verdict (``recdsl.ir.family``), so ``rule.backends(device)``,
+``recdsl show`` and the call read one answer and cannot disagree.
+"""
 from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
 
 import torch
 
 from ..codegen.naive import run_naive
 from ..errors import BackendError
 
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    triton: bool  # runs Triton kernels (CUDA, or the interpreter on the CPU)
+    family_modules: tuple  # ((family, module name), ...); () runs any rule
+    missing: str = ""  # why it cannot run a rule of a family it has no module for
+
+
+BACKENDS = (
+    Backend("chunk", True, (("delta", "chunk_delta"), ("diagonal", "chunk_diagonal"))),
+    Backend("scan", True, (("scan", "scan"),)),
+    Backend("torch-chunk", False, (("delta", "torch_chunk_delta"),
+                                   ("diagonal", "torch_chunk_diagonal"))),
+    Backend("torch-scan", False, (("scan", "torch_scan"),)),
+    Backend("recurrent", True, ()),
+    Backend("naive", False, ()),
+)
+_BY_NAME = {b.name: b for b in BACKENDS}
+
 # Every backend name the call accepts.
-NAMES = ("chunk", "torch-chunk", "recurrent", "naive")
+NAMES = tuple(b.name for b in BACKENDS)
 
 
-def _recurrent(rule, call):
-    from .recurrent import run_recurrent  # imports Triton only when used
-    return run_recurrent(rule, call)
-
-
-def _family_module(rule, prefix):
-    """The module ``<prefix>_<family>`` running this rule's family chunkwise (exposing
-    ``problem(rule)`` and ``run(rule, call)``), or None when the family has none (recurrent)
-    or the module is not written yet."""
-    import importlib
-    if rule.family not in ("delta", "diagonal"):
+def _module(backend: Backend, family: str):
+    """The runtime module of ``backend`` for ``family``, or None when it is not written yet."""
+    name = dict(backend.family_modules).get(family)
+    if name is None:
         return None
-    name = f"{__package__}.{prefix}_{rule.family}"
+    full = f"{__package__}.{name}"
     try:
-        module = importlib.import_module(name)
+        module = importlib.import_module(full)
     except ModuleNotFoundError as err:
-        if err.name != name:  # the module exists but something it imports does not
+        if err.name != full:  # the module exists but something it imports does not
             raise
         return None
-    # a module still without the backend interface is not a backend yet
     return module if hasattr(module, "problem") and hasattr(module, "run") else None
 
 
-def _chunk_problem(rule, prefix, missing):
-    """Why a chunkwise backend cannot run this rule, or None. Each family module may refuse a
-    rule with its own reason through ``problem(rule)``."""
-    if rule.family == "recurrent":
-        return f"rule '{rule.name}' has no chunkwise form: {rule.family_reason}"
-    module = _family_module(rule, prefix)
+def _family_of(rule, backend: Backend):
+    """The family whose module runs ``rule`` on ``backend``: the first of the backend's
+    families that the planners accepted, or None."""
+    for family, _ in backend.family_modules:
+        if rule.family_info.accepts(family):
+            return family
+    return None
+
+
+def problem(rule, name: str):
+    """Why backend ``name`` cannot run ``rule`` (None: it can). About the rule only: where a
+    backend can run (CUDA, or the Triton interpreter) is ``available``'s concern."""
+    backend = _BY_NAME.get(name)
+    if backend is None or not backend.family_modules:  # runs any rule
+        return None
+    family = _family_of(rule, backend)
+    if family is None:
+        wanted = [f for f, _ in backend.family_modules]
+        refusals = [rule.family_info.verdicts[f] for f in wanted]
+        # the refusal of the family the rule is closest to (the first one asked)
+        reason = refusals[0].reason
+        where = refusals[0].where(rule.ir.filename) if refusals[0].pos else None
+        kind = "chunkwise" if "scan" not in wanted else "elementwise scan"
+        return (f"rule '{rule.name}' has no {kind} form: {reason}"
+                + (f" ({where})" if where else ""))
+    module = _module(backend, family)
     if module is None:
-        return missing.format(family=rule.family)
+        kind = "PyTorch path" if not backend.triton else "Triton kernels"
+        return f"the {kind} of the {family} family are not built yet"
     return module.problem(rule)
 
 
-def _torch_chunk_problem(rule):
-    return _chunk_problem(rule, "torch_chunk",
-                          "the chunkwise PyTorch path for the {family} family is not built yet")
-
-
-def _triton_chunk_problem(rule):
-    return _chunk_problem(rule, "chunk",
-                          "the chunkwise Triton kernels for the {family} family are not built yet")
-
-
-def _torch_chunk(rule, call):
-    return _family_module(rule, "torch_chunk").run(rule, call)
-
-
-def _triton_chunk(rule, call):
-    return _family_module(rule, "chunk").run(rule, call)
-
-
-_RUNNERS = {
-    "naive": lambda rule, call: run_naive(rule.ir, call),
-    "recurrent": _recurrent,
-    "torch-chunk": _torch_chunk,
-    "chunk": _triton_chunk,
-}
-
-_PROBLEMS = {"torch-chunk": _torch_chunk_problem, "chunk": _triton_chunk_problem}
-
-
 def refusals(rule) -> dict:
-    """Every backend name -> why it cannot run ``rule`` (None: it can). About the rule only:
-    where a backend can run (CUDA, or the Triton interpreter) is ``available``'s concern."""
-    return {name: (_PROBLEMS[name](rule) if name in _PROBLEMS else None) for name in NAMES}
+    """Every backend name -> why it cannot run ``rule`` (None: it can)."""
+    return {name: problem(rule, name) for name in NAMES}
 
 
 def _triton_usable(device) -> bool:
@@ -84,39 +97,81 @@ def _triton_usable(device) -> bool:
     return triton_usable(device)
 
 
-def available(rule, device=None) -> list:
-    """The backends that can run ``rule`` on ``device`` (default: CPU) here, naive last."""
-    device = torch.device(device or "cpu")
-    names = []
-    chunk = _triton_usable(device) and _triton_chunk_problem(rule) is None
-    if chunk and device.type == "cuda":
-        names.append("chunk")
-    if _torch_chunk_problem(rule) is None:
-        names.append("torch-chunk")
-    if chunk and device.type != "cuda":
-        names.append("chunk")
-    if _triton_usable(device):
-        names.append("recurrent")
-    names.append("naive")
+def _prefer_scan(rule, dim_sizes=None) -> bool:
+    """Where a rule has both a chunkwise form and an elementwise scan, which is faster: the
+    scan materialises every token's state, the chunk form only one state per chunk, so the
+    chunk form wins once both axes of the matrix states are wide (benchmarks/bench_scan.py
+    measures the crossover: a [D, 1] state scans faster, a 16 x 16 one runs chunkwise)."""
+    for var in rule.ir.states:
+        if var.rank < 2:
+            return True
+        if dim_sizes is not None and min(dim_sizes[d] for d in var.dims) < SCAN_BELOW:
+            return True
+    return False
+
+
+# the narrower axis of a matrix state below which the scan beats the chunk form (measured)
+SCAN_BELOW = 8
+
+
+def _order(rule, names, dim_sizes=None):
+    """``names`` with the scan before the chunk form where it is faster."""
+    names = list(names)
+    if _prefer_scan(rule, dim_sizes):
+        for chunk, scan in (("chunk", "scan"), ("torch-chunk", "torch-scan")):
+            if chunk in names and scan in names:
+                names.remove(scan)
+                names.insert(names.index(chunk), scan)
     return names
 
 
-def _auto(rule, device) -> str:
-    # On a GPU the Triton kernels (chunkwise where the rule has that form); on the CPU the
-    # PyTorch paths (interpreted Triton is for tests).
+def available(rule, device=None, dim_sizes=None) -> list:
+    """The backends that would run ``rule`` on ``device`` (default: CPU), best first, naive
+    last. For "cuda" the list is the same on a machine without a GPU: the Triton paths first.
+    On the CPU the PyTorch paths come first; the Triton ones are listed only under the
+    interpreter (TRITON_INTERPRET=1), where they run, slowly, for testing."""
+    device = torch.device(device or "cpu")
+    ok = {name for name in NAMES if problem(rule, name) is None}
     if device.type == "cuda":
-        return "chunk" if _triton_chunk_problem(rule) is None else "recurrent"
-    return "torch-chunk" if _torch_chunk_problem(rule) is None else "naive"
+        order = ["chunk", "scan", "recurrent", "torch-chunk", "torch-scan"]
+    else:
+        order = ["torch-chunk", "torch-scan"]
+        if _triton_usable(device):
+            order += ["chunk", "scan", "recurrent"]
+    names = [n for n in _order(rule, order, dim_sizes) if n in ok]
+    return names + ["naive"]
+
+
+def _auto(rule, call) -> str:
+    # the best backend for the call's device and dims; interpreted Triton (CPU) is for tests
+    if call.device.type == "cuda":
+        return available(rule, "cuda", call.dim_sizes)[0]
+    names = available(rule, call.device, call.dim_sizes)
+    return next(n for n in names if not _BY_NAME[n].triton)
+
+
+_RUNNERS = {
+    "naive": lambda rule, call: run_naive(rule.ir, call),
+}
+
+
+def _runner(rule, name):
+    if name in _RUNNERS:
+        return _RUNNERS[name]
+    if name == "recurrent":
+        from .recurrent import run_recurrent  # imports Triton only when used
+        return run_recurrent
+    backend = _BY_NAME[name]
+    return _module(backend, _family_of(rule, backend)).run
 
 
 def resolve(rule, backend: str, call):
     if backend == "auto":
-        return _RUNNERS[_auto(rule, call.device)]
+        return _runner(rule, _auto(rule, call))
     if backend not in NAMES:
         raise BackendError(f"unknown backend '{backend}'; choose one of: auto, " + ", ".join(NAMES))
-    if backend in _PROBLEMS:
-        problem = _PROBLEMS[backend](rule)
-        if problem is not None:
-            raise BackendError(f"backend '{backend}' is not available for rule '{rule.name}': "
-                               f"{problem}; use backend='naive' or 'auto'")
-    return _RUNNERS[backend]
+    reason = problem(rule, backend)
+    if reason is not None:
+        raise BackendError(f"backend '{backend}' is not available for rule '{rule.name}': "
+                           f"{reason}; use backend='naive' or 'auto'")
+    return _runner(rule, backend)

@@ -20,7 +20,8 @@ class Rule:
         self.ir = checked
         self.name = checked.name
         family = classify(checked)
-        self.family = family.name  # "delta", "diagonal" or "recurrent"
+        self.family_info = family  # every planner's verdict (recdsl.ir.family.Family)
+        self.family = family.name  # "delta", "diagonal", "scan" or "recurrent"
         # what was recognised, or why the rule has no chunkwise form (with file:line:col)
         self.family_reason = (family.reason if family.pos is None
                               else f"{family.reason} ({family.where(checked.filename)})")
@@ -51,9 +52,10 @@ class Rule:
     def consts(self):
         return dict(self.ir.consts)
 
-    def backends(self) -> list:
-        """The backends that can run this rule here, best first."""
-        return backends.available(self)
+    def backends(self, device=None) -> list:
+        """The backends that would run this rule on ``device`` ("cpu", the default, or
+        "cuda"), best first, naive last; "cuda" is answered on any machine."""
+        return backends.available(self, device)
 
     def bind(self, *inputs, initial_state=None, cu_seqlens=None, **named) -> BoundCall:
         return BoundCall(self.ir, inputs, named, initial_state, cu_seqlens)

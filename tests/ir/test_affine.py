@@ -226,7 +226,7 @@ def test_rank_one_with_a_minus_sign_written_as_plus():
     ("S = exp(sum(n)) * S + outer(k, v)", "gate", "the gate exp(sum(n)) depends on state n", 5),
     ("S = S + outer(n, v)", "write", "the write outer(n, v) depends on state n", 9),
     ("S = S + outer(k, v) / sum(n)", "nonlinear", "division by sum(n), which depends on state n", 23),
-    ("S = G * S + outer(k, v)", "unrecognised", "G * S is not a recognised factor of the update of S", 5),
+    ("S = G @ S + outer(k, v)", "unrecognised", "G @ S is not a recognised factor of the update of S", 5),
 ])
 def test_terms_that_cannot_be_placed(update, kind, message, column):
     a = rule("rule bad\ndims K\nstate S[K, K], n[K]\ninput q[K], k[K], v[K], G[K, K]\n"
@@ -275,13 +275,91 @@ def test_vector_and_scalar_states():
     assert (t.read.state, t.read.side, text(t.read.vector)) == ("n", "dot", "q")
 
 
-def test_a_sum_of_a_row_decay_and_an_erase_is_not_a_product():
+def test_a_sum_of_a_row_decay_and_an_erase_is_one_dplr_factor():
     n = rule("rule vs\ndims K\nstate n[K]\ninput q[K], k[K], gk[K], beta\n"
              "n = diag(gk) @ n - beta * dot(k, n) * k\noutput o = dot(q, n)\n").states["n"]
-    assert n.problem.kind == "unrecognised"
-    assert n.problem.message == ("diag(gk) @ n is added to other terms in n: a sum that is not a "
-                                 "product of recognised factors")
-    assert (n.problem.line, n.problem.column) == (5, 5)
+    assert n.affine
+    [f] = n.factors
+    assert (f.kind, f.side, f.coef.text(), text(f.vec), text(f.key)) == (
+        "rank_one", "left", "beta", "k", "k")
+    assert (f.diag.kind, text(f.diag.decay)) == ("rows", "gk")
+
+
+# ---------------------------------------------------------------- the normal form (wave 2)
+
+def _only(text_):
+    a = rule(text_)
+    [sa] = a.states.values()
+    assert sa.affine, sa.problem
+    return sa
+
+
+def test_mingru_sum_is_one_elementwise_decay():
+    h = _only("rule mingru\ndims D\nstate h[D]\ninput zl[D], hh[D]\nlet z = sigmoid(zl)\n"
+              "h = (1 - z) * h + z * hh\noutput y = h\n")
+    [f] = h.factors
+    assert (f.kind, text(f.decay)) == ("rows", "1 - z")
+    [w] = h.writes
+    assert w.kind == "vector" and text(w.node) == "z * hh"
+
+
+@pytest.mark.parametrize("update", ["h = h - z * h + z * hh", "h = h + z * (hh - h)",
+                                    "h = z * hh + (1 - z) * h"])
+def test_the_same_decay_however_it_is_spelled(update):
+    h = _only(f"rule g\ndims D\nstate h[D]\ninput z[D], hh[D]\n{update}\noutput y = h\n")
+    [f] = h.factors
+    assert (f.kind, text(f.decay)) == ("rows", "1 - z")
+
+
+def test_mamba1_per_entry_decay():
+    S = _only("rule mamba1\ndims D, N\nstate S[D, N]\ninput x[D], dt[D], Bm[N], Cm[N]\n"
+              "param A_log[D, N]\nlet delta = softplus(dt)\n"
+              "S = exp(-(diag(delta) @ exp(A_log))) * S + outer(delta * x, Bm)\n"
+              "output y = S @ Cm\n")
+    [f] = S.factors
+    assert (f.kind, text(f.decay)) == ("entries", "exp(-(diag(delta) @ exp(A_log)))")
+    [w] = S.writes
+    assert (w.kind, text(w.left), text(w.right)) == ("outer", "delta * x", "Bm")
+
+
+def test_rwkv7_own_orientation_is_a_right_rank_one_factor():
+    S = _only("rule rwkv7\ndims V, K\nstate S[V, K]\ninput r[K], w[K], kk[K], a[K], k[K], v[V]\n"
+              "S = S @ diag(exp(w))\nS = S - outer(S @ kk, kk * a)\nS = S + outer(v, k)\n"
+              "output o = S @ r\n")
+    kinds_ = [f.kind for f in S.factors]
+    assert kinds_ == ["cols", "rank_one"]
+    f = S.factors[1]
+    assert (f.side, f.coef.text(), text(f.vec), text(f.key)) == ("right", "1", "kk * a", "kk")
+
+
+def test_dplr_sum_of_a_row_decay_and_a_rank_one_term():
+    S = _only("rule dplr\ndims K, V\nstate S[K, V]\ninput q[K], gk[K], a[K], b[K], k[K], v[V]\n"
+              "S = diag(exp(gk)) @ S + outer(b, a @ S) + outer(k, v)\noutput o = q @ S\n")
+    [f] = S.factors
+    assert (f.kind, f.coef.text(), text(f.vec), text(f.key)) == ("rank_one", "-1", "b", "a")
+    assert (f.diag.kind, text(f.diag.decay)) == ("rows", "exp(gk)")
+
+
+def test_kla_author_form_keeps_the_sum_without_dividing_by_alpha():
+    S = _only("rule kla2\ndims K, V\nstate S[K, V]\ninput q[K], k[K], v[V], alpha, beta\n"
+              "S = alpha * S + beta * outer(k, v - k @ S)\noutput o = q @ S\n")
+    [f] = S.factors
+    assert (f.kind, f.coef.text(), text(f.key)) == ("rank_one", "beta", "k")
+    assert (f.diag.kind, f.diag.coef.text()) == ("scalar", "alpha")
+    assert not any(c.divisors for c in [f.coef, f.diag.coef])
+
+
+def test_a_factored_decay_still_gives_a_product():
+    S = _only("rule gd\ndims K, V\nstate S[K, V]\ninput q[K], k[K], v[V], g, beta\n"
+              "S = exp(g) * (S - beta * outer(k, k @ S)) + beta * outer(k, v)\noutput o = q @ S\n")
+    assert [f.kind for f in S.factors] == ["scalar", "rank_one"]
+    assert S.factors[1].diag is None and S.factors[1].coef.text() == "beta"
+
+
+def test_a_rank_one_term_without_the_state_is_refused_at_its_column():
+    n = rule("rule r1\ndims K\nstate n[K]\ninput q[K], k[K], beta\n"
+             "n = beta * dot(k, n) * k\noutput o = dot(q, n)\n").states["n"]
+    assert n.problem.kind == "unrecognised" and (n.problem.line, n.problem.column) == (5, 5)
 
 
 def test_coef_algebra():

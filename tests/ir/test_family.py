@@ -115,9 +115,13 @@ def test_gated_delta_with_the_mamba_gate_and_beta_inside_the_outer_is_delta():
 def test_recurrent_rules_with_reason_and_position(body, reason, line, column):
     f = family("rule r\n" + HEAD + "input q[K], k[K], w[K], v[V], gk[K], gv[V], W[K, V], beta\n"
                f"{body}\noutput o = q @ S\n")
-    assert f.name == "recurrent"
-    assert f.reason == reason
-    assert (f.pos.line, f.pos.column) == (line, column)
+    # no chunkwise form; an elementwise transition still has the scan
+    chunk = f.verdicts["delta" if "erase" in reason else "diagonal"]
+    assert f.name == ("scan" if "W" in body else "recurrent")
+    assert not chunk.accepted and chunk.reason == reason
+    assert (chunk.pos.line, chunk.pos.column) == (line, column)
+    if f.name == "recurrent":
+        assert (f.reason, f.pos) == (chunk.reason, chunk.pos)
 
 
 def test_a_product_of_two_states_is_recurrent():
@@ -136,13 +140,14 @@ def test_a_gate_depending_on_a_state_is_recurrent():
     assert (f.pos.line, f.pos.column) == (6, 5)
 
 
-def test_a_read_before_the_update_is_recurrent():
+def test_a_read_before_the_update_has_the_scan_not_the_chunk_form():
     f = family("rule e\n" + HEAD + "input q[K], k[K], v[V]\nlet r = q @ S\nS = S + outer(k, v)\n"
                "output o = r\n")
-    assert f.name == "recurrent"
-    assert f.reason == ("o reads S before its update on line 6; the chunkwise forms read the "
-                        "state after the token's updates")
-    assert (f.pos.line, f.pos.column) == (5, 9)
+    assert f.name == "scan"
+    chunk = f.verdicts["diagonal"]
+    assert chunk.reason == ("o reads S before its update on line 6; the chunkwise forms read the "
+                            "state after the token's updates")
+    assert (chunk.pos.line, chunk.pos.column) == (5, 9)
 
 
 def test_a_write_fed_by_a_read_of_the_state_is_recurrent():
@@ -155,21 +160,23 @@ def test_a_write_fed_by_a_read_of_the_state_is_recurrent():
     assert (f.pos.line, f.pos.column) == (6, 11)
 
 
-def test_an_output_that_is_not_a_linear_read_is_recurrent():
+def test_an_output_that_is_not_a_linear_read_has_the_scan_not_the_chunk_form():
     f = family("rule t\n" + HEAD + "input q[K], k[K], v[V]\nS = S + outer(k, v)\n"
                "output o = tanh(q @ S)\n")
-    assert f.name == "recurrent"
-    assert f.reason == ("tanh(q @ S) is not a linear read of a state: an output must be a linear "
-                        "read of the states")
-    assert (f.pos.line, f.pos.column) == (6, 12)
+    assert f.name == "scan"
+    chunk = f.verdicts["diagonal"]
+    assert chunk.reason == ("tanh(q @ S) is not a linear read of a state: an output must be a "
+                            "linear read of the states")
+    assert (chunk.pos.line, chunk.pos.column) == (6, 12)
 
 
-def test_vector_states_and_mixed_forms_are_recurrent():
+def test_vector_states_scan_and_mixed_forms_are_recurrent():
     f = family("rule v\ndims K\nstate n[K]\ninput q[K], k[K], g\nn = exp(g) * n + k\n"
                "output o = dot(q, n)\n")
-    assert f.name == "recurrent"
-    assert f.reason == "state n is a vector; the chunkwise forms take matrix states"
-    assert (f.pos.line, f.pos.column) == (3, 7)
+    assert f.name == "scan"
+    chunk = f.verdicts["diagonal"]
+    assert chunk.reason == "state n is a vector; the chunkwise forms take matrix states"
+    assert (chunk.pos.line, chunk.pos.column) == (3, 7)
     f = family("rule mix\ndims K, V\nstate S[K, V], T[K, V]\ninput q[K], k[K], v[V], beta\n"
                "S = S - beta * outer(k, k @ S) + beta * outer(k, v)\nT = T + outer(k, v)\n"
                "output o = q @ S + q @ T\n")

@@ -261,11 +261,10 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 
 
 def test_auto_picks_chunk_on_cuda_when_the_rule_has_the_form():
-    cuda = torch.device("cuda")
-    assert backends._auto(_load("gated_delta"), cuda) == "chunk"
-    assert backends._auto(recdsl.compile(PER_CHANNEL), cuda) == "recurrent"
-    assert backends._auto(_load("mlstm"), cuda) == "recurrent"
-    assert backends.available(_load("kla"), cuda)[0] == "chunk"
+    assert _load("gated_delta").backends("cuda")[0] == "chunk"
+    assert recdsl.compile(PER_CHANNEL).backends("cuda")[0] == "recurrent"
+    assert _load("mlstm").backends("cuda")[0] == "recurrent"
+    assert backends.available(_load("kla"), "cuda")[0] == "chunk"
 
 
 # ---------------------------------------------------------------- the prologue's math
