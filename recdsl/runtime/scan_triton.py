@@ -65,12 +65,14 @@ def _state_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch(kernel, args, sequences: int, channels: int, device):
-    block, warps = _kernels().launch_config(sequences, channels)
+def _launch(kernels: tuple, args, sequences: int, channels: int, device):
+    """Run (one-token kernel, chunked kernel)[chosen] over every (sequence, channel block)."""
+    block, warps, tokens = _kernels().launch_config(sequences, channels)
     grid = (sequences * -(-channels // block),)
+    extra = {} if tokens == 1 else {"BLOCK_T": tokens}
     # Triton launches on the current CUDA device: make it the tensors' one
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        kernel[grid](*args, BLOCK_C=block, num_warps=warps)
+        kernels[tokens > 1][grid](*args, BLOCK_C=block, num_warps=warps, **extra)
 
 
 class _LinearScan(torch.autograd.Function):
@@ -80,7 +82,8 @@ class _LinearScan(torch.autograd.Function):
         a, b, h0 = a.contiguous(), b.contiguous(), h0.contiguous()
         h = torch.empty((N, T, C), dtype=_state_dtype(a.dtype), device=a.device)
         if h.numel():
-            _launch(_kernels().linear_scan_fwd, (a, b, h0, h, T, C), N, C, a.device)
+            k = _kernels()
+            _launch((k.linear_scan_fwd, k.linear_scan_fwd_chunked), (a, b, h0, h, T, C), N, C, a.device)
         ctx.save_for_backward(a, h0, h)
         return h
 
@@ -93,7 +96,9 @@ class _LinearScan(torch.autograd.Function):
             dh0.zero_()
         elif h.numel():
             dh = dh.to(h.dtype).contiguous()  # e.g. an expanded gradient of h.sum()
-            _launch(_kernels().linear_scan_bwd, (a, h0, h, dh, da, db, dh0, T, C), N, C, a.device)
+            k = _kernels()
+            _launch((k.linear_scan_bwd, k.linear_scan_bwd_chunked), (a, h0, h, dh, da, db, dh0, T, C),
+                    N, C, a.device)
         needs = ctx.needs_input_grad
         return (da if needs[0] else None, db if needs[1] else None, dh0 if needs[2] else None)
 

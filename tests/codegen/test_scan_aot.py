@@ -15,12 +15,14 @@ def test_aot_module_lists_forward_and_backward_per_block():
     assert [(k.name, k.constexprs["BLOCK_C"], k.num_warps) for k in module.kernels] == [
         ("linear_scan_fwd", 512, 4), ("linear_scan_bwd", 512, 4),
         ("linear_scan_fwd", 256, 2), ("linear_scan_bwd", 256, 2),
-        ("linear_scan_fwd", 128, 1), ("linear_scan_bwd", 128, 1)]
+        ("linear_scan_fwd", 128, 1), ("linear_scan_bwd", 128, 1),
+        ("linear_scan_fwd_chunked", 128, 8), ("linear_scan_bwd_chunked", 128, 8)]
+    assert module.kernels[-1].constexprs == {"BLOCK_C": 128, "BLOCK_T": scan_kernels.CHUNK_TOKENS}
     assert module.kernels[1].arg_types == {
         "a_ptr": aot.DATA, "h0_ptr": aot.DATA, "h_ptr": "*fp32", "dh_ptr": "*fp32", "da_ptr": aot.DATA,
         "db_ptr": aot.DATA, "dh0_ptr": aot.DATA, "T": "i32", "C": "i32"}
     # few channels: one block, no wider than it needs
-    assert [k.constexprs["BLOCK_C"] for k in scan_kernels.aot_module(40).kernels] == [128, 128]
+    assert [k.constexprs["BLOCK_C"] for k in scan_kernels.aot_module(40).kernels] == [128] * 4
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
@@ -30,10 +32,13 @@ def test_scan_kernels_build_without_spills(arch, dtype):
     builds = aot.build_module(scan_kernels.aot_module(300), aot.ARCHS[arch], dtype)
     assert [(b.kernel, b.num_warps) for b in builds] == [
         ("linear_scan_fwd", 4), ("linear_scan_bwd", 4), ("linear_scan_fwd", 2),
-        ("linear_scan_bwd", 2), ("linear_scan_fwd", 1), ("linear_scan_bwd", 1)]
+        ("linear_scan_bwd", 2), ("linear_scan_fwd", 1), ("linear_scan_bwd", 1),
+        ("linear_scan_fwd_chunked", 8), ("linear_scan_bwd_chunked", 8)]
     for b in builds:
         assert b.source_of_figures == "ptxas log"
-        assert 0 < b.registers <= 128, b  # a one-vector loop: far below the 255 cap
         assert (b.spill_stores, b.spill_loads, b.stack) == (0, 0, 0), b
-        assert b.shared == 0, b  # no shared memory: no reductions or layout changes
+        if b.kernel.endswith("_chunked"):  # tiles, and a scan across warps in shared memory
+            assert 0 < b.registers <= 200 and b.shared <= 32 * 1024, b
+        else:  # a one-vector loop: far below the 255 cap, no shared memory
+            assert 0 < b.registers <= 64 and b.shared == 0, b
     assert aot.problems(builds, aot.ARCHS[arch]) == []

@@ -4,7 +4,9 @@ float64: every state, and the gradients of a, b and h0 with a random upstream gr
 
 Multipliers mix exact zeros (a state reset), exact ones (no decay), values in (0, 1) and a
 few negative ones. Shapes are small (interpreted Triton is slow); channel counts are not
-powers of two, so the last channel block is masked."""
+powers of two, so the last channel block is masked. Tests run the one-token kernels unless
+they say otherwise: the chunked ones are much slower interpreted (tl.associative_scan runs
+element by element), so they get a few small shapes, 8 tokens a step."""
 import os
 
 import pytest
@@ -13,6 +15,11 @@ import torch
 from recdsl.codegen import scan_kernels
 from recdsl.errors import BackendError
 from recdsl.runtime.scan_triton import linear_scan
+
+
+@pytest.fixture(autouse=True)
+def one_token_kernels(monkeypatch):
+    monkeypatch.setattr(scan_kernels, "CHUNK_TOKENS", 1)
 
 
 def reference(a, b, h0):
@@ -69,19 +76,42 @@ def test_wide_blocks(monkeypatch):
     """With many programs asked for, a launch takes 512 channels a program (4 warps); 600
     channels are then one full block and one masked one."""
     monkeypatch.setattr(scan_kernels, "TARGET_PROGRAMS", 1)
-    assert scan_kernels.launch_config(2, 600) == (512, 4)
+    assert scan_kernels.launch_config(2, 600) == (512, 4, 1)
     got, want = run_both(*make_inputs(2, 9, 600, seed=5), torch.float32)
     for name, x, y in zip(NAMES, got, want):
         torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
 
 
-def test_launch_config():
+@pytest.mark.parametrize("N, T, C", [(1, 1, 40), (3, 37, 40), (1, 17, 300), (2, 16, 40)])
+def test_chunked_fp32_matches_the_loop(monkeypatch, N, T, C):
+    """8 tokens a step: one partial tile, several tiles with and without a partial last one."""
+    monkeypatch.setattr(scan_kernels, "CHUNK_TOKENS", 8)
+    assert scan_kernels.launch_config(N, C)[2] == 8
+    got, want = run_both(*make_inputs(N, T, C, seed=T + C + N + 1), torch.float32)
+    for name, x, y in zip(NAMES, got, want):
+        assert x.dtype == torch.float32 and x.shape == y.shape, name
+        torch.testing.assert_close(x.double(), y, rtol=1e-5, atol=2e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_chunked_float64(monkeypatch):
+    monkeypatch.setattr(scan_kernels, "CHUNK_TOKENS", 8)
+    got, want = run_both(*make_inputs(2, 19, 40, seed=9), torch.float64)
+    for name, x, y in zip(NAMES, got, want):
+        assert x.dtype == torch.float64, name
+        torch.testing.assert_close(x, y, rtol=1e-13, atol=1e-13, msg=lambda m: f"{name}: {m}")
+
+
+def test_launch_config(monkeypatch):
+    monkeypatch.setattr(scan_kernels, "CHUNK_TOKENS", 16)  # the default
     assert scan_kernels.block_choices(40) == [128]
     assert scan_kernels.block_choices(300) == [512, 256, 128]
-    assert scan_kernels.launch_config(3, 40) == (128, 1)
-    assert scan_kernels.launch_config(3, 300) == (128, 1)  # too few programs for wider blocks
-    assert scan_kernels.launch_config(64, 8192) == (512, 4)  # 1024 programs
-    assert scan_kernels.launch_config(16, 8192) == (256, 2)  # 256 programs at 512: short of 264
+    assert scan_kernels.launch_config(64, 8192) == (512, 4, 1)  # 1024 programs
+    assert scan_kernels.launch_config(16, 8192) == (256, 2, 1)  # 256 programs at 512: short of 264
+    assert scan_kernels.launch_config(8, 8192) == (128, 1, 1)
+    # too few programs even at 128 channels: the chunked kernels
+    assert scan_kernels.launch_config(3, 300) == (128, 8, 16)
+    monkeypatch.setattr(scan_kernels, "CHUNK_TOKENS", 1)
+    assert scan_kernels.launch_config(3, 300) == (128, 1, 1)
 
 
 def test_float64_computes_in_float64():
