@@ -41,14 +41,16 @@ def problem(rule) -> Optional[str]:
     return None
 
 
-def run(rule, call):
-    """Outputs ``[B, T, H, *shape]`` and final states ``[N, H, *dims]`` (compute dtype)."""
-    return _Run(rule, call).outputs_and_states()
+def run(rule, call, scan=linear_scan):
+    """Outputs ``[B, T, H, *shape]`` and final states ``[N, H, *dims]`` (compute dtype).
+    ``scan(a, b, h0)`` is the linear scan (``scan_core.linear_scan``'s contract): the
+    Triton backend "scan" passes its kernels'."""
+    return _Run(rule, call, scan).outputs_and_states()
 
 
 class _Run:
-    def __init__(self, rule, call):
-        self.rule, self.call = rule, call
+    def __init__(self, rule, call, scan):
+        self.rule, self.call, self.scan = rule, call, scan
         self.values = Tokenwise(rule.ir, call)
         self.dtype = call.compute_dtype
         B, T, H = call.batch, call.time, call.heads
@@ -132,11 +134,11 @@ class _Run:
         a, b = self.transition(sa)
         h0 = self.call.initial_state(sa.name).to(self.dtype)
         if not self.call.packed:
-            return linear_scan(a, b, h0), h0
+            return self.scan(a, b, h0), h0
         rank = sa.var.rank
         keep = self.keep.reshape((1, -1) + (1,) * (1 + rank))
         b = b + a * self._at_starts(h0)
-        return linear_scan(a * keep, b, torch.zeros_like(b[:, 0])), h0
+        return self.scan(a * keep, b, torch.zeros_like(b[:, 0])), h0
 
     def _at_starts(self, h0):
         """``[1, T, H, *dims]``: each sequence's initial state at its first token, 0 elsewhere."""
