@@ -161,6 +161,35 @@ def test_gates_at_zero_and_very_negative():
     _compare(rule, tensors)
 
 
+# decays of exp(-exp(lam)) per token: exp(-20) and exp(-12) at lam = 3 and 2.5, per head
+# (scalar) or per channel of either axis
+STRONG_PARAM_DECAYS = {"scalar": "S = exp(-exp(lam)) * S + outer(k, v)",
+                       "key axis": "S = diag(exp(-exp(lam))) @ S + outer(k, v)",
+                       "value axis": "S = S @ diag(exp(-exp(lam))) + outer(k, v)"}
+
+
+@pytest.mark.parametrize("kind, T", [("scalar", 2), ("scalar", 22), ("key axis", 9),
+                                     ("value axis", 9)])
+def test_param_decay_gradient_at_very_strong_decays(kind, T):
+    """The gradient of a decay param sums every token's decay gradient, whose forward sums
+    over the keys before a token are dominated by 1e9 by the keys nearest the chunk's end:
+    formed as an inclusive sum less the token's own term, they were lost to its rounding
+    (dlam 2e-3 to 1e-1 off, relatively)."""
+    dims = {"scalar": "", "key axis": "[K]", "value axis": "[V]"}[kind]
+    rule = recdsl.compile(f"""rule strong_decay
+dims K, V
+state S[K, V]
+input q[K], k[K], v[V]
+param lam{dims}
+{STRONG_PARAM_DECAYS[kind]}
+output o = K ** -0.5 * (q @ S)
+""")
+    tensors, states = _inputs(rule, T, initial=True)
+    lam = torch.tensor([3.0, 2.5], dtype=torch.float64)
+    tensors["lam"] = lam.view(2, 1).expand_as(tensors["lam"]).clone() if dims else lam
+    _compare(rule, tensors, states)
+
+
 # ------------------------------------------------------------------ lowering and errors
 
 
