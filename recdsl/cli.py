@@ -171,8 +171,10 @@ def _show(args) -> int:
     if args.grad:
         sizes = sample.dim_sizes(rule, merged(args.dims))
         grad = step_source(rule.ir, sizes, grad=True).source
+    order = {"the CPU": backends.available(rule, "cpu"),
+             "a GPU": backends.available(rule, "cuda")}
     print(render(rule.ir, grad_code=grad, family=classify(rule.ir, rule.analysis),
-                 backends=backends.refusals(rule)))
+                 backends=backends.refusals(rule), order=order))
     return 0
 
 

@@ -235,17 +235,26 @@ def test_show_lists_the_backends_and_why_the_chunk_paths_refuse_a_rule(tmp_path,
     path.write_text(PER_CHANNEL_DECAY_DELTA)
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
-    assert out.split("backends:\n", 1)[1].rstrip("\n").splitlines() == [
+    lines = out.split("backends:\n", 1)[1].rstrip("\n").splitlines()
+    scan_no = (f"no: rule 'gk_delta' has no elementwise scan form: beta * outer(k, k @ S) is a "
+               f"rank-one factor of S: its transition is not elementwise, so no elementwise scan "
+               f"({path}:6:9)")
+    assert lines == [
         "  chunk        no: the per-channel decay diag(exp(gk)) @ S before the erase is not supported "
         "chunkwise (use the recurrent backend)",
+        f"  scan         {scan_no}",
         "  torch-chunk  no: the per-channel decay diag(exp(gk)) @ S before the erase (line 5) has no "
         "numerically stable chunkwise form here; backend='recurrent' runs it",
+        f"  torch-scan   {scan_no}",
         "  recurrent    yes",
         "  naive        yes",
+        "  on the CPU, best first: recurrent, naive",  # interpreted Triton (conftest)
+        "  on a GPU, best first: recurrent, naive",
     ]
     assert main(["show", str(ROOT / "examples" / "gla.rec")]) == 0
-    assert capsys.readouterr().out.split("backends:\n", 1)[1].split() == [
-        "chunk", "yes", "torch-chunk", "yes", "recurrent", "yes", "naive", "yes"]
+    assert capsys.readouterr().out.split("backends:\n", 1)[1].split()[:12] == [
+        "chunk", "yes", "scan", "yes", "torch-chunk", "yes", "torch-scan", "yes", "recurrent",
+        "yes", "naive", "yes"]
 
 
 def test_show_grad_prints_runnable_derivative_code(capsys):

@@ -171,15 +171,35 @@ def _factor_texts(factors, m: _Math):
     for f in factors:
         if f.kind == "scalar":
             scalars.append(f.decay)
-        elif f.kind == "rows":
-            left.append(f"diag({m(f.decay)})")
-        elif f.kind == "cols":
-            right.append(f"diag({m(f.decay)})")
+        elif f.kind in ("rows", "cols", "entries"):
+            (right if f.kind == "cols" else left).append(_elementwise_text(f, m))
         elif f.kind == "rank_one":
             coef, sign = (f.coef, "-") if f.coef.sign == 1 else (f.coef.negate(), "+")
             b = coef.scaled(f.vec)
-            left.append(f"(I {sign} {m.wrap(b, _PRODUCT)} {m.transposed(f.key)})")
+            diag = "I" if f.diag is None else (
+                f"{m.wrap(f.diag.decay, _PRODUCT)} I" if f.diag.kind == "scalar"
+                else _elementwise_text(f.diag, m).rstrip(" ⊙"))
+            if f.side == "right":
+                right.append(f"({diag} {sign} {m.wrap(f.key, _PRODUCT)} {m.transposed(b)})")
+            else:
+                left.append(f"({diag} {sign} {m.wrap(b, _PRODUCT)} {m.transposed(f.key)})")
     return scalars, left, right
+
+
+def _elementwise_text(f, m: _Math) -> str:
+    """A row or column decay as diag(x), a per-entry one as ``D ⊙``."""
+    if f.decay is not None:
+        text = m(f.decay)
+    else:  # a sum of row and column decays: no single expression
+        terms = []
+        for coef, ops in f.parts:
+            body = " ".join(f"diag({m(x)})" if k != "entries" else m.wrap(x, _PRODUCT)
+                            for k, x in ops)
+            terms.append(body if coef.is_one else f"{m.wrap(coef.expr(), _PRODUCT)} {body}".strip())
+        return f"({' + '.join(terms)}) ⊙"
+    if f.kind == "entries":
+        return f"{m.wrap(f.decay, _POWER)} ⊙"
+    return f"diag({text})"
 
 
 def _scalar_text(scalars, m: _Math) -> list:
@@ -293,9 +313,11 @@ def _caret(rule: CheckedRule, pos: ast.Pos) -> list:
 
 
 def render(checked: CheckedRule, grad_code: Optional[str] = None,
-           family: Optional[Family] = None, backends: Optional[dict] = None) -> str:
+           family: Optional[Family] = None, backends: Optional[dict] = None,
+           order: Optional[dict] = None) -> str:
     """What ``recdsl show`` prints for a checked rule; ``backends`` (name -> the reason it
-    refuses the rule, or None) and ``grad_code`` are appended under headings when given."""
+    refuses the rule, or None), ``order`` (device -> the backends that run there, best
+    first) and ``grad_code`` are appended under headings when given."""
     analysis: Analysis = family.analysis if family and family.analysis else analyse(checked)
     family = family or classify(checked, analysis)
     p = _Printer(checked)
@@ -306,6 +328,13 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
             out += _caret(checked, family.pos)
     else:
         out.append(f"  {family.reason}")
+    if family.verdicts:
+        out += ["", "families (asked in order):"]
+        width = max(map(len, family.verdicts))
+        for name, v in family.verdicts.items():
+            verdict = "yes" if v.accepted else f"no: {v.reason}" + (
+                f" ({v.where(checked.filename)})" if v.pos else "")
+            out.append(f"  {name:<{width}}  {verdict}")
 
     read_lets = {rv.name for rv in analysis.reads if rv.kind == "let"}
     lets = []
@@ -346,6 +375,8 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
         width = max(map(len, backends))
         for name, reason in backends.items():
             out.append(f"  {name:<{width}}  " + ("yes" if reason is None else f"no: {reason}"))
+    for device, names in (order or {}).items():
+        out.append(f"  on {device}, best first: {', '.join(names)}")
 
     if grad_code is not None:
         out += ["", "derivatives:", grad_code.rstrip("\n")]
