@@ -26,7 +26,9 @@ CHUNK_BACKENDS = ("torch-chunk", "chunk")
 
 
 def _lowered(rule) -> Lowered:
-    cached = getattr(rule, "_read_lowering", None)
+    """The rule's lowering: the one classify found (``rule.family_info.lowered``, once hooked
+    in), else computed here once and kept on the rule."""
+    cached = getattr(rule.family_info, "lowered", None) or getattr(rule, "_read_lowering", None)
     if cached is None:
         cached = lower(rule.ir)
         rule._read_lowering = cached
