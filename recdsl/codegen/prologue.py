@@ -95,6 +95,10 @@ def _structure(rule):
         if f.kind in ("rows", "cols"):
             raise _Unsupported(f"the per-channel decay {_text(f.node)} before the erase is not "
                                f"supported chunkwise (use the recurrent backend)")
+        if f.kind == "rank_one" and f.diag is not None:
+            raise _Unsupported(f"{_text(f.node)} erases the undecayed {sa.name} beside a decay "
+                               f"(S <- (a I - b k kᵀ) S); the chunk kernel erases after the "
+                               f"decay (backend='torch-chunk' runs it)")
         if f.kind == "scalar" and f.coef is not None and f.coef.sign < 0:
             raise _Unsupported(f"the decay {_text(f.node)} is negative; the chunk kernel takes "
                                f"decays in log space")

@@ -180,10 +180,12 @@ def _form(sa: StateAnalysis) -> str:
             raise _Recurrent(f"{unparse(f.node)} is a rank-one factor on the right of {sa.name} "
                              f"({sa.name} (I - b kᵀ)): the chunkwise forms take erases on the "
                              f"left", ast.expr_span(f.node))
-        if f.kind == "rank_one" and f.diag is not None:
+        # (a I - b k kᵀ) S with a scalar a: the delta form's erase may read the undecayed
+        # state (no division by a); a per-channel or per-entry D beside the erase has no form
+        if f.kind == "rank_one" and f.diag is not None and f.diag.kind != "scalar":
             raise _Recurrent(f"{unparse(f.node)} erases the undecayed {sa.name} beside the decay "
-                             f"{_decay_text(f.diag)} (a sum, not a product): the delta form "
-                             f"decays, then erases", ast.expr_span(f.node))
+                             f"{_decay_text(f.diag)}, which is not a scalar: the delta form "
+                             f"takes a scalar decay beside an erase", ast.expr_span(f.node))
     erases = [f for f in sa.factors if f.kind == "rank_one"]
     if not erases:
         return "diagonal"

@@ -6,7 +6,16 @@ DeltaProduct's NH, 1 otherwise). Step ``h`` maps the state ``S`` (``K x V``) to
     S <- d_h (I - b_h k_h k_hᵀ) S + k_h u_hᵀ
 
 (``d_h`` a scalar decay given as its log ``g_h`` and, when a decay may be negative, its sign;
-``u_h`` the write, ``b_h v_h`` for the canonical rules). Token ``t`` is read after its last
+``u_h`` the write, ``b_h v_h`` for the canonical rules). More generally the erase may read the
+state scaled by its own ``r_h`` instead of ``d_h`` (``g_read``, the log of ``|r_h|``):
+
+    S <- d_h S - b_h k_h (r_h k_hᵀ S) + k_h u_hᵀ,
+
+``r_h = d_h`` being the form above and ``r_h = 1`` an erase of the undecayed state beside the
+decay, ``(d I - b k kᵀ) S`` (KLA as its author writes it). The erase's reads then use the
+cumulative log-decay up to step h - 1 plus ``log r_h`` where they used the one up to step h:
+``A_ij = b_i exp(γ_{i-1} + log r_i - γ_j) k_iᵀ k_j`` and ``W = T (diag(b) K ⊙ exp(γ_{i-1} +
+log r_i))``: a decay of 0 zeroes the later decays but never divides. Token ``t`` is read after its last
 step ``t*m + m - 1``. Inside a chunk, with ``Γ_ij`` the decay from after step j to after step
 i (``i >= j``), the state after step i is
 
@@ -134,7 +143,7 @@ def _parity_sign(counts):
 
 
 def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, neg=None,
-                out_left=None, out_right=None):
+                out_left=None, out_right=None, g_read=None, neg_read=None):
     """Run the recurrence over chunks.
 
     k: [nc, Z, L, K] keys; b: [nc, Z, L] erase strengths; u: [nc, Z, L, V] writes;
@@ -149,17 +158,21 @@ def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, ne
     out_left, out_right: optional destinations ``[nc, *Z, C, R, ..]`` (any strides, e.g. views
     of the outputs' final layout) that the forward-only path writes and returns instead of
     allocating; the gradient path ignores them.
+    g_read: None (the erase reads the decayed state, r = d) or [nc, Z, L] log |r_h|, the scale
+    of the state step h's erase reads (see the module); neg_read: None or [nc, Z, L], 1.0 where
+    r_h is negative.
     Returns (o_left [nc, Z, C, R, V] | None, o_right [nc, Z, C, R, K] | None, S_final [Z, K, V]).
     """
-    tensors = (b, g, S0, neg) + tuple(t for x in (k, u, q_left, q_right) if x is not None
+    tensors = (b, g, S0, neg, g_read, neg_read) + tuple(t for x in (k, u, q_left, q_right) if x is not None
                                        for t in (x if isinstance(x, Scaled) else (x,)))
     if not (torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)):
         with torch.no_grad():
             return _forward_only(k, b, u, g, S0, steps_per_token, q_left, q_right, neg,
-                                 out_left, out_right)
+                                 out_left, out_right, g_read, neg_read)
     nz = formed(k).dim() - 3
-    k, b, u, g, q_left, q_right, neg = (None if x is None else _flat_z(formed(x), nz)
-                                        for x in (k, b, u, g, q_left, q_right, neg))
+    k, b, u, g, q_left, q_right, neg, g_read, neg_read = (
+        None if x is None else _flat_z(formed(x), nz)
+        for x in (k, b, u, g, q_left, q_right, neg, g_read, neg_read))
     nc, Z, L, K = k.shape
     V = u.shape[-1]
     # chunks go through in groups whose L x L and L x (K + V) temporaries stay near 8 MB:
@@ -167,14 +180,17 @@ def chunk_delta(k, b, u, g, S0, steps_per_token=1, q_left=None, q_right=None, ne
     # page-faulted in) on every call, which cost more than the arithmetic at T = 16K
     group = max(1, GROUP_ELEMENTS // (Z * L * max(L, K + V)))
     if nc <= group:
-        return _chunk_group(k, b, u, g, S0, steps_per_token, q_left, q_right, neg)
+        return _chunk_group(k, b, u, g, S0, steps_per_token, q_left, q_right, neg, g_read,
+                            neg_read)
     # split, not slicing: one backward node per tensor instead of a full-size zero gradient
     # per group
     pieces = lambda x: (None,) * math.ceil(nc / group) if x is None else x.split(group)
     lefts, rights = [], []
     S = S0
-    for k_, b_, u_, g_, ql_, qr_, neg_ in zip(*map(pieces, (k, b, u, g, q_left, q_right, neg))):
-        o_left, o_right, S = _chunk_group(k_, b_, u_, g_, S, steps_per_token, ql_, qr_, neg_)
+    for k_, b_, u_, g_, ql_, qr_, neg_, gr_, nr_ in zip(
+            *map(pieces, (k, b, u, g, q_left, q_right, neg, g_read, neg_read))):
+        o_left, o_right, S = _chunk_group(k_, b_, u_, g_, S, steps_per_token, ql_, qr_, neg_,
+                                          gr_, nr_)
         lefts.append(o_left)
         rights.append(o_right)
     cat = lambda parts: None if parts[0] is None else torch.cat(parts)
@@ -186,7 +202,29 @@ def _flat_z(x, nz):
     return x.flatten(1, nz) if nz > 1 else x
 
 
-def _chunk_group(k, b, u, g, S0, steps_per_token, q_left, q_right, neg):
+def _erase_reads(cum, g_read, neg, neg_read):
+    """(log scale, negative count) of the state each step's erase reads, [.., L] float64:
+    ``γ_{i-1} + log |r_i|`` and the negative decays before step i plus r_i's own."""
+    prev = torch.nn.functional.pad(cum[..., :-1], (1, 0))
+    rc = prev + g_read.to(torch.float64).clamp(min=LOG_FLOOR)
+    if neg is None and neg_read is None:
+        return rc, None
+    count = 0.0
+    if neg is not None:
+        n64 = neg.to(torch.float64)
+        count = n64.cumsum(-1) - n64
+    if neg_read is not None:
+        count = count + neg_read.to(torch.float64)
+    return rc, count
+
+
+def _strict_lower(L, device):
+    i = torch.arange(L, device=device)
+    return i[:, None] > i[None, :]
+
+
+def _chunk_group(k, b, u, g, S0, steps_per_token, q_left, q_right, neg, g_read=None,
+                 neg_read=None):
     """chunk_delta on consecutive chunks, all at once but for the state passing."""
     nc, Z, L, K = k.shape
     V = u.shape[-1]
@@ -209,11 +247,26 @@ def _chunk_group(k, b, u, g, S0, steps_per_token, q_left, q_right, neg):
         to_end = to_end * _parity_sign(count[..., L - 1:] - count)
         total = start[..., L - 1]
 
+    # the decays of the erases' reads: those of the state after the step (gamma, start), or,
+    # with g_read, exp(γ_{i-1} + log r_i - γ_j) for i > j (autograd through float64 sums)
+    gamma_e, start_e = gamma, start
+    if g_read is not None:
+        rc, rcount = _erase_reads(cum, g_read, neg, neg_read)
+        seg = (rc.unsqueeze(-1) - cum.unsqueeze(-2)).to(g.dtype)
+        gamma_e = torch.where(_strict_lower(L, k.device), seg, float("-inf")).exp()
+        start_e = rc.exp().to(g.dtype)
+        if rcount is not None:
+            ccount = 0.0 if neg is None else neg.to(torch.float64).cumsum(-1)
+            gamma_e = gamma_e * _parity_sign(rcount.unsqueeze(-1) - ccount.unsqueeze(-2)
+                                             if neg is not None else rcount.unsqueeze(-1)
+                                             ).to(g.dtype)
+            start_e = start_e * _parity_sign(rcount).to(g.dtype)
+
     # the WY / UT factors: (I + A) [W | U] = [diag(b) (K ⊙ start) | U_hat]. The solve reads
     # only A's strict lower triangle and its gradient is zero elsewhere, so A needs no mask
     # beyond gamma's
-    A = ((k * b.unsqueeze(-1)) @ k.transpose(-1, -2)) * gamma
-    rhs = torch.cat([k * (b * start).unsqueeze(-1), u], dim=-1)
+    A = ((k * b.unsqueeze(-1)) @ k.transpose(-1, -2)) * gamma_e
+    rhs = torch.cat([k * (b * start_e).unsqueeze(-1), u], dim=-1)
     solved = _UnitLowerSolve.apply(A, rhs)
     del A, rhs
     W, U = solved[..., :K], solved[..., K:]
@@ -356,7 +409,8 @@ class _Group:
         torch.matmul(self.T, self.R, out=self.X)
 
 
-def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_right=None):
+def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_right=None,
+                  g_read=None, neg_read=None):
     """chunk_delta without a graph: the same algebra as ``_chunk_group``, arranged for speed.
 
     Chunks go through in small groups whose temporaries stay in the cache, read straight from
@@ -366,7 +420,9 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
     with no L x L exponential; a group with a chunk whose log-decays spread too widely for that
     (a decay near 0 inside it) takes the exact differences of float64 cumulative sums instead,
     as ``_chunk_group`` does. ``[W | U]`` comes from a blocked inverse; the reads of the
-    entering states are batched over the group after its state loop."""
+    entering states are batched over the group after its state loop. With ``g_read`` the
+    erases' rows of ``A`` and ``W`` take the decays of their own reads (``_erase_reads``),
+    factored alike (their log scales count in the spread)."""
     k_scale = None  # the keys' own scales when they come unformed: folded into the row scales
     if isinstance(k, Scaled):
         k_scale, k = k.scale, k.vector
@@ -384,6 +440,12 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
     # decays of all chunks at once ([nc, Z, L]: small)
     cum = g.to(torch.float64).clamp(min=LOG_FLOOR).cumsum(-1)
     hi, lo = cum.amax(-1, keepdim=True), cum.amin(-1, keepdim=True)
+    rc = rcount = None
+    if g_read is not None:
+        rc, rcount = _erase_reads(cum, _flat_z(g_read, nz), neg,
+                                  None if neg_read is None else _flat_z(neg_read, nz))
+        hi = torch.maximum(hi, rc.amax(-1, keepdim=True))
+        lo = torch.minimum(lo, rc.amin(-1, keepdim=True))
     factored = ((hi - lo) <= SPREAD_LIMIT.get(dt, 120.0)).flatten(1).all(1).tolist()
     mid = (hi + lo) / 2
     sign = None if neg is None else _parity_sign(neg.to(torch.float64).cumsum(-1))
@@ -397,6 +459,10 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
         to_end = signed((cum[..., L - 1:] - cum).exp(),
                         None if sign is None else sign[..., L - 1:] * sign)
     total = start[..., L - 1, None, None]  # [nc, Z, 1, 1]
+    start_e, a_e = start, a  # the decays of the erases' reads
+    if rc is not None:
+        sign_e = None if rcount is None else _parity_sign(rcount)
+        start_e, a_e = signed(rc.exp(), sign_e), signed((rc - mid).exp(), sign_e)
 
     # per-row scales, shaped to multiply the inputs as given: [nc, *zs, L, 1] and, for the
     # reads' rows (each token's last step), [nc, *zs, C, R, 1] -- times the read vectors' own
@@ -404,7 +470,7 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
     rows_of = lambda x: x.reshape(nc, *zs, L, 1)
     reads_of = lambda x: x[..., ends].reshape(nc, *zs, C, 1, 1)
     ks = 1.0 if k_scale is None else _flat_z(k_scale, nz).to(dt)  # [nc, Z, L]
-    scales = dict(b=rows_of(b * ks), ba=rows_of(b * a * ks), bs=rows_of(b * start * ks),
+    scales = dict(b=rows_of(b * ks), ba=rows_of(b * a_e * ks), bs=rows_of(b * start_e * ks),
                   a_inv=rows_of(a_inv * ks), end=end.unsqueeze(-1), total=total)
     if k_scale is not None:
         scales["k"] = rows_of(ks)
@@ -452,8 +518,9 @@ def _forward_only(k, b, u, g, S0, m, q_left, q_right, neg, out_left=None, out_ri
         f = {name: parts[gi] for name, parts in scales.items()}
         grp.Ss[0].copy_(S)
         _group_step(grp, x, f, factored[c0:c0 + n], L, C, m, Rl, Rr,
-                    lambda: _pair_decays(cum[c0:c0 + n], None if neg is None else neg[c0:c0 + n],
-                                         lower, dt))
+                    lambda: _group_pairs(cum[c0:c0 + n], None if neg is None else neg[c0:c0 + n],
+                                         lower, dt, None if rc is None else rc[c0:c0 + n],
+                                         None if rcount is None else rcount[c0:c0 + n]))
         S = grp.Ss[n]
     return o_left, o_right, S.clone()
 
@@ -462,11 +529,12 @@ def _group_step(grp, x, f, factored, L, C, m, Rl, Rr, pair_decays):
     """One group of chunks: A and the reads' P, [W | U], the state loop, the reads.
 
     x: the group's inputs (k, u, left, right, out_left, out_right: [n, *zs, ...] views);
-    f: the group's per-row scales; pair_decays(): Γ [n, Z, L, L] for the exact path."""
+    f: the group's per-row scales; pair_decays(): Γ [n, Z, L, L] for the exact path, and the
+    decays of the erases' reads (Γ itself unless they differ)."""
     ends = slice(m - 1, L, m)
     k = x["k"]
     plain = not all(factored)
-    pair = pair_decays() if plain else None
+    pair, pair_e = pair_decays() if plain else (None, None)
     if plain:
         torch.mul(k, f["b"], out=grp.ka_in)
         _scaled_copy(grp.kk_in, k, f.get("k"))
@@ -475,7 +543,7 @@ def _group_step(grp, x, f, factored, L, C, m, Rl, Rr, pair_decays):
         torch.mul(k, f["a_inv"], out=grp.kk_in)
     torch.matmul(grp.ka, grp.kk_t, out=grp.A)  # its upper part is not read
     if plain:
-        grp.A.mul_(pair)
+        grp.A.mul_(pair_e)
     if Rl:  # P = (q a)(a' k)ᵀ, or (q kᵀ) ⊙ Γ
         _read_rows(grp.left_a_in, x["left"], f, "left", plain)
         P = grp.left_P
@@ -547,6 +615,20 @@ def _tril_reads(P, C, R, m):
     shape = P.shape[:-2]
     d = len(shape)
     P.view(*shape, C, R, C, m).permute(*range(d), d + 1, d + 3, d, d + 2).tril_()
+
+
+def _group_pairs(cum, neg, lower, dtype, rc=None, rcount=None):
+    """(Γ, the erases' read decays) of a group for the exact path (see _pair_decays)."""
+    pair = _pair_decays(cum, neg, lower, dtype)
+    if rc is None:
+        return pair, pair
+    L = cum.shape[-1]
+    seg = (rc.unsqueeze(-1) - cum.unsqueeze(-2)).to(dtype)
+    pair_e = seg.masked_fill_(~_strict_lower(L, cum.device), float("-inf")).exp_()
+    if rcount is not None:
+        ccount = 0.0 if neg is None else neg.to(torch.float64).cumsum(-1).unsqueeze(-2)
+        pair_e *= _parity_sign(rcount.unsqueeze(-1) - ccount).to(dtype)
+    return pair, pair_e
 
 
 def _pair_decays(cum, neg, lower, dtype):

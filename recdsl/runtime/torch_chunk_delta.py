@@ -7,6 +7,11 @@ DeltaProduct's ``for j in NH``, 1 otherwise)
 
     S <- d_h (I - b_h k_h k_hᵀ) S + k_h u_hᵀ,     u_h = sum of the writes along k_h,
 
+or, for an erase of the undecayed state beside a scalar decay (``(a I - b k kᵀ) S``, KLA as its
+author writes it), ``S <- d_h S - b_h k_h (r_h k_hᵀ S) + k_h u_hᵀ`` with ``d_h`` counting the
+decay ``a`` and the erase's read scale ``r_h`` not (chunk_delta's ``g_read``; no division by
+``a``, so ``a = 0`` at a token is exact),
+
 where ``d_h`` gathers the scalar decays: those before the token's first erase go to its first
 step; a decay met after a step's erase multiplies that step's decay and the writes it has made
 so far (``a ((I - b k kᵀ) S + k uᵀ) = a (I - b k kᵀ) S + k (a u)ᵀ``). Decays are taken in
@@ -52,6 +57,7 @@ DEFAULT_CHUNK_SIZE = 64
 class _Op:
     kind: str  # decay, erase, write
     expr: object = None  # decay: the decay; erase: the coefficient b; write: its coefficient
+    decay: object = None  # erase: a scalar decay beside it, (a I - b k kᵀ) S, or None
     key: object = None  # erase: k in I - b k kᵀ
     value: object = None  # write: v in coef * outer(k, v)
 
@@ -70,6 +76,8 @@ class _Step:
     b: tuple = None  # (expr, loop)
     key: tuple = None
     writes: list = field(default_factory=list)  # [coef, value, loop, [(decay, loop) scaling it]]
+    # the decays the erase's read sees, when not all of ``decays`` (a decay beside the erase)
+    read_decays: Optional[list] = None
 
 
 class _Unsupported(Exception):
@@ -105,7 +113,11 @@ def _ops(step, state) -> list:
         if f.kind == "scalar":
             ops.append(_Op("decay", expr=f.decay))
         elif f.kind == "rank_one":
-            ops.append(_Op("erase", expr=f.coef.expr(), key=f.key))
+            if f.diag is not None and f.diag.kind != "scalar":
+                raise _Unsupported(f"{unparse(f.node)} erases {state} beside the decay "
+                                   f"{unparse(f.diag.node)}, which is not a scalar")
+            ops.append(_Op("erase", expr=f.coef.expr(), key=f.key,
+                           decay=None if f.diag is None else f.diag.decay))
         elif f.kind == "rows":
             line = ast.expr_span(f.node).line
             raise _Unsupported(f"the per-channel decay diag({unparse(f.decay)}) @ {state} before "
@@ -179,10 +191,15 @@ def _canonical_steps(template, dim_sizes) -> list:
                 pending.append((op.expr, loop))
             else:  # after an erase: decays that step and the writes it has made
                 current.decays.append((op.expr, loop))
+                if current.read_decays is not None:
+                    current.read_decays.append((op.expr, loop))
                 for w in current.writes:
                     w[3].append((op.expr, loop))
         elif op.kind == "erase":
             current = _Step(decays=pending, b=(op.expr, loop), key=(op.key, loop))
+            if op.decay is not None:  # beside the erase: decays the state, not the erase's read
+                current.read_decays = list(pending)
+                current.decays = pending + [(op.decay, loop)]
             pending = []
             steps.append(current)
         else:
@@ -279,17 +296,33 @@ def _loop_key(loop):
     return tuple(sorted(loop.items())) if loop else None
 
 
-def _step_values(values, step, shape_k, shape_v, dtype, device):
-    """(log decay, negative-decay flags or None, b, k, u) of one canonical step, per token:
-    [B, T, H] for the scalars, [B, T, H, K] and [B, T, H, V] for k and u (a single write
-    ``w * v`` left as Scaled(w, v): chunk_delta forms it a group of chunks at a time)."""
+def _log_decays(values, decays, shape, dtype, device):
+    """(log |product of decays|, negative-decay counts or None), per token [B, T, H]."""
     g, neg = None, None
-    for expr, loop in step.decays:
+    for expr, loop in decays:
         log_d, negative = values.log_decay(expr, loop)
         g = log_d if g is None else g + log_d
         if negative is not None:
             neg = negative if neg is None else neg + negative
-    g = torch.zeros(shape_k[:3], dtype=dtype, device=device) if g is None else g.expand(shape_k[:3])
+    g = torch.zeros(shape, dtype=dtype, device=device) if g is None else g.expand(shape)
+    return g, None if neg is None else neg.expand(shape)
+
+
+def _step_values(values, step, shape_k, shape_v, dtype, device):
+    """(log decay, negative-decay flags or None, b, k, u, read) of one canonical step, per
+    token: [B, T, H] for the scalars, [B, T, H, K] and [B, T, H, V] for k and u (a single write
+    ``w * v`` left as Scaled(w, v): chunk_delta forms it a group of chunks at a time); read:
+    None when the erase reads the decayed state, else (log |r|, negative flags or None) of its
+    read scale."""
+    g, neg = _log_decays(values, step.decays, shape_k[:3], dtype, device)
+    read = None
+    if step.key is not None and step.read_decays is not None:
+        read = _log_decays(values, step.read_decays, shape_k[:3], dtype, device)
+    return _step_core(values, step, g, neg, shape_k, shape_v, dtype, device) + (read,)
+
+
+def _step_core(values, step, g, neg, shape_k, shape_v, dtype, device):
+    """(g, neg, b, k, u) of one step, its decays given (see _step_values)."""
     if step.key is None:
         return (g, neg, torch.zeros_like(g), torch.zeros(shape_k, dtype=dtype, device=device),
                 torch.zeros(shape_v, dtype=dtype, device=device))
@@ -414,6 +447,13 @@ def run(rule, call, chunk_size: Optional[int] = None):
 
         g, b, k, u = (chunked(i) for i in (0, 2, 3, 4))
         neg = chunked(1) if any(p[1] is not None for p in per) else None
+        g_read = neg_read = None
+        if any(p[5] is not None for p in per):  # erases beside a decay: their read scales
+            scales = [p[5] if p[5] is not None else (p[0], p[1]) for p in per]
+            g_read = _chunked_items(layout, [r[0] for r in scales])
+            if any(r[1] is not None for r in scales):
+                neg_read = _chunked_items(layout, [r[1] if r[1] is not None
+                                                   else torch.zeros_like(r[0]) for r in scales])
         sides = wanted.get(var.name, {})
         q_left = _read_block(layout, sides.get("left"))
         q_right = _read_block(layout, sides.get("right"))
@@ -423,7 +463,7 @@ def run(rule, call, chunk_size: Optional[int] = None):
                 for side, n in (("left", Vd), ("right", Kd)) if sides.get(side)}
         views = {side: None if d is None else d[1] for side, d in dest.items()}
         o_left, o_right, S = chunk_delta(k, b, u, g, S0, m, q_left, q_right, neg,
-                                         views.get("left"), views.get("right"))
+                                         views.get("left"), views.get("right"), g_read, neg_read)
         for side, o in (("left", o_left), ("right", o_right)):
             in_place = o is not None and o is views.get(side)
             for r, (name, _) in enumerate(sides.get(side, [])):
@@ -444,6 +484,13 @@ def run(rule, call, chunk_size: Optional[int] = None):
             value = torch.zeros(full, dtype=dt, device=call.device)
         outputs[name] = value.to(dt)
     return [outputs[o.name] for o in rule.ir.outputs], finals
+
+
+def _chunked_items(layout, items):
+    """Per-step [B, T, H] tensors -> [nc, N, H, C*m] (token-major)."""
+    if len(items) == 1:
+        return layout.split(items[0])
+    return layout.split(torch.stack(items, 3)).flatten(3, 4)
 
 
 def _read_vector(coef, vector):

@@ -1,0 +1,220 @@
+"""The delta family on erases written beside a scalar decay, ``S <- (a I - b k kᵀ) S + ...``.
+
+KLA as its author writes it, ``S = exp(g) * S + beta * outer(k, v - k @ S)`` (the erase reads
+the undecayed state), and gated DeltaNet written as one sum, ``alpha * S - beta * outer(k, k @
+S) + ...``, against the naive loop in float64: outputs, final states and the gradients of every
+input and of the initial state, with decays of exactly 0 (alpha = 0, or g = -1e4) and exactly
+1 at some tokens. These run chunkwise without dividing by the decay (chunk_delta_core's
+``g_read``), so a decay of 0 gives no NaN.
+
+Limitation checked as such: the gradient of a decay given as a plain input (``alpha``) at a
+token where it is exactly 0 is not finite (the chunk algebra works in log space); every other
+entry of that gradient, and every other gradient, matches.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import recdsl
+from recdsl.errors import BackendError
+from recdsl.runtime import torch_chunk_delta
+from tests.helpers import random_args, rms_ratio, rule_results
+
+KLA_AUTHOR = """
+rule kla_author
+dims K, V
+state S[K, V]
+input q[K], k[K], v[V], g, eta
+const eps = 1e-6
+let beta = eta / (dot(k, k) + eps)
+S = exp(g) * S + beta * outer(k, v - k @ S)
+output o = K ** -0.5 * (l2norm(q) @ S)
+"""
+
+GATED_SUM = """
+rule gated_sum
+dims K, V
+state S[K, V]
+input q[K], k[K], v[V], alpha, beta
+let kn = l2norm(k)
+S = alpha * S - beta * outer(kn, kn @ S) + beta * outer(kn, v)
+output o = K ** -0.5 * (l2norm(q) @ S)
+"""
+
+SIZES = {"K": 48, "V": 40}
+TIMES = (1, 37, 65, 130)
+FLOOR = 3e-6  # TESTING.md's floor for values the naive loop gets almost exactly
+
+
+def _marks(T, seed):
+    """Per token: 0 (decay 0), 1 (decay 1) or 2 (free), about a fifth each of 0 and 1."""
+    gen = torch.Generator().manual_seed(100 + seed)
+    u = torch.rand(T, generator=gen)
+    marks = torch.full((T,), 2)
+    marks[u < 0.2] = 0
+    marks[(u >= 0.2) & (u < 0.4)] = 1
+    if T > 3:
+        marks[2], marks[3] = 0, 1  # at least one of each
+    return marks
+
+
+def _inputs(rule, T, B=2, H=2, seed=0, sequences=None):
+    marks = _marks(T, seed)
+
+    def decay_log(x):  # g: -1e4 (exp(g) == 0), 0 (exp(g) == 1) or in (-1.5, 0)
+        g = -1.5 * torch.sigmoid(x)
+        g[:, marks == 0] = -1e4
+        g[:, marks == 1] = 0.0
+        return g
+
+    def decay(x):  # alpha in [0, 1], exactly 0 and 1 at some tokens
+        a = torch.sigmoid(x + 1.0)
+        a[:, marks == 0] = 0.0
+        a[:, marks == 1] = 1.0
+        return a
+
+    shape = {"g": decay_log, "alpha": decay, "eta": torch.sigmoid, "beta": torch.sigmoid,
+             "k": lambda x: x / 3}
+    tensors, params, initial = random_args(rule, batch=B, time=T, heads=H, sizes=SIZES,
+                                           seed=seed, initial_state=True,
+                                           sequences=sequences, shape_values=shape)
+    tensors.update(params)
+    return tensors, tuple(initial.values())
+
+
+def _zero_tokens(rule, tensors):
+    """The alpha-gradient entries at tokens where the decay input is exactly 0 (see the module),
+    or None."""
+    if "alpha" not in tensors:
+        return None
+    return tensors["alpha"] == 0
+
+
+def _check(rule, tensors, initial, cu_seqlens=None, backend="torch-chunk", dtype=torch.float32,
+           **options):
+    golden = rule_results(rule, tensors, initial, "naive", torch.float64, cu_seqlens)
+    reference = rule_results(rule, tensors, initial, "naive", dtype, cu_seqlens)
+    got = rule_results(rule, tensors, initial, backend, dtype, cu_seqlens, **options)
+    forward = rule_results(rule, tensors, initial, backend, dtype, cu_seqlens, grads=False,
+                           **options)
+    zero = _zero_tokens(rule, tensors)
+    errors = {}
+    assert got.keys() == golden.keys()
+    for name in golden:
+        g, x, ref = golden[name], got[name], reference[name]
+        if name == "dalpha" and zero is not None and zero.any():
+            assert torch.isfinite(g[zero]).all()  # the naive loop has the true value there
+            g, x, ref = g[~zero], x[~zero], ref[~zero]
+            if not g.numel():
+                continue
+        assert torch.isfinite(x).all(), f"{rule.name} {name}: not finite"
+        err = rms_ratio(x, g)
+        allowed = max(10 * rms_ratio(ref, g), FLOOR)
+        assert err <= allowed, f"{rule.name} {name}: rms ratio {err:.2e} > {allowed:.2e}"
+        errors[name] = err
+    for name in forward:  # the forward-only path (no graph) takes its own arrangement
+        assert torch.isfinite(forward[name]).all(), f"{rule.name} {name} (forward only)"
+        err = rms_ratio(forward[name], golden[name])
+        allowed = max(10 * rms_ratio(reference[name], golden[name]), FLOOR)
+        assert err <= allowed, f"{rule.name} {name} (forward only): {err:.2e} > {allowed:.2e}"
+    return errors
+
+
+@pytest.fixture(params=["kla_author", "gated_sum"])
+def rule(request):
+    return recdsl.compile({"kla_author": KLA_AUTHOR, "gated_sum": GATED_SUM}[request.param])
+
+
+def test_the_rules_are_in_the_delta_family(rule):
+    assert rule.family == "delta"
+    assert torch_chunk_delta.problem(rule) is None
+
+
+@pytest.mark.parametrize("T", TIMES)
+def test_torch_chunk_matches_naive(rule, T):
+    tensors, initial = _inputs(rule, T)
+    _check(rule, tensors, initial)
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_torch_chunk_sizes(rule, chunk, monkeypatch):
+    monkeypatch.setattr(torch_chunk_delta, "CHUNK_SIZE", chunk)
+    tensors, initial = _inputs(rule, 130, seed=3)
+    _check(rule, tensors, initial)
+
+
+def test_torch_chunk_float64(rule):
+    tensors, initial = _inputs(rule, 65, seed=4)
+    errors = _check(rule, tensors, initial, dtype=torch.float64)
+    assert max(errors.values()) < 1e-9, errors
+
+
+def test_torch_chunk_packed_sequences(rule):
+    lengths = [37, 1, 65, 27]
+    cu = torch.tensor([0] + torch.tensor(lengths).cumsum(0).tolist(), dtype=torch.int32)
+    tensors, initial = _inputs(rule, sum(lengths), B=1, seed=2, sequences=len(lengths))
+    _check(rule, tensors, initial, cu_seqlens=cu)
+
+
+def test_decay_zero_everywhere_gives_no_nan_and_matches_naive(rule):
+    """Every token's decay exactly 0: the state is rebuilt at each token from its erase of the
+    incoming state (KLA) or from nothing (gated DeltaNet); no 0 * inf, no division."""
+    tensors, initial = _inputs(rule, 65, seed=6)
+    if "alpha" in tensors:
+        tensors["alpha"] = torch.zeros_like(tensors["alpha"])
+    else:
+        tensors["g"] = torch.full_like(tensors["g"], -1e4)
+    for dtype in (torch.float32, torch.float64):
+        got = rule_results(rule, tensors, initial, "torch-chunk", dtype, grads=False)
+        want = rule_results(rule, tensors, initial, "naive", torch.float64, grads=False)
+        for name in want:
+            assert torch.isfinite(got[name]).all(), name
+            assert rms_ratio(got[name], want[name]) < (1e-5 if dtype == torch.float32 else 1e-12)
+    _check(rule, tensors, initial)
+
+
+def test_the_erase_reads_the_undecayed_state():
+    """The two readings of (a I - b k kᵀ) S differ; torch-chunk takes the author's (r = 1), not
+    the decay-then-erase one, at a decay far from 1."""
+    rule = recdsl.compile(KLA_AUTHOR)
+    tensors, initial = _inputs(rule, 37, seed=7)
+    tensors["g"] = torch.full_like(tensors["g"], -0.7)
+    got = rule_results(rule, tensors, initial, "torch-chunk", torch.float64, grads=False)
+    want = rule_results(rule, tensors, initial, "naive", torch.float64, grads=False)
+    assert rms_ratio(got["out o"], want["out o"]) < 1e-10
+    _check(rule, tensors, initial)  # no decay near 0: the forward-only path factors its decays
+    decayed_first = recdsl.compile(KLA_AUTHOR.replace(
+        "S = exp(g) * S + beta * outer(k, v - k @ S)",
+        "S = exp(g) * S\nS = S + beta * outer(k, v - k @ S)"))
+    other = rule_results(decayed_first, tensors, initial, "naive", torch.float64, grads=False)
+    assert rms_ratio(other["out o"], want["out o"]) > 1e-3
+
+
+def test_chunk_refuses_with_one_line_reason(rule):
+    from recdsl.runtime import chunk_delta
+    reason = chunk_delta.problem(rule)
+    assert reason is not None and "\n" not in reason and "beside a decay" in reason
+    with pytest.raises(BackendError):
+        rule(**_inputs(rule, 5)[0], backend="chunk")
+
+
+def test_non_scalar_decay_beside_an_erase_stays_recurrent():
+    rule = recdsl.compile(KLA_AUTHOR.replace("input q[K], k[K], v[V], g, eta",
+                                             "input q[K], k[K], v[V], g[K], eta")
+                          .replace("exp(g) * S", "diag(exp(g)) @ S"))
+    assert rule.family != "delta"
+
+
+def test_show_says_delta(tmp_path):
+    path = tmp_path / "kla_author.rec"
+    path.write_text(KLA_AUTHOR)
+    cli = Path(sys.executable).with_name("recdsl")  # the console script beside this python
+    out = subprocess.run([str(cli), "show", str(path)], check=True, capture_output=True,
+                         text=True).stdout
+    assert "family: delta" in out
+    assert "torch-chunk  yes" in out
