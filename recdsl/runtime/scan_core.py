@@ -2,12 +2,14 @@
 PyTorch, with its backward (no rule knowledge here).
 
 Blocked, so that a call is a few hundred large ops whatever T is: time is cut into chunks of
-about sqrt(T) tokens; (1) every chunk is scanned from a zero state, all chunks at once, one op
-per position in the chunk; (2) the states entering the chunks are carried from chunk to chunk,
-one op per chunk; (3) each token's state is its chunk's local state plus the carried state
-times the running product of the chunk's multipliers (``cumprod``). Nothing is divided and no
-exponential is formed: a multiplier of 0 makes every later product exactly 0, a product of
-multipliers in [0, 1] only shrinks, so no gate value overflows.
+about sqrt(T) tokens; (1) every chunk is run from a zero state, all chunks at once, one op per
+position in the chunk, keeping only the chunk's last state and the product of its multipliers;
+(2) the states entering the chunks are carried from chunk to chunk, one op per chunk; (3) every
+chunk is run again, all at once, from its true entering state, writing each token's state.
+Reading the inputs twice costs less than keeping the first pass's states and products (fewer
+full-size temporaries). Nothing is divided and no exponential is formed: a multiplier of 0
+makes every later product exactly 0, products of multipliers in [0, 1] only shrink, so no gate
+value overflows.
 
 The backward is the same scan run backwards: with ``g_t`` the gradient reaching ``h_t``,
 ``g_t = dh_t + a_{t+1} g_{t+1}``, then ``db_t = g_t``, ``da_t = g_t h_{t-1}``, ``dh0 = a_0 g_0``.
@@ -45,21 +47,23 @@ def scan(a, b, h0):
     b = _pad_time(b, C * L, 0.0)
     a = a.reshape(a.shape[0], C, L, *a.shape[2:])
     b = b.reshape(B, C, L, *rest)
-    # (1) each chunk from a zero state, all chunks at once
-    local = torch.empty_like(b)
-    local[:, :, 0] = b[:, :, 0]
+    # (1) each chunk from a zero state: its last state and the product of its multipliers
+    last = b[:, :, 0].clone()
+    product = a[:, :, 0].clone()
     for i in range(1, L):
-        torch.addcmul(b[:, :, i], a[:, :, i], local[:, :, i - 1], out=local[:, :, i])
+        last.mul_(a[:, :, i]).add_(b[:, :, i])
+        product.mul_(a[:, :, i])
     # (2) the state entering each chunk
-    products = torch.cumprod(a, dim=2)  # prod of a over the chunk up to each token
     entering = torch.empty((B, C) + rest, dtype=b.dtype, device=b.device)
     entering[:, 0] = h0
     for c in range(1, C):
-        torch.addcmul(local[:, c - 1, L - 1], products[:, c - 1, L - 1], entering[:, c - 1],
-                      out=entering[:, c])
-    # (3) every token: its local state plus the entering state carried to it
-    local.addcmul_(products, entering.unsqueeze(2))
-    return local.reshape(B, C * L, *rest)[:, :T]
+        torch.addcmul(last[:, c - 1], product[:, c - 1], entering[:, c - 1], out=entering[:, c])
+    # (3) every chunk again from its entering state
+    h = torch.empty_like(b)
+    torch.addcmul(b[:, :, 0], a[:, :, 0], entering, out=h[:, :, 0])
+    for i in range(1, L):
+        torch.addcmul(b[:, :, i], a[:, :, i], h[:, :, i - 1], out=h[:, :, i])
+    return h.reshape(B, C * L, *rest)[:, :T]
 
 
 class LinearScan(torch.autograd.Function):

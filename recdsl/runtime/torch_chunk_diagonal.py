@@ -39,6 +39,7 @@ from ..ir.affine import loop_groups
 from ..ir.pretty import unparse
 from . import chunk_diagonal_core as core
 from .tokenwise import Tokenwise
+from .windows import run_in_windows
 
 # Per-token log-decays are clamped below: exp(-60) (fp32) or exp(-700) (fp64) is no decay
 # left to resolve, and the floor keeps a decay of exactly 0 (log -inf) out of the sums, where
@@ -63,7 +64,8 @@ def run(rule, call):
     length = window_length(rule, call)
     if length >= max(end - start for start, end in call.segments()):
         return _Run(rule, call).outputs_and_states()
-    return _windows(rule, call, length)
+    return run_in_windows(lambda window: _Run(rule, window).outputs_and_states(), rule, call,
+                          length)
 
 
 # ============================================================ windows
@@ -84,61 +86,6 @@ def window_length(rule, call) -> int:
         width = max(width, *sizes, math.prod(sizes) // core.CHUNK)
     per_token = call.num_sequences * call.heads * width * call.compute_dtype.itemsize
     return max(1, WINDOW_BYTES // (per_token * core.CHUNK)) * core.CHUNK
-
-
-def _windows(rule, call, length):
-    states = None
-    pieces = []  # (outputs, token positions in the call or None)
-    longest = max(end - start for start, end in call.segments())
-    for first in range(0, longest, length):
-        window = _Window(call, first, length, states)
-        outputs, states = _Run(rule, window).outputs_and_states()
-        pieces.append((outputs, window.positions))
-    outputs = [torch.cat([out[i] for out, _ in pieces], dim=1) for i in range(len(rule.outputs))]
-    if call.packed:  # the windows' tokens in the call's order
-        order = torch.argsort(torch.cat([at for _, at in pieces])).to(call.device)
-        outputs = [o.index_select(1, order) for o in outputs]
-    return outputs, states
-
-
-class _Window:
-    """The tokens ``[first, first + length)`` of every sequence of a call, as a call (what
-    ``_Run`` reads of one): the token inputs sliced (packed sequences: each sequence's part,
-    possibly empty, packed again), the initial states those given or carried in."""
-
-    def __init__(self, call, first, length, states):
-        self.rule, self.heads, self.dim_sizes = call.rule, call.heads, call.dim_sizes
-        self.device, self.compute_dtype = call.device, call.compute_dtype
-        self.packed, self.num_sequences = call.packed, call.num_sequences
-        self.batch = call.batch
-        inputs = {v.name for v in call.rule.inputs}
-        if call.packed:
-            parts = [(min(start + first, end), min(start + first + length, end))
-                     for start, end in call.segments()]
-            self.positions = torch.cat([torch.arange(a, b) for a, b in parts])
-            self.cu_seqlens = [0]
-            for a, b in parts:
-                self.cu_seqlens.append(self.cu_seqlens[-1] + b - a)
-            at = self.positions.to(call.device)
-            take = lambda t: t.index_select(1, at)
-            self.time = self.cu_seqlens[-1]
-        else:
-            self.positions = None
-            take = lambda t: t[:, first:first + length]
-            self.time = min(length, call.time - first)
-        self.tensors = {name: take(t) if name in inputs else t for name, t in call.tensors.items()}
-        self.initial = None if states is None else dict(zip((s.name for s in call.rule.states), states))
-        self.call = call
-
-    def segments(self):
-        if self.packed:
-            return list(zip(self.cu_seqlens[:-1], self.cu_seqlens[1:]))
-        return [(0, self.time)]
-
-    def initial_state(self, name, rows=slice(None)):
-        if self.initial is None:
-            return self.call.initial_state(name, rows)
-        return self.initial[name][rows]
 
 
 # ============================================================ layout

@@ -1,0 +1,126 @@
+"""CPU benchmark of the elementwise scan family (backend="torch-scan").
+
+minGRU (a vector state h[D]) and Mamba-1 (a [D, N] state with a per-entry decay), written
+from the papers (the same rules as tests/runtime/test_scan.py), at B=2, H=4, D=64, N=16, fp32:
+the naive loop against torch-scan, forward (no_grad) and forward+backward, the median wall
+time of a few runs interleaved (benchmarks/bench_diagonal.py's ``timed``). The naive loop is
+timed at --loop-t tokens and extrapolated linearly (marked ~). Then the crossover that
+``backends.SCAN_BELOW`` encodes: GLA-style [K, V] states with a row decay run by torch-chunk
+and by torch-scan at growing K = V.
+
+    python3 benchmarks/bench_scan.py                 # T = 4096 and 65536 (forward only)
+    python3 benchmarks/bench_scan.py --T 1024 --quick
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import recdsl  # noqa: E402
+from bench_diagonal import run_once, timed  # noqa: E402
+from recdsl.runtime.sample import sample_inputs  # noqa: E402
+
+MINGRU = """rule mingru
+dims D
+state h[D]
+input zl[D], hh[D]
+let z = sigmoid(zl)
+h = (1 - z) * h + z * hh
+output y = h
+"""
+
+MAMBA1 = """rule mamba1
+dims D, N
+state S[D, N]
+input x[D], dt[D], Bm[N], Cm[N]
+param A_log[D, N], Dskip[D]
+let delta = softplus(dt)
+S = exp(-(diag(delta) @ exp(A_log))) * S + outer(delta * x, Bm)
+output y = S @ Cm + Dskip * x
+"""
+
+GLA_LIKE = """rule gla_like
+dims K, V
+state S[K, V]
+input q[K], k[K], v[V], gk[K]
+S = diag(exp(gk)) @ S + outer(k, v)
+output o = q @ S
+"""
+
+B, H = 2, 4
+
+
+def call(rule, backend):
+    def fn(x):
+        out, _ = rule(**x, backend=backend)
+        return out
+    return fn
+
+
+def speedups(name, text, dims, T, loop_t, reps):
+    rule = recdsl.compile(text)
+    rows = []
+    for backward in (False, True):
+        inputs = sample_inputs(rule, batch=B, time=T, heads=H, dims=dims)
+        short = sample_inputs(rule, batch=B, time=loop_t, heads=H, dims=dims)
+        fast = timed({"torch-scan": run_once(call(rule, "torch-scan"), inputs, backward)},
+                     reps, budget=30)["torch-scan"][0]
+        loop = timed({"naive": run_once(call(rule, "naive"), short, backward)}, 0,
+                     budget=0)["naive"][0] * T / loop_t
+        rows.append((name, "fwd+bwd" if backward else "fwd", T, loop, fast, loop / fast))
+    return rows
+
+
+def crossover(T, reps):
+    rule = recdsl.compile(GLA_LIKE)
+    rows = []
+    for size in (1, 2, 4, 8, 16, 32):
+        inputs = sample_inputs(rule, batch=B, time=T, heads=H, dims={"K": size, "V": size})
+        t = timed({b: run_once(call(rule, b), inputs, True) for b in ("torch-chunk", "torch-scan")},
+                  reps, budget=30)
+        rows.append((size, t["torch-chunk"][0], t["torch-scan"][0]))
+    return rows
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--T", type=int, default=4096)
+    p.add_argument("--loop-t", type=int, default=512, help="tokens the naive loop is timed at")
+    p.add_argument("--long", type=int, default=65536, help="a forward run at this T (0: none)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--quick", action="store_true", help="one timed run each")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    reps = 1 if args.quick else 3
+    print(f"torch-scan against the naive loop, B={B} H={H} D=64 N=16, fp32, "
+          f"{args.threads} thread(s); ~ = extrapolated from T={args.loop_t}")
+    print(f"{'rule':<8} {'pass':<8} {'T':>6} {'naive':>10} {'torch-scan':>11} {'speed-up':>9}")
+    for name, text, dims in (("minGRU", MINGRU, {"D": 64}), ("Mamba-1", MAMBA1, {"D": 64, "N": 16})):
+        for row in speedups(name, text, dims, args.T, args.loop_t, reps):
+            print(f"{row[0]:<8} {row[1]:<8} {row[2]:>6} {'~%.3f s' % row[3]:>10} "
+                  f"{'%.3f s' % row[4]:>11} {row[5]:>8.1f}x")
+    if args.long:
+        for name, text, dims in (("minGRU", MINGRU, {"D": 64}), ("Mamba-1", MAMBA1, {"D": 64, "N": 16})):
+            rule = recdsl.compile(text)
+            inputs = sample_inputs(rule, batch=B, time=args.long, heads=H, dims=dims)
+            t = timed({"f": run_once(call(rule, "torch-scan"), inputs, False)}, 0, budget=0)["f"][0]
+            with torch.no_grad():
+                out, final = rule(**inputs, backend="torch-scan", output_final_state=True)
+            finite = bool(torch.isfinite(out).all() and torch.isfinite(final).all())
+            print(f"{name} forward at T={args.long}: {t:.2f} s, finite: {finite}")
+    print(f"\ncrossover (forward+backward, T={args.T}): a [K, V] state with a row decay")
+    print(f"{'K = V':>6} {'torch-chunk':>12} {'torch-scan':>11}")
+    for size, chunk, scan in crossover(args.T, reps):
+        print(f"{size:>6} {chunk:>11.3f}s {scan:>10.3f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
