@@ -190,6 +190,19 @@ output o = K ** -0.5 * (q @ S)
     _compare(rule, tensors, states)
 
 
+@pytest.mark.parametrize("T", [2, 3])
+def test_torch_chunk_strong_per_channel_decays_in_a_short_sub_chunk(T):
+    """backend="torch-chunk" (its core shares these decay sums): log-decays of -12 to -13 per
+    channel over a sub-chunk short enough to take the factored decays. The decay of a key to
+    its sub-chunk's end, as a product of factors, had a gradient that cancelled on the earlier
+    tokens and left there the rounding of the last key's term (dgk 4e-2 off)."""
+    rule = _load("gla")
+    tensors, states = _inputs(rule, T, initial=True)
+    gen = torch.Generator().manual_seed(T)
+    tensors["gk"] = -12 - torch.rand(tensors["gk"].shape, generator=gen, dtype=torch.float64)
+    assert_matches_naive(rule, tensors, states, backend="torch-chunk", floor=FLOOR)
+
+
 # ------------------------------------------------------------------ lowering and errors
 
 
