@@ -34,8 +34,7 @@ bounded by ``LIMIT``.
   ``exp(P_i - m) * exp(m - P_j)`` with ``P`` the cumulative sum from the sub-chunk start and
   ``m`` half the sub-chunk's total, a ``16 x 16`` matrix product whose factors stay within
   ``exp(±LIMIT)`` (``LIMIT = 20``) while the sub-chunk decays by less than ``exp(-2 LIMIT)``
-  in every channel (the decay from a token to its sub-chunk's end then comes from the same
-  factors). A token's own write is not decayed and is taken exactly (its term would
+  in every channel. A token's own write is not decayed and is taken exactly (its term would
   otherwise enter the decay gradients only to cancel there). Sub-chunks beyond that (strong
   gates) get exact ``16 x 16 x channels`` decays and sums instead.
 
