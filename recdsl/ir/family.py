@@ -52,6 +52,9 @@ class Family:
     pos: Optional[ast.Pos] = None  # for recurrent: the offending term
     analysis: Optional[Analysis] = field(default=None, repr=False, compare=False)
     verdicts: dict = field(default_factory=dict, repr=False, compare=False)  # name -> Verdict
+    # a rule the chunk planners refuse for its reads alone: its read lowering
+    # (``recdsl.ir.reads.Lowered``: plain reads of a derived chunkwise rule plus an epilogue)
+    lowered: Optional[object] = field(default=None, repr=False, compare=False)
 
     def where(self, filename: str) -> str:
         """``file:line:col`` of the offending term, or the file alone."""
@@ -121,7 +124,14 @@ PLANNERS = (
 
 def classify(checked: CheckedRule, analysis: Optional[Analysis] = None) -> Family:
     """The family of a checked rule (``analysis`` is computed when not given), with every
-    planner's verdict."""
+    planner's verdict and, where the chunk planners refuse only its reads, its read lowering."""
+    from .reads import for_family
+    family = _classify(checked, analysis)
+    family.lowered = for_family(checked, family)
+    return family
+
+
+def _classify(checked: CheckedRule, analysis: Optional[Analysis]) -> Family:
     analysis = analysis or analyse(checked)
     verdicts = {}
     for name, plan in PLANNERS:

@@ -322,7 +322,13 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
     family = family or classify(checked, analysis)
     p = _Printer(checked)
     out = [f"rule {checked.name} ({checked.filename})", f"family: {family.name}"]
-    if family.name == "recurrent":
+    if family.lowered is not None and family.name == "recurrent":
+        out[-1] = f"family: {family.lowered.family}, with its reads lowered"
+        out.append(f"  the updates and plain reads of the states run as the "
+                   f"{family.lowered.family} family; each output is then a per-token function of "
+                   f"those reads (as written: {family.reason}, "
+                   f"{family.where(checked.filename)})")
+    elif family.name == "recurrent":
         out.append(f"  reason: {family.where(checked.filename)}: {family.reason}")
         if family.pos is not None:
             out += _caret(checked, family.pos)
@@ -335,6 +341,8 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
             verdict = "yes" if v.accepted else f"no: {v.reason}" + (
                 f" ({v.where(checked.filename)})" if v.pos else "")
             out.append(f"  {name:<{width}}  {verdict}")
+        if family.lowered is not None:
+            out.append(f"  {family.lowered.family} with its reads lowered: yes")
 
     read_lets = {rv.name for rv in analysis.reads if rv.kind == "let"}
     lets = []

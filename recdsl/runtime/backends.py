@@ -71,6 +71,9 @@ def problem(rule, name: str):
     if backend is None or not backend.family_modules:  # runs any rule
         return None
     family = _family_of(rule, backend)
+    if family is None and rule.family_info.lowered is not None and name in ("torch-chunk", "chunk"):
+        from . import lowered  # outputs through the read lowering (recdsl.ir.reads)
+        return lowered.problem(rule, name)
     if family is None:
         wanted = [f for f, _ in backend.family_modules]
         refusals = [rule.family_info.verdicts[f] for f in wanted]
@@ -162,6 +165,9 @@ def _runner(rule, name):
         from .recurrent import run_recurrent  # imports Triton only when used
         return run_recurrent
     backend = _BY_NAME[name]
+    if _family_of(rule, backend) is None and rule.family_info.lowered is not None:
+        from . import lowered
+        return lowered.runner(name)
     return _module(backend, _family_of(rule, backend)).run
 
 

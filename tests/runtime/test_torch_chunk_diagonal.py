@@ -342,6 +342,8 @@ def test_65536_tokens_forward_finite(name):
 
 @pytest.mark.parametrize("name", EXAMPLE_RULES)
 def test_auto_on_cpu_runs_torch_chunk(name, monkeypatch):
+    from recdsl.runtime import backends
+    monkeypatch.setattr(backends, "SCAN_BELOW", 1)  # the small test dims would pick the scan
     rule = _rule(name)
     calls = []
     real = torch_chunk_diagonal.run
