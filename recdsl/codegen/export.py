@@ -127,9 +127,23 @@ def chunk_diagonal_modules(rule: CheckedRule, sizes: dict) -> list:
     return modules + [passes]
 
 
+def scan_modules(rule: CheckedRule, sizes: dict) -> list:
+    """The fixed linear-scan kernels of a scan-family rule, for the channels of its widest
+    state (a head's entries; the launch multiplies them by the heads); none for other rules."""
+    import math
+
+    from ..runtime.rule import Rule
+    from . import scan_kernels
+    full = Rule(rule)
+    if not full.family_info.accepts("scan"):
+        return []
+    channels = max(math.prod(sizes[d] for d in s.dims) for s in rule.states)
+    return [scan_kernels.aot_module(channels)]
+
+
 # Each generator gives a list of modules for (checked rule, sizes): empty where it does not apply.
 GENERATORS = (lambda rule, sizes: [recurrent_module(rule, sizes)], chunk_delta_modules,
-              chunk_diagonal_modules)
+              chunk_diagonal_modules, scan_modules)
 
 
 def generated_modules(rule: CheckedRule, sizes: dict) -> list:

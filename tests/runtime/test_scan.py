@@ -285,3 +285,10 @@ def test_blocked_scan_gradients_with_a_broadcast_multiplier():
     b = torch.randn(2, 30, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     h0 = torch.randn(2, 3, 4, generator=gen, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(scan_core.linear_scan, (a, b, h0))
+
+
+def test_compile_report_builds_the_scan_kernels_of_a_scan_rule():
+    from recdsl.codegen.export import generated_modules
+    kinds = [m.kind for m in generated_modules(_rule("mamba1").ir, {"D": 64, "N": 16})]
+    assert kinds == ["recurrent", "scan"]
+    assert [m.kind for m in generated_modules(_rule("mingru").ir, {"D": 64})] == ["recurrent", "scan"]
