@@ -31,7 +31,8 @@ class Tokenwise:
     it refers to, where every name means what it meant in the rule.
     """
 
-    def __init__(self, rule: CheckedRule, call, dtype=None):
+    def __init__(self, rule: CheckedRule, call, dtype=None, keep_lets=False,
+                 broadcast_params=False):
         self.rule = rule
         self.call = call
         self.dtype = dtype or call.compute_dtype
@@ -39,8 +40,12 @@ class Tokenwise:
         self.shape_bt = (B, T)
         flat = lambda t: t.to(self.dtype).reshape(B * T, *t.shape[2:])
         self.token = {v.name: flat(call.tensors[v.name]) for v in rule.inputs}
-        self.params = {p.name: call.tensors[p.name].to(self.dtype).unsqueeze(0).expand(B * T, *call.tensors[p.name].shape)
-                       for p in rule.params}
+        # params [1, H, ...] broadcast in every op, so that a value of params alone
+        # (exp(A_log)) is computed once, not once per token; else expanded to [B*T, H, ...]
+        lead = 1 if broadcast_params else B * T
+        self.params = {p.name: call.tensors[p.name].to(self.dtype).unsqueeze(0).expand(
+            lead, *call.tensors[p.name].shape) for p in rule.params}
+        self.kept = {} if keep_lets else None  # loop index -> environment, when lets are kept
         self.step = NaiveStep(rule, call.dim_sizes, self.dtype, call.device)
         self.bound = {}  # names visible everywhere (a subclass's chained values), [B*T, H, ...]
         self.scopes = {}  # block (None: the body, else id of its For) -> {name: Let}
@@ -84,8 +89,16 @@ class Tokenwise:
         return block
 
     def _envs(self, loop: dict | None) -> dict:
-        """The environments of one evaluation by block (a subclass may keep them longer)."""
-        return {}
+        """The environments of one evaluation by block; with ``keep_lets`` those of every
+        evaluation at this loop index, so that a state-free let (a gate, Raven's routing, a
+        topk over all tokens) is computed once for every expression that uses it."""
+        if self.kept is None:
+            return {}
+        return self.kept.setdefault(tuple(sorted((loop or {}).items())), {})
+
+    def forget_lets(self):
+        if self.kept is not None:
+            self.kept.clear()
 
     def _env(self, block, loop: dict | None, envs: dict):
         """The lets visible in ``block`` as lazily evaluated values (only those reached are
@@ -126,6 +139,8 @@ class Tokenwise:
         H = self.call.heads
         if v.dim() < 2:
             v = v.expand(B * T, H)
+        elif v.shape[0] != B * T:  # a value of params alone (broadcast_params)
+            v = v.expand(B * T, *v.shape[1:])
         return v.reshape(B, T, *v.shape[1:])
 
     def log_decay(self, expr, loop: dict | None = None) -> torch.Tensor:

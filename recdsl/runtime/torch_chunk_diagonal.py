@@ -151,9 +151,8 @@ class _Values(Tokenwise):
     a cache of state-free values by their text (Raven's ``lam`` feeds both states)."""
 
     def __init__(self, rule, call):
-        super().__init__(rule, call)
+        super().__init__(rule, call, keep_lets=True)
         self.memo = {}
-        self.kept = {}
 
     def bind(self, name, value):
         B, T = self.shape_bt
@@ -162,12 +161,7 @@ class _Values(Tokenwise):
     def forget(self):
         """Drop the cached values (chained values stay bound)."""
         self.memo.clear()
-        self.kept.clear()
-
-    def _envs(self, loop):
-        # the environments kept per loop index: a state-free let (Raven's routing, a topk
-        # over all tokens) is computed once for every expression that uses it
-        return self.kept.setdefault(_loop_key(loop), {})
+        self.forget_lets()
 
     def _key(self, kind, expr, loop):
         # the text names the same values within one block (a let name may be bound again in

@@ -70,7 +70,7 @@ def window_length(rule, call) -> int:
 class _Run:
     def __init__(self, rule, call, scan):
         self.rule, self.call, self.scan = rule, call, scan
-        self.values = Tokenwise(rule.ir, call)
+        self.values = Tokenwise(rule.ir, call, keep_lets=True, broadcast_params=True)
         self.dtype = call.compute_dtype
         B, T, H = call.batch, call.time, call.heads
         self.lead = (B, T, H)
@@ -209,6 +209,13 @@ class _Epilogue:
         self.rule, self.values = rule, values
         self.after, self.before = after, before  # before: name -> a thunk (made when read)
         self.step: NaiveStep = values.step
+        # lets and outputs that read states (directly or through others), in source order
+        self.stateful = set()
+        for st in rule.body:
+            if isinstance(st, (ast.Let, ast.Output)) and self._reads_states(st.value):
+                self.stateful.add(st.name)
+        # the top-level environment: state-free lets from the prologue's kept values
+        self._env = _Env(values)
         self.last = {}  # state -> its last top-level update statement
         self.loop_updated = set()  # states updated inside a for block
         for st in rule.body:
@@ -230,16 +237,21 @@ class _Epilogue:
                     states[st.state] = self._eval(st.value, {}, states)
                 else:
                     states.stale(st.state)  # never read at this version
+            elif isinstance(st, ast.Let) and not self._reads_states(st.value):
+                continue  # evaluated (once, when used) in the prologue's environment
             else:
+                if isinstance(st, ast.For):
+                    self._env.bind_used(st.body)
                 self.step._run([st], self._env, self.values.token, self.values.params, states,
                                outputs)
         return outputs
 
-    @property
-    def _env(self):
-        if not hasattr(self, "_env_dict"):
-            self._env_dict = {}
-        return self._env_dict
+    def _reads_states(self, e) -> bool:
+        for n in ast.walk(e):
+            if isinstance(n, ast.Name) and (n.kind == "state" or (
+                    n.kind in ("let", "output") and n.id in self.stateful)):
+                return True
+        return False
 
     def _eval(self, e, env, states):
         return self.step.expr(e, self._env, self.values.token, self.values.params, states)
@@ -255,6 +267,29 @@ class _Epilogue:
             if isinstance(st, ast.Update) and st.state == state:
                 return False
         return False
+
+
+class _Env(dict):
+    """The epilogue's environment: lets it binds, else the prologue's state-free lets."""
+
+    def __init__(self, values: Tokenwise):
+        super().__init__()
+        self._lazy = values._env(None, None, values._envs(None))
+
+    def __missing__(self, name):
+        value = self[name] = self._lazy[name]
+        return value
+
+    def bind_used(self, body):
+        """Bind the outer lets that ``body`` (a for block) uses: the naive step copies the
+        environment into the block, so lazy values must be there before."""
+        for st in ast.walk_statements(body):
+            for n in ast.walk(st.value):
+                if isinstance(n, ast.Name) and n.kind == "let" and n.id not in self:
+                    try:
+                        self[n.id]
+                    except KeyError:  # bound inside the block itself
+                        pass
 
 
 class _States(dict):

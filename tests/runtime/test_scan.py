@@ -95,7 +95,7 @@ S = exp(g) * S + outer(k, v)
 RULES = {"mingru": MINGRU, "minlstm": MINLSTM, "hgrn": HGRN, "mamba1": MAMBA1,
          "linear_normalised": LINEAR_NORMALISED, "mlstm_sigmoid": MLSTM_SIGMOID,
          "read_first": READ_FIRST}
-SIZES = {"D": 6, "N": 5, "K": 6, "V": 5}
+SIZES = {"D": 6, "N": 5, "K": 6, "V": 5, "NH": 2}
 
 
 def _rule(name):
@@ -292,3 +292,31 @@ def test_compile_report_builds_the_scan_kernels_of_a_scan_rule():
     kinds = [m.kind for m in generated_modules(_rule("mamba1").ir, {"D": 64, "N": 16})]
     assert kinds == ["recurrent", "scan"]
     assert [m.kind for m in generated_modules(_rule("mingru").ir, {"D": 64})] == ["recurrent", "scan"]
+
+
+LOOPED = """rule looped
+dims D, NH
+state h[D], c[D]
+input z[NH, D], x[NH, D], w[D]
+let s = sigmoid(w)
+for j in NH:
+    let zj = sigmoid(z[j])
+    h = (1 - zj) * h + zj * x[j] * s
+output mid = h * s
+h = s * h + w
+c = exp(-s) * c + w
+output y = tanh(h) + c
+"""
+
+
+@pytest.mark.parametrize("T", [1, 37])
+def test_for_blocks_and_a_read_between_two_updates(T):
+    """Steps in a for block compose into one token transition; ``mid`` reads h between its
+    updates (the epilogue evaluates that version), ``y`` after them."""
+    rule = recdsl.compile(LOOPED)
+    assert rule.family == "scan"
+    tensors, initial = _inputs(rule, T)
+    assert_matches_naive(rule, tensors, initial, backend="torch-scan")
+    cu = torch.tensor([0, T // 2, T])
+    tensors, initial = _inputs(rule, T, B=1, sequences=2)
+    assert_matches_naive(rule, tensors, initial, backend="torch-scan", cu_seqlens=cu)
