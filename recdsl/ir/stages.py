@@ -79,11 +79,17 @@ class Staged:
 
     @property
     def family(self) -> str:
-        """How the derived rule runs: its family, "+ reads" when through the read lowering."""
+        """The derived rule's family (that of its read lowering where it has one)."""
         info = self.derived.family_info
-        if info.chunk is None and getattr(info, "lowered", None) is not None:
-            return f"{info.lowered.family} (through the read lowering)"
+        if self.through_reads:
+            return info.lowered.family
         return info.name
+
+    @property
+    def through_reads(self) -> bool:
+        """The derived rule runs chunkwise through the read lowering (``recdsl.ir.reads``)."""
+        info = self.derived.family_info
+        return info.chunk is None and getattr(info, "lowered", None) is not None
 
     def describe(self) -> str:
         """A few lines for ``recdsl show``: the stages, each with how it runs."""
@@ -96,7 +102,8 @@ class Staged:
             else:
                 how = f"sequential: {st.why}"
             lines.append(f"stage 1: {st.name}: {how}")
-        lines.append(f"stage 2: {', '.join(self.rest)}: {self.family} family, given "
+        reads = " through the read lowering" if self.through_reads else ""
+        lines.append(f"stage 2: {', '.join(self.rest)}: the {self.family} family{reads}, given "
                      f"{', '.join(st.name for st in self.leading)} per token")
         return "\n".join(lines)
 
@@ -104,10 +111,11 @@ class Staged:
 _DEPTH = 0
 
 
-def staging(checked: CheckedRule) -> Optional[Staged]:
-    """The staging of ``checked`` or None (``why_not`` says why)."""
+def staging(checked: CheckedRule, analysis=None) -> Optional[Staged]:
+    """The staging of ``checked`` or None (``why_not`` says why); ``analysis``: its affine
+    analysis when already computed."""
     try:
-        return stage(checked)
+        return stage(checked, analysis)
     except NotStaged:
         return None
 
@@ -116,7 +124,7 @@ def for_family(checked: CheckedRule, family) -> Optional[Staged]:
     """The hook for ``recdsl.ir.family.classify``: the staging of a recurrent rule, or None."""
     if family.name != "recurrent":
         return None
-    return staging(checked)
+    return staging(checked, family.analysis)
 
 
 def why_not(checked: CheckedRule) -> Optional[str]:

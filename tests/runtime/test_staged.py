@@ -6,7 +6,8 @@ papers (xLSTM's stabilised mLSTM, Aaren's softmax attention as an RNN), at T = 1
 130, with initial states, packed sequences and extreme gates.
 
 Until the backend registry routes to the staging, the tests register it as a backend of their
-own ("staged", on torch-chunk; "staged-scan", on torch-scan)."""
+own ("staged", on torch-chunk; "staged-scan", on torch-scan; "staged-chunk", on the chunk
+Triton kernels, under the interpreter on the CPU)."""
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,7 +63,7 @@ def aaren():
 @pytest.fixture
 def staged_backends(monkeypatch):
     """The staging registered as backends "staged" (torch-chunk) and "staged-scan"."""
-    names = {"staged": "torch-chunk", "staged-scan": "torch-scan"}
+    names = {"staged": "torch-chunk", "staged-scan": "torch-scan", "staged-chunk": "chunk"}
     monkeypatch.setattr(backends, "NAMES", backends.NAMES + tuple(names))
     for name, backend in names.items():
         monkeypatch.setitem(backends._RUNNERS, name, staged.runner(backend))
@@ -87,7 +88,8 @@ def test_mlstm_stages(mlstm):
     assert backends.problem(derived, "torch-chunk") is None
     assert staged.problem(mlstm, "torch-chunk") is None
     assert "stage 1: m: max-plus" in st.describe()
-    assert "stage 2: C, n: diagonal" in st.describe()
+    assert "stage 2: C, n: the diagonal family through the read lowering, given m per token" \
+        in st.describe()
 
 
 def test_aaren_stages(aaren):
@@ -155,6 +157,14 @@ def test_mlstm_matches_naive(mlstm, staged_backends, T, init):
 def test_mlstm_float32(mlstm, staged_backends, backend):
     tensors, initial = _args(mlstm, 2, 65, 2, SIZES, seed=3)
     assert_matches_naive(mlstm, tensors, initial, backend=backend, dtype=torch.float32)
+
+
+def test_mlstm_chunk_kernels_under_the_interpreter(mlstm, staged_backends):
+    assert staged.problem(mlstm, "chunk") is None
+    cu = torch.tensor([0, 5, 6, 21])
+    tensors, initial = _args(mlstm, 1, 21, 2, {"K": 16, "V": 16}, seed=21, sequences=3)
+    assert_matches_naive(mlstm, tensors, initial, backend="staged-chunk", cu_seqlens=cu,
+                         dtype=torch.float64)
 
 
 def test_mlstm_packed(mlstm, staged_backends):
