@@ -67,7 +67,8 @@ def _state_dtype(dtype):
 
 def _launch(kernels: tuple, args, sequences: int, channels: int, device):
     """Run (one-token kernel, chunked kernel)[chosen] over every (sequence, channel block)."""
-    block, warps, tokens = _kernels().launch_config(sequences, channels)
+    block, warps, tokens = _kernels().launch_config(sequences, channels,
+                                                    interpreted=device.type != "cuda")
     grid = (sequences * -(-channels // block),)
     extra = {} if tokens == 1 else {"BLOCK_T": tokens}
     # Triton launches on the current CUDA device: make it the tensors' one

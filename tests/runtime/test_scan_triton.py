@@ -86,6 +86,7 @@ def test_wide_blocks(monkeypatch):
 def test_chunked_fp32_matches_the_loop(monkeypatch, N, T, C):
     """8 tokens a step: one partial tile, several tiles with and without a partial last one."""
     monkeypatch.setattr(scan_kernels, "CHUNK_TOKENS", 8)
+    monkeypatch.setattr(scan_kernels, "INTERPRETED_CHUNKS", True)
     assert scan_kernels.launch_config(N, C)[2] == 8
     got, want = run_both(*make_inputs(N, T, C, seed=T + C + N + 1), torch.float32)
     for name, x, y in zip(NAMES, got, want):
@@ -95,6 +96,7 @@ def test_chunked_fp32_matches_the_loop(monkeypatch, N, T, C):
 
 def test_chunked_float64(monkeypatch):
     monkeypatch.setattr(scan_kernels, "CHUNK_TOKENS", 8)
+    monkeypatch.setattr(scan_kernels, "INTERPRETED_CHUNKS", True)
     got, want = run_both(*make_inputs(2, 19, 40, seed=9), torch.float64)
     for name, x, y in zip(NAMES, got, want):
         assert x.dtype == torch.float64, name
