@@ -16,6 +16,19 @@ from the chunk start to a row's token, S0 the state entering the chunk:
     O   = diag(exp(γ_t)) Q S0 + P Δ,  P_tr = q_t·k_r exp(γ_t - γ_r) [token(r) <= t]
     S1  = exp(γ_C) S0 + (K ⊙ exp(γ_C - γ_r))ᵀ Δ
 
+Erases beside a decay (``READ``, a constexpr: off, the kernels are the plain ones). A
+token's first erase may read the state scaled by its own ``r_t`` (log ``gr_t``) instead of
+``exp(g_t)``: ``u_t <- u_t - beta_t r_t S_{t-1}ᵀ k_t`` (KLA as its author writes it: r = 1).
+Its row's erase exponent is then e_r = γ_{t-1} + gr_t where it was γ_t (a token's later steps
+keep γ_t), in M and W only:
+
+    M_rs = beta_r (k_r·k_s) exp(e_r - γ_s),   W = T diag(beta exp(e)) K,
+
+e_r - γ_s being the segment sum of the log-decays of the rows strictly between s and r plus
+gr_r: no division by the decay, so a decay of exactly 0 is exact. Its gradient: d e_r (the
+sums of M's and B's gradients over row r) goes to γ_r as before, and on a token's first step
+also to gr_t and, negated, to g_t (e_r = γ_r - g_t + gr_t).
+
 Every decay exponent is a segment sum of the rule's log-decays (sums over masked ranges),
 never a difference of two running sums, so very negative gates lose no precision; exponents
 are masked before exp() where the decay does not apply.
@@ -43,7 +56,7 @@ tile by tile. Grids in brackets:
 
 Layouts (NTOK = all tokens, packed; every sequence is a range of ``cu_seqlens``):
 rows [NTOK, H, NH, *] (k, W: KD; u, Ũ, Δ: VD; beta), tokens [NTOK, H, *] (q: KD; o, do: VD;
-g); T [chunks, H, R, R]; states [chunks, H, KD, VD]; h0 / ht [N, H, KD, VD].
+g, gr); T [chunks, H, R, R]; states [chunks, H, KD, VD]; h0 / ht [N, H, KD, VD].
 ``DOT`` is the input precision of most products: "ieee" under the interpreter, "tf32x3"
 (fp32-accurate, on tensor cores) on a GPU. The solve never uses a tensor-core product, and
 K Kᵀ entering it is ieee everywhere.
@@ -138,6 +151,45 @@ def _read_decays(g_c, NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr):
 
 
 @triton.jit
+def _erase_gates(g, gr, g_c, gam_c, tok0, tok_end, i_h, H, NHP: tl.constexpr, C: tl.constexpr,
+                 R: tl.constexpr):
+    """READ: the rows' erase exponents e_r (γ_{t-1} + gr_t on a token's first step, γ_t on its
+    later ones), the rows' read logs (gr_t on first steps, 0 elsewhere) and the log-decay of
+    each row's previous row (for segment sums). γ_{t-1} is a running sum of the previous
+    tokens' decays (loaded shifted), not γ_t - g_t."""
+    o_c = tl.arange(0, C)
+    m_c = tok0 + o_c < tok_end
+    gr_c = tl.load(gr + (tok0 + o_c) * H + i_h, mask=m_c, other=0.0)
+    g_prev = tl.load(g + (tok0 + o_c - 1) * H + i_h, mask=(o_c >= 1) & m_c, other=0.0)
+    first = (tl.arange(0, NHP) == 0)[None, :]
+    e_r = tl.reshape(tl.where(first, (tl.cumsum(g_prev, axis=0) + gr_c)[:, None], gam_c[:, None]),
+                     [R])
+    lr_r = tl.reshape(tl.where(first, gr_c[:, None], 0.0), [R])
+    if NHP == 1:
+        gp_r = g_prev
+    else:  # the row before a token's second step is its first, which carries its decay
+        gp_r = tl.reshape(tl.where((tl.arange(0, NHP) == 1)[None, :], g_c[:, None], 0.0), [R])
+    return e_r, lr_r, gp_r
+
+
+@triton.jit
+def _erase_decays(gp_r, lr_r, R: tl.constexpr):
+    """READ: exp(e_r - γ_s) for s < r (0 elsewhere): the log-decays of the rows strictly
+    between s and r (as the previous rows' logs of rows s+2..r) plus row r's read log."""
+    o_r = tl.arange(0, R)
+    lower = o_r[:, None] > o_r[None, :]
+    seg = tl.cumsum(tl.where(o_r[:, None] > o_r[None, :] + 1, gp_r[:, None], 0.0), axis=0)
+    return tl.where(lower, tl.exp(tl.where(lower, seg + lr_r[:, None], 0.0)), 0.0)
+
+
+@triton.jit
+def _first_steps(x_r, NHP: tl.constexpr, C: tl.constexpr):
+    """Per token, the entry of its first step's row."""
+    first = (tl.arange(0, NHP) == 0)[None, :]
+    return tl.sum(tl.where(first, tl.reshape(x_r, [C, NHP]), 0.0), axis=1)
+
+
+@triton.jit
 def _solve(m, R: tl.constexpr):
     """(I + M)^{-1} for strictly lower M by forward substitution, in fp32 registers:
     N = T - I has rows N_i = -M_i - M_i N."""
@@ -186,10 +238,10 @@ def _qk(q, k, tbase, toffs, m_c, rbase, roffs, m_r, KD: tl.constexpr, C: tl.cons
 
 
 @triton.jit
-def chunk_delta_prepare(k, beta, u, g, t_out, w, u_t, chunk_starts, chunk_ends, H,
+def chunk_delta_prepare(k, beta, u, g, gr, t_out, w, u_t, chunk_starts, chunk_ends, H,
                         KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
                         C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
-                        DOT: tl.constexpr):
+                        DOT: tl.constexpr, READ: tl.constexpr = False):
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
@@ -199,9 +251,14 @@ def chunk_delta_prepare(k, beta, u, g, t_out, w, u_t, chunk_starts, chunk_ends, 
     b_beta = tl.load(beta + rbase + roffs, mask=m_r, other=0.0)
     g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
     kk = _kk(k, rbase, roffs, m_r, KD, R, BKT, "ieee")
-    t = _solve(b_beta[:, None] * kk * _row_decays(g_r, R), R)
+    if READ:
+        e_r, lr_r, gp_r = _erase_gates(g, gr, g_c, gam_c, tok0, eos, i_h, H, NHP, C, R)
+        t = _solve(b_beta[:, None] * kk * _erase_decays(gp_r, lr_r, R), R)
+        bg = b_beta * tl.exp(e_r)
+    else:
+        t = _solve(b_beta[:, None] * kk * _row_decays(g_r, R), R)
+        bg = b_beta * tl.exp(gam_r)
     tl.store(t_out + (tl.cast(i_chunk, tl.int64) * H + i_h) * R * R + o_r[:, None] * R + o_r[None, :], t)
-    bg = b_beta * tl.exp(gam_r)
     for kt in tl.range(0, KD, BKT, num_stages=1):
         o_k = kt + tl.arange(0, BKT)
         m_k = o_k < KD
@@ -332,10 +389,11 @@ def chunk_delta_bwd_dv(k, g, q, do, du, dread, chunk_starts, chunk_ends, H, KD: 
 
 
 @triton.jit
-def chunk_delta_bwd_dh(k, beta, g, t_in, dread, dht, du, dstates, dh0, cu_seqlens, chunk_offsets,
-                       H, KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr,
+def chunk_delta_bwd_dh(k, beta, g, gr, t_in, dread, dht, du, dstates, dh0, cu_seqlens,
+                       chunk_offsets, H, KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr,
                        NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr,
-                       BV: tl.constexpr, DOT: tl.constexpr, USE_FINAL_GRAD: tl.constexpr):
+                       BV: tl.constexpr, DOT: tl.constexpr, USE_FINAL_GRAD: tl.constexpr,
+                       READ: tl.constexpr = False):
     """The walk back over a sequence's chunks for one V tile. dstates[c] is the gradient of
     the state leaving chunk c (the previous chunk's is written from it; the first's goes to
     dh0); dU = dY is written for every chunk."""
@@ -378,7 +436,11 @@ def chunk_delta_bwd_dh(k, beta, g, t_in, dread, dht, du, dstates, dh0, cu_seqlen
         t = tl.load(t_in + chunk * R * R + o_r[:, None] * R + o_r[None, :])
         dy = tl.dot(tl.trans(t), ddelta, input_precision=DOT)
         _put(du, rbase, roffs, m_r, o_v, m_v, VD, dy)
-        bg = tl.load(beta + rbase + roffs, mask=m_r, other=0.0) * tl.exp(gam_r)
+        if READ:
+            e_r, lr_r, gp_r = _erase_gates(g, gr, g_c, gam_c, tok0, eos, i_h, H, NHP, C, R)
+            bg = tl.load(beta + rbase + roffs, mask=m_r, other=0.0) * tl.exp(e_r)
+        else:
+            bg = tl.load(beta + rbase + roffs, mask=m_r, other=0.0) * tl.exp(gam_r)
         carry = tl.exp(gam_last)
         for kt in tl.range(0, KD, BKT, num_stages=1):
             o_k = kt + tl.arange(0, BKT)
@@ -395,10 +457,10 @@ def chunk_delta_bwd_dh(k, beta, g, t_in, dread, dht, du, dstates, dh0, cu_seqlen
 
 
 @triton.jit
-def chunk_delta_bwd_dm(k, beta, g, delta, du, dbeta, dg, sym_out, chunk_starts, chunk_ends, H,
-                       KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
-                       C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
-                       DOT: tl.constexpr):
+def chunk_delta_bwd_dm(k, beta, g, gr, delta, du, dbeta, dg, dgr, sym_out, chunk_starts,
+                       chunk_ends, H, KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr,
+                       NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr,
+                       BV: tl.constexpr, DOT: tl.constexpr, READ: tl.constexpr = False):
     """Through M_rs = beta_r (k_r·k_s) exp(γ_r - γ_s), s < r, with dM = strict_lower(-dY Δᵀ):
     dbeta and dg (first parts: bwd_dk and bwd_dq add theirs), and d(K Kᵀ) counted both ways,
     bgm + bgmᵀ, for bwd_dk_tail."""
@@ -418,22 +480,35 @@ def chunk_delta_bwd_dm(k, beta, g, delta, du, dbeta, dg, sym_out, chunk_starts, 
     g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
     b_beta = tl.load(beta + rbase + roffs, mask=m_r, other=0.0)
     kk = _kk(k, rbase, roffs, m_r, KD, R, BKT, DOT)
-    gm = tl.where(o_r[:, None] > o_r[None, :], d_m, 0.0) * _row_decays(g_r, R)
+    if READ:
+        e_r, lr_r, gp_r = _erase_gates(g, gr, g_c, gam_c, tok0, eos, i_h, H, NHP, C, R)
+        gm = tl.where(o_r[:, None] > o_r[None, :], d_m, 0.0) * _erase_decays(gp_r, lr_r, R)
+    else:
+        gm = tl.where(o_r[:, None] > o_r[None, :], d_m, 0.0) * _row_decays(g_r, R)
     bgm = b_beta[:, None] * gm
     tl.store(sym_out + (tl.cast(i_chunk, tl.int64) * H + i_h) * R * R + o_r[:, None] * R + o_r[None, :],
              bgm + tl.trans(bgm))
     dmm = bgm * kk
     tl.store(dbeta + rbase + roffs, tl.sum(gm * kk, axis=1), mask=m_r)
-    d_gam_r = tl.sum(dmm, axis=1) - tl.sum(dmm, axis=0)
-    tl.store(dg + tbase + toffs, _to_log_decays(tl.zeros([C], dtype=tl.float32), d_gam_r, 0.0, NHP, C),
-             mask=m_c)
+    if READ:  # e_r = γ_r - g_t + gr_t on first steps
+        d_e_r = tl.sum(dmm, axis=1)
+        d_e0 = _first_steps(d_e_r, NHP, C)
+        tl.store(dgr + tbase + toffs, d_e0, mask=m_c)
+        d_g = _to_log_decays(tl.zeros([C], dtype=tl.float32), d_e_r - tl.sum(dmm, axis=0), 0.0,
+                             NHP, C) - d_e0
+        tl.store(dg + tbase + toffs, d_g, mask=m_c)
+    else:
+        d_gam_r = tl.sum(dmm, axis=1) - tl.sum(dmm, axis=0)
+        tl.store(dg + tbase + toffs, _to_log_decays(tl.zeros([C], dtype=tl.float32), d_gam_r, 0.0, NHP, C),
+                 mask=m_c)
 
 
 @triton.jit
-def chunk_delta_bwd_dk(k, beta, g, delta, du, states, dstates, dk, dbeta, dg, chunk_starts,
-                       chunk_ends, H, KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr,
-                       NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr,
-                       BV: tl.constexpr, DOT: tl.constexpr):
+def chunk_delta_bwd_dk(k, beta, g, gr, delta, du, states, dstates, dk, dbeta, dg, dgr,
+                       chunk_starts, chunk_ends, H, KD: tl.constexpr, VD: tl.constexpr,
+                       NH: tl.constexpr, NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
+                       BKT: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
+                       READ: tl.constexpr = False):
     """Through B (in Y = U - B S0) and the write of S1: dk (bwd_dk_tail adds the rest), and
     the parts of dbeta and dg these carry (added to bwd_dm's). Its products are ieee on every
     target: small tiles (16 x 16 on a GPU, see _TILE_CAPS), and tf32x3 here spilled on sm_80."""
@@ -446,7 +521,11 @@ def chunk_delta_bwd_dk(k, beta, g, delta, du, states, dstates, dk, dbeta, dg, ch
     state = (tl.cast(i_chunk, tl.int64) * H + i_h) * KD * VD
     g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
     b_beta = tl.load(beta + rbase + roffs, mask=m_r, other=0.0)
-    bg = b_beta * tl.exp(gam_r)  # the rows of B = diag(beta exp γ) K
+    if READ:  # the rows of B = diag(beta exp e) K
+        e_r, lr_r, gp_r = _erase_gates(g, gr, g_c, gam_c, tok0, eos, i_h, H, NHP, C, R)
+        bg = b_beta * tl.exp(e_r)
+    else:
+        bg = b_beta * tl.exp(gam_r)  # the rows of B = diag(beta exp γ) K
     dec = tl.exp(suf_r)
     d_bg = tl.zeros([R], dtype=tl.float32)
     d_write = tl.zeros([R], dtype=tl.float32)  # k_r · (Δ dS1ᵀ)_r
@@ -468,7 +547,10 @@ def chunk_delta_bwd_dk(k, beta, g, delta, du, states, dstates, dk, dbeta, dg, ch
         k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD)
         d_bg -= tl.sum(k_t * a1, axis=1)
         d_write += tl.sum(k_t * a2, axis=1)
-    d_beta = tl.exp(gam_r) * d_bg
+    if READ:
+        d_beta = tl.exp(e_r) * d_bg
+    else:
+        d_beta = tl.exp(gam_r) * d_bg
     # the write's decay exp(γ_C - γ_r) spans the tokens after row r's: each token's share is
     # the sum over the rows of earlier tokens, added directly (as -d_gam_r plus a share of
     # d_gam_last it would be a difference of two sums over the chunk, which cancel for the
@@ -480,6 +562,11 @@ def chunk_delta_bwd_dk(k, beta, g, delta, du, states, dstates, dk, dbeta, dg, ch
              mask=m_r)
     d_g = d_suf_c + _to_log_decays(tl.zeros([C], dtype=tl.float32), bg * d_bg,
                                    tl.exp(gam_last) * d_carry, NHP, C)
+    if READ:  # e_r = γ_r - g_t + gr_t on first steps
+        d_e0 = _first_steps(bg * d_bg, NHP, C)
+        tl.store(dgr + tbase + toffs, tl.load(dgr + tbase + toffs, mask=m_c, other=0.0) + d_e0,
+                 mask=m_c)
+        d_g -= d_e0
     tl.store(dg + tbase + toffs, tl.load(dg + tbase + toffs, mask=m_c, other=0.0) + d_g, mask=m_c)
 
 
@@ -609,23 +696,32 @@ def constexprs(kernel: str, cfg: dict) -> dict:
 # boundaries, the head count) and the variant built: every feature on
 _P, _I = "*fp32", "*i64"
 KERNELS = {
-    "chunk_delta_prepare": ("k beta u g t_out w u_t", "chunk_starts chunk_ends", {}),
+    "chunk_delta_prepare": ("k beta u g gr t_out w u_t", "chunk_starts chunk_ends", {}),
     "chunk_delta_fwd_h": ("k g w u_t h0 delta ht states", "cu_seqlens chunk_offsets",
                           {"USE_INITIAL": True}),
     "chunk_delta_fwd_o": ("k g q delta states o", "chunk_starts chunk_ends", {}),
     "chunk_delta_bwd_dv": ("k g q do du dread", "chunk_starts chunk_ends", {}),
-    "chunk_delta_bwd_dh": ("k beta g t_in dread dht du dstates dh0", "cu_seqlens chunk_offsets",
+    "chunk_delta_bwd_dh": ("k beta g gr t_in dread dht du dstates dh0", "cu_seqlens chunk_offsets",
                            {"USE_FINAL_GRAD": True}),
-    "chunk_delta_bwd_dm": ("k beta g delta du dbeta dg sym_out", "chunk_starts chunk_ends", {}),
-    "chunk_delta_bwd_dk": ("k beta g delta du states dstates dk dbeta dg", "chunk_starts chunk_ends",
+    "chunk_delta_bwd_dm": ("k beta g gr delta du dbeta dg dgr sym_out", "chunk_starts chunk_ends",
                            {}),
+    "chunk_delta_bwd_dk": ("k beta g gr delta du states dstates dk dbeta dg dgr",
+                           "chunk_starts chunk_ends", {}),
     "chunk_delta_bwd_dq": ("k g q delta states do dq dg dpm_out", "chunk_starts chunk_ends", {}),
     "chunk_delta_bwd_dk_tail": ("k q sym dpm dk dq", "chunk_starts chunk_ends", {}),
 }
 
 
-def aot_module(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = None):
-    """This file's kernels as an ``aot.GeneratedModule`` for a build report at these sizes."""
+# the kernels with a READ variant (an erase beside a decay)
+_READ_KERNELS = ("chunk_delta_prepare", "chunk_delta_bwd_dh", "chunk_delta_bwd_dm",
+                 "chunk_delta_bwd_dk")
+
+
+def aot_module(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = None,
+               read: bool = False):
+    """This file's kernels as an ``aot.GeneratedModule`` for a build report at these sizes
+    (``read``: the READ variants of the kernels that have one, for a rule whose first erase
+    stands beside a decay; the variant text says so)."""
     from pathlib import Path
 
     from . import aot
@@ -640,6 +736,10 @@ def aot_module(key_dim: int, value_dim: int, steps: int, chunk_size: int | None 
         types = {a: _P for a in pointers.split()}
         types.update({a: _I for a in bounds.split()})
         types["H"] = "i32"
+        text = variant
+        if name in _READ_KERNELS:  # a defaulted constexpr must still be named to build it
+            flags = {**flags, "READ": read}
+            text += ", READ" if read else ""
         entries.append(aot.KernelEntry(name, types, {**constexprs(name, cfg), **flags},
-                                       num_warps(name, cfg), variant))
+                                       num_warps(name, cfg), text))
     return aot.GeneratedModule("chunk-delta", "chunk_delta_core.py", Path(__file__).read_text(), entries)

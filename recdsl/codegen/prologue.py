@@ -16,6 +16,13 @@ How the analysis maps onto the core, per token, in application order:
   scales the writes made before it in the same token (scalars commute with the erases, so
   every decay can be applied first);
 - a Householder-like erase ``I - c k kᵀ`` starts step j: ``k_j = k``, ``beta_j = c``;
+- an erase beside a scalar decay, ``(a I - c k kᵀ) S`` (the erase reads the undecayed state:
+  KLA as its author writes it), adds ``log(a)`` to ``g`` and gives the token a read scale
+  ``r``, the product of the token's other decays, as its log ``g_read`` (``u_0 = c (v - r
+  S_{t-1}ᵀ k)``). Only the token's first erase may stand beside a decay, outside any for
+  block: the later erases read the state after all of the token's decays, as the core
+  applies them (a later erase beside a decay would need a division). The decays here are
+  positive (a negative one is refused), so the read scale has no sign to carry;
 - a write ``c * outer(k, v)`` after it adds ``c * v`` to ``u_j``.
 The output ``o = sum(c_i * x_i @ S) + extra`` gives ``q = sum(c_i * x_i)`` and ``extra``.
 """
@@ -46,6 +53,7 @@ class Plan:
     betas: list = field(default_factory=list)  # per step j: scalar
     writes: list = field(default_factory=list)  # per step j: vector [V]
     log_decay: object = None  # scalar, or None (no decay)
+    read_log: object = None  # scalar log of the first erase's read scale, or None (r = d)
     read: object = None  # vector [K]
     output: str = ""
     extra: object = None  # [V] or None
@@ -62,6 +70,8 @@ class Plan:
             out[f"beta_{j}"] = self.betas[j]
             out[f"u_{j}"] = self.writes[j]
         out["g"] = self.log_decay if self.log_decay is not None else _num(0.0)
+        if self.read_log is not None:
+            out["gr"] = self.read_log
         out["q"] = self.read
         if self.extra is not None:
             out["extra"] = self.extra
@@ -95,13 +105,23 @@ def _structure(rule):
         if f.kind in ("rows", "cols"):
             raise _Unsupported(f"the per-channel decay {_text(f.node)} before the erase is not "
                                f"supported chunkwise (use the recurrent backend)")
-        if f.kind == "rank_one" and f.diag is not None:
+        if f.kind == "rank_one" and f.diag is not None and f.diag.kind != "scalar":
+            raise _Unsupported(f"{_text(f.node)} erases {sa.name} beside a decay that is not a "
+                               f"scalar")
+        for d in (f, f.diag) if f.kind == "rank_one" else (f,):
+            if (d is not None and d.kind == "scalar" and d.coef is not None
+                    and d.coef.sign < 0):
+                raise _Unsupported(f"the decay {_text(d.node)} is negative; the chunk kernel "
+                                   f"takes decays in log space")
+    erases = [(s, f) for s in sa.steps for f in s.factors if f.kind == "rank_one"]
+    for i, (s, f) in enumerate(erases):
+        if f.diag is None:
+            continue
+        if i > 0 or s.loop is not None:
             raise _Unsupported(f"{_text(f.node)} erases the undecayed {sa.name} beside a decay "
-                               f"(S <- (a I - b k kᵀ) S); the chunk kernel erases after the "
-                               f"decay (backend='torch-chunk' runs it)")
-        if f.kind == "scalar" and f.coef is not None and f.coef.sign < 0:
-            raise _Unsupported(f"the decay {_text(f.node)} is negative; the chunk kernel takes "
-                               f"decays in log space")
+                               f"after the token's first erase or in a for block; the chunk "
+                               f"kernel takes that form on the first erase only "
+                               f"(backend='torch-chunk' runs it)")
     for s in sa.steps:
         if s.loop is not None and s.loop.parent is not None:
             raise _Unsupported("nested for blocks are not supported chunkwise")
@@ -126,6 +146,7 @@ def plan(rule, dim_sizes: dict) -> Plan:
     key_dim, value_dim = sa.var.dims
     p = Plan(sa.name, key_dim, value_dim, output=rv.name)
     logs = []  # log-decays of the token so far
+    beside = None  # log of the decay beside the first erase, (a I - c k kᵀ) S
     writes = []  # per step: list of [expression, log-decays applied after it]
     for loop, steps in _groups(sa.steps):
         for j in range(dim_sizes[loop.dim]) if loop is not None else [None]:
@@ -139,11 +160,16 @@ def plan(rule, dim_sizes: dict) -> Plan:
                         for w in (w for step_writes in writes for w in step_writes):
                             w[1].append(log)
                     elif f.kind == "rank_one":
+                        if f.diag is not None:  # the first erase (_structure): no writes yet
+                            beside = _log_of(resolve(f.diag.decay))
                         p.keys.append(resolve(f.key))
                         p.betas.append(resolve(f.coef.expr()))
                         writes.append([])
                 for w in step.writes:
                     writes[-1].append([resolve(w.coef.scaled(w.right)), []])
+    if beside is not None:  # g counts it, the erase's read scale the other decays
+        p.read_log = _sum(logs) if logs else _num(0.0)
+        logs = logs + [beside]
     p.log_decay = _sum(logs) if logs else None
     for step_writes in writes:
         terms = []
@@ -260,6 +286,7 @@ class PrologueSpec:
     backward_args: list
     grad_inputs: dict  # input name -> has a gradient
     grad_params: dict
+    has_read: bool = False  # the quantity gr: the first erase's log read scale per token
 
     @property
     def forward_name(self):
@@ -274,6 +301,8 @@ class PrologueSpec:
 def _buffers(p: Plan) -> list:
     out = [("key", p.steps, (p.key_dim,)), ("beta", p.steps, ()), ("u", p.steps, (p.value_dim,)),
            ("g", 1, ()), ("q", 1, (p.key_dim,))]
+    if p.read_log is not None:
+        out.append(("gr", 1, ()))
     if p.extra is not None:
         out.append(("extra", 1, (p.value_dim,)))
     return out
@@ -386,7 +415,8 @@ class _PrologueGenerator(_RecurrentGenerator):
             grad_inputs={v.name: any(adj.grad_inputs.get(k) is not None
                                      for k in adj.program.inputs if k[0] == v.name)
                          for v in self.rule.inputs},
-            grad_params={name: adj.grad_params.get(name) is not None for name in adj.program.params})
+            grad_params={name: adj.grad_params.get(name) is not None for name in adj.program.params},
+            has_read=self.plan.read_log is not None)
 
 
 def generate(rule, dim_sizes: dict) -> PrologueSpec:

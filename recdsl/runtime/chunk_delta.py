@@ -1,7 +1,9 @@
 """backend="chunk" for the delta family: the generated prologue and the fixed WY/UT core
 (``recdsl.codegen.prologue``, ``recdsl.codegen.chunk_delta``) behind a torch.autograd.Function.
 
-Forward: prologue (per token: keys, betas, writes, log-decay, read vector) -> core (chunks).
+Forward: prologue (per token: keys, betas, writes, log-decay, read vector, and for an erase
+beside a decay its log read scale) -> core (chunks; the core's READ variant when the rule has
+that read scale).
 Backward: core (state gradients walked back over chunks, then every chunk's gradients in
 parallel) -> prologue's adjoint (gradients of the rule's inputs and params).
 
@@ -82,12 +84,12 @@ class _Launch:
         getattr(self.core, name)[grid](*args, **self.core.constexprs(name, self.cfg), **flags,
                                        num_warps=self.core.num_warps(name, self.cfg))
 
-    def chunks(self, kernel, *args, v_tiles=False, k_tiles=False):
+    def chunks(self, kernel, *args, v_tiles=False, k_tiles=False, **flags):
         """A core kernel with one program per (chunk, head[, V or K tile])."""
         grid = (self.n_chunks, self.H)
         if v_tiles or k_tiles:
             grid += (self.NV if v_tiles else triton.cdiv(self.KD, self.cfg["BKT"]),)
-        self._launch(kernel, grid, args + (self.chunk_starts, self.chunk_ends, self.H), {})
+        self._launch(kernel, grid, args + (self.chunk_starts, self.chunk_ends, self.H), flags)
 
     def sequences(self, kernel, *args, **flags):
         """A core kernel walking the chunks: one program per (sequence, head, V tile)."""
@@ -102,6 +104,8 @@ class _Launch:
         n, H = self.ntok, self.H
         shapes = {"key": (n, H, self.NH, self.KD), "beta": (n, H, self.NH),
                   "u": (n, H, self.NH, self.VD), "g": (n, H), "q": (n, H, self.KD)}
+        if self.spec.has_read:
+            shapes["gr"] = (n, H)
         if self.spec.has_extra:
             shapes["extra"] = (n, H, self.VD)
         return shapes
@@ -122,10 +126,12 @@ class _ChunkDeltaFunction(torch.autograd.Function):
         getattr(launch.module, launch.spec.forward_name)[launch.prologue_grid()](
             *inputs, *params, *quantities.values(), launch.ntok, launch.H, TOKB=TOKENS_PER_PROGRAM)
         key, beta, u, g, q = (quantities[n] for n in ("key", "beta", "u", "g", "q"))
+        read = launch.spec.has_read
+        gr = quantities["gr"] if read else g  # not read unless READ
         KD, VD, H = launch.KD, launch.VD, launch.H
         t = launch.f32(launch.n_chunks, H, launch.R, launch.R)
         w, u_t, delta = torch.empty_like(key), torch.empty_like(u), torch.empty_like(u)
-        launch.chunks("prepare", key, beta, u, g, t, w, u_t)
+        launch.chunks("prepare", key, beta, u, g, gr, t, w, u_t, READ=read)
         ht = launch.f32(launch.N, H, KD, VD)
         states = launch.f32(launch.n_chunks, H, KD, VD)
         use_initial = h0 is not None
@@ -138,7 +144,7 @@ class _ChunkDeltaFunction(torch.autograd.Function):
             o = o + quantities["extra"]
         ctx.launch = launch
         ctx.initial_dtype = h0.dtype if use_initial else None
-        ctx.save_for_backward(*inputs, *params, key, beta, g, q, t, delta, states)
+        ctx.save_for_backward(*inputs, *params, key, beta, g, gr, q, t, delta, states)
         return o.view(call.batch, call.time, H, VD), ht
 
     @staticmethod
@@ -148,7 +154,8 @@ class _ChunkDeltaFunction(torch.autograd.Function):
         n_in, n_par = len(rule.inputs), len(rule.params)
         saved = ctx.saved_tensors
         inputs, params = saved[:n_in], saved[n_in:n_in + n_par]
-        key, beta, g, q, t, delta, states = saved[n_in + n_par:]
+        key, beta, g, gr, q, t, delta, states = saved[n_in + n_par:]
+        read = launch.spec.has_read
         KD, VD, H = launch.KD, launch.VD, launch.H
         do = (d_out.reshape(launch.ntok, H, VD).to(torch.float32).contiguous() if d_out is not None
               else torch.zeros(launch.ntok, H, VD, dtype=torch.float32, device=call.device))
@@ -159,13 +166,15 @@ class _ChunkDeltaFunction(torch.autograd.Function):
         dread = launch.f32(launch.n_chunks, H, KD, VD)
         dh0 = launch.f32(launch.N, H, KD, VD)
         launch.chunks("bwd_dv", key, g, q, do, grads["u"], dread, v_tiles=True)
-        launch.sequences("bwd_dh", key, beta, g, t, dread, dht, grads["u"], dstates, dh0,
-                         USE_FINAL_GRAD=use_final)
+        launch.sequences("bwd_dh", key, beta, g, gr, t, dread, dht, grads["u"], dstates, dh0,
+                         USE_FINAL_GRAD=use_final, READ=read)
         del dread
         sym, dpm = t, torch.empty_like(t)  # T is not needed any more: its buffer takes sym
-        launch.chunks("bwd_dm", key, beta, g, delta, grads["u"], grads["beta"], grads["g"], sym)
-        launch.chunks("bwd_dk", key, beta, g, delta, grads["u"], states, dstates, grads["key"],
-                      grads["beta"], grads["g"])
+        dgr = grads["gr"] if read else grads["g"]  # not written unless READ
+        launch.chunks("bwd_dm", key, beta, g, gr, delta, grads["u"], grads["beta"], grads["g"],
+                      dgr, sym, READ=read)
+        launch.chunks("bwd_dk", key, beta, g, gr, delta, grads["u"], states, dstates,
+                      grads["key"], grads["beta"], grads["g"], dgr, READ=read)
         launch.chunks("bwd_dq", key, g, q, delta, states, do, grads["q"], grads["g"], dpm)
         launch.chunks("bwd_dk_tail", key, q, sym, dpm, grads["key"], grads["q"], k_tiles=True)
         if "extra" in grads:
