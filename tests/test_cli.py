@@ -214,7 +214,7 @@ def test_show_prints_the_recurrence_of_gated_delta(capsys):
 def test_show_gives_mlstm_reason_with_position(capsys):
     assert main(["show", str(ROOT / "examples" / "mlstm.rec")]) == 0
     out = capsys.readouterr().out
-    assert "family: recurrent" in out
+    assert "family: staged" in out
     assert "mlstm.rec:12:10: the update of m is not affine in the states: state m inside max()" in out
 
 
@@ -239,17 +239,17 @@ def test_show_lists_the_backends_and_why_the_chunk_paths_refuse_a_rule(tmp_path,
     scan_no = (f"no: rule 'gk_delta' has no elementwise scan form: beta * outer(k, k @ S) is a "
                f"rank-one factor of S: its transition is not elementwise, so no elementwise scan "
                f"({path}:6:9)")
+    # torch-chunk runs it through the DPLR family's module (the delta module refuses it)
     assert lines == [
         "  chunk        no: the per-channel decay diag(exp(gk)) @ S before the erase is not supported "
         "chunkwise (use the recurrent backend)",
         f"  scan         {scan_no}",
-        "  torch-chunk  no: the per-channel decay diag(exp(gk)) @ S before the erase (line 5) has no "
-        "numerically stable chunkwise form here; backend='recurrent' runs it",
+        "  torch-chunk  yes",
         f"  torch-scan   {scan_no}",
         "  recurrent    yes",
         "  naive        yes",
-        "  on the CPU, best first: recurrent, naive",  # interpreted Triton (conftest)
-        "  on a GPU, best first: recurrent, naive",
+        "  on the CPU, best first: torch-chunk, recurrent, naive",  # interpreted Triton (conftest)
+        "  on a GPU, best first: recurrent, torch-chunk, naive",
     ]
     assert main(["show", str(ROOT / "examples" / "gla.rec")]) == 0
     assert capsys.readouterr().out.split("backends:\n", 1)[1].split()[:12] == [

@@ -82,7 +82,8 @@ def chunk_delta_modules(rule: CheckedRule, sizes: dict) -> list:
         return []
     plan = prologue.plan(full, sizes)
     return [prologue.aot_module(full, sizes),
-            chunk_delta.aot_module(sizes[plan.key_dim], sizes[plan.value_dim], plan.steps)]
+            chunk_delta.aot_module(sizes[plan.key_dim], sizes[plan.value_dim], plan.steps,
+                                   read=plan.read_log is not None)]
 
 
 def _kernel_args(source: str) -> dict:

@@ -9,6 +9,10 @@ first that accepts is the rule's family:
   key: delta, gated_delta, kla, deltaproduct.
 - ``diagonal``: every state has only scalar or diagonal decays (rows or columns) and writes
   that are outer products: linear_attention, retention, mamba2, gla, raven.
+- ``dplr``: every state's transition is, per token, a sequence of per-channel or scalar decays
+  and rank-one factors ``(D - a bᵀ)`` with any vectors a and b, in either orientation, and its
+  writes outer products: KDA, RWKV-7, GDN-2, Comba, IPLR, DeltaProduct with per-channel gates
+  (``recdsl.ir.dplr``).
 - ``scan``: every state's transition is elementwise (scalar, row, column or per-entry decays,
   any state shape, writes of any form): an associative scan over time, with the outputs any
   per-token function of the states before, between or after the token's updates: minGRU,
@@ -29,7 +33,7 @@ from .affine import Analysis, StateAnalysis, analyse, loop_groups, same_expr
 from .checked import CheckedRule
 from .pretty import unparse
 
-CHUNK_FAMILIES = ("delta", "diagonal")
+CHUNK_FAMILIES = ("delta", "diagonal", "dplr")
 
 
 @dataclass
@@ -55,6 +59,10 @@ class Family:
     # a rule the chunk planners refuse for its reads alone: its read lowering
     # (``recdsl.ir.reads.Lowered``: plain reads of a derived chunkwise rule plus an epilogue)
     lowered: Optional[object] = field(default=None, repr=False, compare=False)
+    # a recurrent rule whose small non-affine states can go first (mLSTM's m): its staging
+    # (``recdsl.ir.stages.Staged``: those states by a scan or a sequential pass, the rest as a
+    # derived affine rule given them per token)
+    staged: Optional[object] = field(default=None, repr=False, compare=False)
 
     def where(self, filename: str) -> str:
         """``file:line:col`` of the offending term, or the file alone."""
@@ -115,9 +123,19 @@ def _plan_scan(analysis: Analysis) -> str:
     return _describe_states(analysis)
 
 
+def _plan_dplr(analysis: Analysis) -> str:
+    from .dplr import NotDplr, plan
+    _affine(analysis)  # the root cause first, as the other planners say it
+    try:
+        return plan(analysis).describe()
+    except NotDplr as e:
+        raise _Recurrent(e.reason, e.pos)
+
+
 PLANNERS = (
     ("delta", lambda a: _plan_chunk(a, "delta")),
     ("diagonal", lambda a: _plan_chunk(a, "diagonal")),
+    ("dplr", _plan_dplr),
     ("scan", _plan_scan),
 )
 
@@ -126,8 +144,10 @@ def classify(checked: CheckedRule, analysis: Optional[Analysis] = None) -> Famil
     """The family of a checked rule (``analysis`` is computed when not given), with every
     planner's verdict and, where the chunk planners refuse only its reads, its read lowering."""
     from .reads import for_family
+    from .stages import for_family as staging_for
     family = _classify(checked, analysis)
     family.lowered = for_family(checked, family)
+    family.staged = staging_for(checked, family)
     return family
 
 

@@ -322,7 +322,12 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
     family = family or classify(checked, analysis)
     p = _Printer(checked)
     out = [f"rule {checked.name} ({checked.filename})", f"family: {family.name}"]
-    if family.lowered is not None and family.name == "recurrent":
+    if family.staged is not None and family.name == "recurrent":
+        out[-1] = "family: staged: no parallel form as a whole, its states run in stages (below)"
+        out.append(f"  reason: {family.where(checked.filename)}: {family.reason}")
+        if family.pos is not None:
+            out += _caret(checked, family.pos)
+    elif family.lowered is not None and family.name == "recurrent":
         out[-1] = f"family: {family.lowered.family}, with its reads lowered"
         out.append(f"  the updates and plain reads of the states run as the "
                    f"{family.lowered.family} family; each output is then a per-token function of "
@@ -343,6 +348,13 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
             out.append(f"  {name:<{width}}  {verdict}")
         if family.lowered is not None:
             out.append(f"  {family.lowered.family} with its reads lowered: yes")
+    if family.staged is not None:
+        out += ["", "stages:"] + [f"  {line}" for line in family.staged.describe().splitlines()]
+    elif family.name == "recurrent":
+        from .stages import why_not
+        reason = why_not(checked)
+        if reason:
+            out += ["", f"stages: none: {reason}"]
 
     read_lets = {rv.name for rv in analysis.reads if rv.kind == "let"}
     lets = []

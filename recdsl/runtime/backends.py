@@ -29,7 +29,8 @@ BACKENDS = (
     Backend("chunk", True, (("delta", "chunk_delta"), ("diagonal", "chunk_diagonal"))),
     Backend("scan", True, (("scan", "scan"),)),
     Backend("torch-chunk", False, (("delta", "torch_chunk_delta"),
-                                   ("diagonal", "torch_chunk_diagonal"))),
+                                   ("diagonal", "torch_chunk_diagonal"),
+                                   ("dplr", "torch_chunk_dplr"))),
     Backend("torch-scan", False, (("scan", "torch_scan"),)),
     Backend("recurrent", True, ()),
     Backend("naive", False, ()),
@@ -57,11 +58,16 @@ def _module(backend: Backend, family: str):
 
 def _family_of(rule, backend: Backend):
     """The family whose module runs ``rule`` on ``backend``: the first of the backend's
-    families that the planners accepted, or None."""
-    for family, _ in backend.family_modules:
-        if rule.family_info.accepts(family):
+    families that the planners accepted and whose module takes the rule (a rule the delta
+    family accepts but whose delta module refuses, KDA's per-channel decay before the erase,
+    goes on to the dplr module), else the first accepted one (its refusal is the reason), or
+    None."""
+    accepted = [f for f, _ in backend.family_modules if rule.family_info.accepts(f)]
+    for family in accepted:
+        module = _module(backend, family)
+        if module is not None and module.problem(rule) is None:
             return family
-    return None
+    return accepted[0] if accepted else None
 
 
 def problem(rule, name: str):
@@ -71,6 +77,9 @@ def problem(rule, name: str):
     if backend is None or not backend.family_modules:  # runs any rule
         return None
     family = _family_of(rule, backend)
+    if family is None and rule.family_info.staged is not None:
+        from . import staged  # the leading states first (recdsl.ir.stages), then the rest
+        return staged.problem(rule, name)
     if family is None and rule.family_info.lowered is not None and name in ("torch-chunk", "chunk"):
         from . import lowered  # outputs through the read lowering (recdsl.ir.reads)
         return lowered.problem(rule, name)
@@ -105,7 +114,13 @@ def _prefer_scan(rule, dim_sizes=None) -> bool:
     scan materialises every token's state, the chunk form only one state per chunk, so the
     chunk form wins once both axes of the matrix states are wide (benchmarks/bench_scan.py
     measures the crossover: a [D, 1] state scans faster, a 16 x 16 one runs chunkwise)."""
-    for var in rule.ir.states:
+    staging = rule.family_info.staged
+    states = rule.ir.states
+    if staging is not None:  # the states the derived rule runs (mLSTM's C and n, not m)
+        states = staging.derived.ir.states
+        if any(v.rank == 2 for v in states):
+            states = [v for v in states if v.rank == 2]
+    for var in states:
         if var.rank < 2:
             return True
         if dim_sizes is not None and min(dim_sizes[d] for d in var.dims) < SCAN_BELOW:
@@ -165,6 +180,9 @@ def _runner(rule, name):
         from .recurrent import run_recurrent  # imports Triton only when used
         return run_recurrent
     backend = _BY_NAME[name]
+    if _family_of(rule, backend) is None and rule.family_info.staged is not None:
+        from . import staged
+        return staged.runner(name)
     if _family_of(rule, backend) is None and rule.family_info.lowered is not None:
         from . import lowered
         return lowered.runner(name)

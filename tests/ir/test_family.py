@@ -115,9 +115,11 @@ def test_gated_delta_with_the_mamba_gate_and_beta_inside_the_outer_is_delta():
 def test_recurrent_rules_with_reason_and_position(body, reason, line, column):
     f = family("rule r\n" + HEAD + "input q[K], k[K], w[K], v[V], gk[K], gv[V], W[K, V], beta\n"
                f"{body}\noutput o = q @ S\n")
-    # no chunkwise form; an elementwise transition still has the scan
+    # not the delta or diagonal form; a general rank-one factor is still DPLR, an elementwise
+    # transition still has the scan
     chunk = f.verdicts["delta" if "erase" in reason else "diagonal"]
-    assert f.name == ("scan" if "W" in body else "recurrent")
+    expected = "scan" if "W" in body else "recurrent" if ("tanh" in body or "gv" in body) else "dplr"
+    assert f.name == expected
     assert not chunk.accepted and chunk.reason == reason
     assert (chunk.pos.line, chunk.pos.column) == (line, column)
     if f.name == "recurrent":
@@ -180,6 +182,6 @@ def test_vector_states_scan_and_mixed_forms_are_recurrent():
     f = family("rule mix\ndims K, V\nstate S[K, V], T[K, V]\ninput q[K], k[K], v[V], beta\n"
                "S = S - beta * outer(k, k @ S) + beta * outer(k, v)\nT = T + outer(k, v)\n"
                "output o = q @ S + q @ T\n")
-    assert f.name == "recurrent"
-    assert f.reason == ("state S has the delta form and state T the diagonal form: no single "
-                        "chunkwise form fits both")
+    assert f.name == "dplr"  # both states are DPLR (T with no rank-one factor)
+    assert f.verdicts["delta"].reason == ("state S has the delta form and state T the diagonal "
+                                          "form: no single chunkwise form fits both")

@@ -36,7 +36,10 @@ def test_grad_code_is_appended_under_a_heading():
 
 def test_mlstm_prints_the_reason_with_its_position():
     out = show("mlstm")
-    assert "family: recurrent" in out
+    assert "family: staged: no parallel form as a whole, its states run in stages (below)" in out
+    assert ("stages:\n  stage 1: m: max-plus recurrence m = max(a + m, b) with a = lf, b = i: "
+            "parallel (cumulative max)\n  stage 2: C, n: the diagonal family through the read "
+            "lowering, given m per token\n") in out
     assert ("  reason: mlstm.rec:12:10: the update of m is not affine in the states: state m "
             "inside max(); the updates of C and n depend on m\n"
             "      let m1 = max(lf + m, i)\n"
