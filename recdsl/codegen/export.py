@@ -142,9 +142,25 @@ def scan_modules(rule: CheckedRule, sizes: dict) -> list:
     return [scan_kernels.aot_module(channels)]
 
 
+def derived_modules(rule: CheckedRule, sizes: dict) -> list:
+    """The kernels of the derived rule a staged rule (mLSTM: C and n given m) or a rule with
+    its reads lowered runs on the chunk and scan backends: that rule's chunk and scan modules
+    (a dim the derivation adds, the lifted vector states' ONE, has size 1)."""
+    from ..runtime.rule import Rule
+    info = Rule(rule).family_info
+    derived = info.staged.derived if info.staged is not None else (
+        info.lowered.derived if info.lowered is not None else None)
+    if derived is None:
+        return []
+    inner = {d: sizes.get(d, 1) for d in derived.ir.dims}
+    modules = [m for make in (chunk_delta_modules, chunk_diagonal_modules, scan_modules,
+                              derived_modules) for m in make(derived.ir, inner)]
+    return modules
+
+
 # Each generator gives a list of modules for (checked rule, sizes): empty where it does not apply.
 GENERATORS = (lambda rule, sizes: [recurrent_module(rule, sizes)], chunk_delta_modules,
-              chunk_diagonal_modules, scan_modules)
+              chunk_diagonal_modules, scan_modules, derived_modules)
 
 
 def generated_modules(rule: CheckedRule, sizes: dict) -> list:
