@@ -172,7 +172,8 @@ def test_export_writes_readable_files_with_headers(tmp_path, capsys):
     assert code == 0
     kernels, programs = tmp_path / "out/raven_recurrent.py", tmp_path / "out/raven_token_torch.py"
     chunk = [tmp_path / "out/raven_chunk_diagonal_prologue.py", tmp_path / "out/chunk_diagonal.py"]
-    written = [kernels, *chunk, programs]
+    scan = tmp_path / "out/scan_kernels.py"  # Raven's transitions are elementwise too
+    written = [kernels, *chunk, scan, programs]
     assert capsys.readouterr().out.splitlines() == [f"wrote {path}" for path in written]
     for path in written:
         text = path.read_text()
