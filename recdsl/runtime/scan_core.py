@@ -49,10 +49,9 @@ def scan(a, b, h0):
     b = b.reshape(B, C, L, *rest)
     # (1) each chunk from a zero state: its last state and the product of its multipliers
     last = b[:, :, 0].clone()
-    product = a[:, :, 0].clone()
     for i in range(1, L):
         last.mul_(a[:, :, i]).add_(b[:, :, i])
-        product.mul_(a[:, :, i])
+    product = a.prod(dim=2)
     # (2) the state entering each chunk
     entering = torch.empty((B, C) + rest, dtype=b.dtype, device=b.device)
     entering[:, 0] = h0
