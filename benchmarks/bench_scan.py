@@ -70,10 +70,10 @@ def speedups(name, text, dims, T, loop_t, reps):
     for backward in (False, True):
         inputs = sample_inputs(rule, batch=B, time=T, heads=H, dims=dims)
         short = sample_inputs(rule, batch=B, time=loop_t, heads=H, dims=dims)
-        fast = timed({"torch-scan": run_once(call(rule, "torch-scan"), inputs, backward)},
-                     reps, budget=30)["torch-scan"][0]
-        loop = timed({"naive": run_once(call(rule, "naive"), short, backward)}, 1,
-                     budget=60)["naive"][0] * T / loop_t
+        # interleaved in one timing, so that a change in the machine's load hits both
+        t = timed({"torch-scan": run_once(call(rule, "torch-scan"), inputs, backward),
+                   "naive": run_once(call(rule, "naive"), short, backward)}, reps, budget=60)
+        fast, loop = t["torch-scan"][0], t["naive"][0] * T / loop_t
         rows.append((name, "fwd+bwd" if backward else "fwd", T, loop, fast, loop / fast))
     return rows
 
