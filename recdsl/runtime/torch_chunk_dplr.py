@@ -53,6 +53,11 @@ from .torch_chunk_delta import _Chunks, _Values
 
 CHUNK_SIZE = 16  # tokens per chunk (16 and 32 tested)
 LOG_FLOOR = -1.0e4  # exp(-1e4) is 0 in float64
+SUB_TOKENS = 16  # tokens per sub-chunk of the factored form (its reference points)
+# largest |log| of a row or column scale of the factored form, by compute dtype: exp(60) is
+# far inside float32's range (exp(88)), with room for the vectors' own magnitudes
+SPREAD_LIMIT = {torch.float64: 600.0, torch.float32: 60.0, torch.bfloat16: 60.0,
+                torch.float16: 8.0}
 
 
 # ============================================================ the plan as sub-steps
@@ -130,6 +135,124 @@ def _pairs(rows, cols, mask, neg_rows=None, neg_cols=None, dt=torch.float32):
     return _span_decay(diff, neg, dt)
 
 
+def _scores_pairwise(gam, gprev, ncum, nprev, a, b, x, q, m, dt):
+    """(A_ab [nc, Z, L, L], A_bx [nc, Z, L, L r], Qa [nc, Z, C R, L], Qx [nc, Z, C R, L r]) by
+    the pairwise ``[L, L, K]`` form: exact for any decays (also decays above 1)."""
+    nc, Z, L, K = a.shape
+    r = x.shape[-2]
+    dev = a.device
+    idx = torch.arange(L, device=dev)
+    strict = idx[None, :] < idx[:, None]  # [i, j]: j < i
+    G1 = _pairs(gprev, gam, strict, nprev, ncum, dt)  # [nc, Z, L, L, K]
+    bG = b.unsqueeze(-2) * G1
+    A_ab = (bG * a.unsqueeze(-3)).sum(-1)  # [nc, Z, L, L]
+    A_bx = torch.einsum("...ijc,...jwc->...ijw", bG, x).reshape(nc, Z, L, L * r)
+    Qa = Qx = None
+    if q is not None:
+        C, Rn = q.shape[2], q.shape[3]
+        h = torch.arange(C, device=dev) * m + (m - 1)
+        gh = gam[:, :, h]  # [nc, Z, C, K]
+        nh = None if ncum is None else ncum[:, :, h]
+        incl = idx[None, :] <= h[:, None]  # [t, j]
+        G2 = _pairs(gh, gam, incl, nh, ncum, dt)  # [nc, Z, C, L, K]
+        qG = q.unsqueeze(-2) * G2.unsqueeze(-3)  # [nc, Z, C, R, L, K]
+        Qa = (qG * a[:, :, None, None]).sum(-1).reshape(nc, Z, C * Rn, L)
+        Qx = torch.einsum("...trjc,...jwc->...trjw", qG, x).reshape(nc, Z, C * Rn, L * r)
+    return A_ab, A_bx, Qa, Qx
+
+
+def _parity(n):
+    """(-1)^n for float counts n."""
+    return 1 - 2 * torch.remainder(n, 2)
+
+
+def _scores_factored(gam, gprev, ncum, nprev, a, b, x, q, m, dt):
+    """The same four score matrices as ``_scores_pairwise`` for decays <= 1 (every log-decay
+    <= 0, so ``γ`` falls along the chunk), as plain batched matmuls of rescaled rows.
+
+    The chunk's L sub-steps are cut into sub-chunks of ``SUB_TOKENS`` tokens; a row in
+    sub-chunk p (an erase's read i, with ``γ_{i-1}``, or a token's read t, with ``γ_h``) takes
+    the reference ``ρ_p``, the cumulative log-decay at p's start: its row scale
+    ``exp(γ_row - ρ_p)`` is <= 1 and the column scales ``exp(ρ_p - γ_j)`` are <= 1 for every j
+    before p and >= 1 inside p. Every reference is at or before its rows, so no row sees a
+    later token's gate (not even in its rounding; fla #1240). A row whose own scale falls
+    below ``exp(-SPREAD_LIMIT)`` in some channel (a strong gate inside its sub-chunk, before
+    it) would meet column scales beyond ``exp(SPREAD_LIMIT)``: such rows, and only those,
+    are recomputed by the exact pairwise form (the choice too depends on earlier gates only).
+    Column scales are capped at ``exp(SPREAD_LIMIT)``: a cap only touches masked entries of
+    rows that stay factored, so masked entries stay finite (no 0 * inf in the gradients)."""
+    nc, Z, L, K = a.shape
+    r = x.shape[-2]
+    dev = a.device
+    limit = SPREAD_LIMIT.get(dt, 60.0)
+    C = L // m
+    sub = SUB_TOKENS if C % SUB_TOKENS == 0 else C  # tokens per sub-chunk
+    Ls, P = sub * m, C // sub  # sub-steps per sub-chunk, sub-chunks per chunk
+    Rn = 0 if q is None else q.shape[3]
+    idx = torch.arange(L, device=dev)
+    h = torch.arange(C, device=dev) * m + (m - 1)
+
+    # the rows: erase reads (L) then token reads (C R), each with its log-decay and vector
+    rows_g, rows_v, rows_lim = [gprev], [b], [idx]  # valid columns: j < lim
+    rows_n = [nprev]
+    if q is not None:
+        rows_g.append(gam[:, :, h].repeat_interleave(Rn, 2))
+        rows_v.append(q.reshape(nc, Z, C * Rn, K))
+        rows_lim.append((h + 1).repeat_interleave(Rn))
+        if ncum is not None:
+            rows_n.append(ncum[:, :, h].repeat_interleave(Rn, 2))
+    nrows = L + C * Rn
+    ref = gprev[:, :, ::Ls].detach()  # [nc, Z, P, K]
+    rows_p = torch.cat([idx // Ls, (h // Ls).repeat_interleave(Rn)])
+    rg = torch.cat(rows_g, 2)
+    rexp = rg - ref[:, :, rows_p]  # [nc, Z, nrows, K], <= 0
+    bad = (rexp.detach().amin(-1) < -limit)  # [nc, Z, nrows]
+    rscale = rexp.to(dt).exp()
+    cexp = (ref.unsqueeze(3) - gam.unsqueeze(2)).clamp(max=limit)  # [nc, Z, P, L, K]
+    cscale = cexp.to(dt).exp()
+    if ncum is not None:
+        rscale = rscale * _parity(torch.cat(rows_n, 2)).to(dt)
+        cscale = cscale * _parity(ncum).to(dt).unsqueeze(2)
+    rv = torch.cat(rows_v, 2) * rscale  # [nc, Z, nrows, K]
+    cols = torch.cat([(cscale * a.unsqueeze(2)),
+                      (cscale.unsqueeze(-2) * x.unsqueeze(2)).reshape(nc, Z, P, L * r, K)],
+                     3)  # [nc, Z, P, L (1 + r), K]
+    # rows by sub-chunk: [nc, Z, P, Ls + sub R, K]
+    rA = rv[:, :, :L].reshape(nc, Z, P, Ls, K)
+    if q is not None:
+        rA = torch.cat([rA, rv[:, :, L:].reshape(nc, Z, P, sub * Rn, K)], 3)
+    S = rA @ cols.transpose(-1, -2)  # [nc, Z, P, Ls + sub R, L (1 + r)]
+    SA = S[:, :, :, :Ls].reshape(nc, Z, L, L * (1 + r))
+    if q is not None:
+        SQ = S[:, :, :, Ls:].reshape(nc, Z, C * Rn, L * (1 + r))
+        S = torch.cat([SA, SQ], 2)  # [nc, Z, nrows, L (1 + r)]
+    else:
+        S = SA
+    lim = torch.cat(rows_lim)
+    colj = torch.cat([idx, idx.repeat_interleave(r)])
+    S = torch.where(colj[None, :] < lim[:, None], S, torch.zeros((), dtype=dt, device=dev))
+
+    if bool(bad.any()):
+        ci, zi, ri = bad.nonzero(as_tuple=True)
+        g_r = rg[ci, zi, ri]  # [n, K]
+        G = gam[ci, zi]  # [n, L, K]
+        mask = idx[None, :] < lim[ri][:, None]  # [n, L]
+        diff = g_r.unsqueeze(1) - G
+        diff = torch.where(mask[..., None], diff, torch.full_like(diff, -torch.inf))
+        neg = None
+        if ncum is not None:
+            neg = torch.cat(rows_n, 2)[ci, zi, ri].unsqueeze(1) - ncum[ci, zi]
+        pair = _span_decay(diff, neg, dt) * torch.cat(rows_v, 2)[ci, zi, ri].unsqueeze(1)
+        ea = (pair * a[ci, zi]).sum(-1)  # [n, L]
+        ex = torch.einsum("njc,njwc->njw", pair, x[ci, zi]).reshape(-1, L * r)
+        S = S.index_put((ci, zi, ri), torch.cat([ea, ex], 1))
+    A_ab, A_bx = S[:, :, :L, :L], S[:, :, :L, L:]
+    Qa = Qx = None
+    if q is not None:
+        Qa, Qx = S[:, :, L:, :L], S[:, :, L:, L:]
+    return A_ab, A_bx, Qa, Qx
+
+
 def chunk_dplr(g, neg, a, b, x, y, q, S0, m):
     """The chunk recurrence of one state.
 
@@ -147,14 +270,11 @@ def chunk_dplr(g, neg, a, b, x, y, q, S0, m):
     if neg is not None:
         ncum = neg.to(torch.float64).cumsum(2)
         nprev = torch.cat([torch.zeros_like(ncum[:, :, :1]), ncum[:, :, :-1]], 2)
-    idx = torch.arange(L, device=dev)
-    strict = idx[None, :] < idx[:, None]  # [i, j]: j < i
-    G1 = _pairs(gprev, gam, strict, nprev, ncum, dt)  # [nc, Z, L, L, K]
-    bG = b.unsqueeze(-2) * G1
-    A_ab = (bG * a.unsqueeze(-3)).sum(-1)  # [nc, Z, L, L]
-    xf = x.reshape(nc, Z, L * r, K)
+    # factored unless a decay exceeds 1 somewhere in the call (then the span decays are not
+    # bounded by 1 and the pairwise form is the safe one)
+    scores = _scores_factored if bool((g <= 0).all()) else _scores_pairwise
+    A_ab, A_bx, Qa, Qx = scores(gam, gprev, ncum, nprev, a, b, x, q, m, dt)
     yf = y.reshape(nc, Z, L * r, V)
-    A_bx = torch.einsum("...ijc,...jwc->...ijw", bG, x).reshape(nc, Z, L, L * r)
     Bt = b * _span_decay(gprev, nprev, dt)
     rhs = torch.cat([Bt, A_bx @ yf], -1)  # [nc, Z, L, K + V]
     eye = torch.eye(L, dtype=dt, device=dev)
@@ -176,21 +296,19 @@ def chunk_dplr(g, neg, a, b, x, y, q, S0, m):
         h = torch.arange(C, device=dev) * m + (m - 1)
         gh = gam[:, :, h]  # [nc, Z, C, K]
         nh = None if ncum is None else ncum[:, :, h]
-        incl = idx[None, :] <= h[:, None]  # [t, j]
-        G2 = _pairs(gh, gam, incl, nh, ncum, dt)  # [nc, Z, C, L, K]
-        qG = q.unsqueeze(-2) * G2.unsqueeze(-3)  # [nc, Z, C, R, L, K]
-        Qa = (qG * a[:, :, None, None]).sum(-1).reshape(nc, Z, C * Rn, L)
-        Qx = torch.einsum("...trjc,...jwc->...trjw", qG, x).reshape(nc, Z, C * Rn, L * r)
         Qt = (q * _span_decay(gh, nh, dt).unsqueeze(-2)).reshape(nc, Z, C * Rn, K)
         R = Qt + Qa @ M1  # [nc, Z, C R, K]
         O = Qa @ M2 + Qx @ yf  # [nc, Z, C R, V]
 
+    # unbind, not R[c]: the gradient of an indexed chunk is a zero tensor of all chunks
     S = S0
     outs = []
+    Ms, Us = M.unbind(0), U.unbind(0)
+    Rs, Os = (R.unbind(0), O.unbind(0)) if R is not None else (None, None)
     for c in range(nc):
-        if R is not None:
-            outs.append(R[c] @ S + O[c])
-        S = M[c] @ S + U[c]
+        if Rs is not None:
+            outs.append(torch.baddbmm(Os[c], Rs[c], S))
+        S = torch.baddbmm(Us[c], Ms[c], S)
     o = None
     if outs:
         o = torch.stack(outs).reshape(nc, Z, q.shape[2], q.shape[3], V)

@@ -345,3 +345,124 @@ def test_kda_against_a_loop_from_fla_definition():
                                        initial[0], SIZES["K"] ** -0.5)
     assert (o[0] - ref_o).abs().max() < 1e-10 * ref_o.abs().max()
     assert (S - ref_S).abs().max() < 1e-10 * ref_S.abs().max()
+
+
+# ---------------------------------------------------------------- factored and exact scores
+
+
+def _strong_then_mild(x, strong_at, log_decay):
+    """Mild gates everywhere, and ``log_decay`` on the channels of every token in
+    ``strong_at`` (a slice of the time axis): a sub-chunk whose spread defeats the factored
+    form next to ones that take it."""
+    g = -F.softplus(x) * 0.5
+    g[:, strong_at, :, ::2] = log_decay
+    return g
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("strong", [-1e4, -9.0, -80.0])
+@pytest.mark.parametrize("name", ["kda", "rwkv7"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_strong_gates_beside_mild_ones(dplr_backend, monkeypatch, name, strong, chunk, dtype):
+    """One call, chunks (and sub-chunks) with strong gates (rows recomputed exactly) beside
+    chunks with mild ones (factored): TESTING.md's rule against the naive loop."""
+    monkeypatch.setattr(torch_chunk_dplr, "CHUNK_SIZE", chunk)
+    rule = recdsl.compile(RULES[name])
+    tensors, initial = _args(rule, name, 150)
+    tensors["gk"] = _strong_then_mild(tensors["gk"], slice(70, 80), strong)
+    assert_matches_naive(rule, tensors, initial, backend=BACKEND, dtype=dtype,
+                         floor=1e-10 if dtype == torch.float64 else 3e-6)
+
+
+def _score_inputs(L, m, K=12, r=2, R=2, nc=3, Z=2, gates="mixed", signs=False, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    rn = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64)
+    g = -F.softplus(rn(nc, Z, L, K))
+    if gates == "mixed":
+        pick = torch.randint(0, 4, g.shape, generator=gen)
+        g = torch.where(pick == 0, torch.zeros_like(g), g)
+        g = torch.where(pick == 1, torch.full_like(g, -40.0), g)
+        g[0, 0, L // 2, :] = -1e4
+    gam = g.cumsum(2)
+    gprev = torch.cat([torch.zeros_like(gam[:, :, :1]), gam[:, :, :-1]], 2)
+    ncum = nprev = None
+    if signs:
+        neg = (torch.rand(g.shape, generator=gen) < 0.3).double()
+        ncum = neg.cumsum(2)
+        nprev = torch.cat([torch.zeros_like(ncum[:, :, :1]), ncum[:, :, :-1]], 2)
+    a, b = rn(nc, Z, L, K), rn(nc, Z, L, K)
+    x, q = rn(nc, Z, L, r, K), rn(nc, Z, L // m, R, K)
+    return gam, gprev, ncum, nprev, a, b, x, q, m
+
+
+@pytest.mark.parametrize("L,m", [(16, 1), (64, 1), (64, 2), (48, 3), (5, 1)])
+@pytest.mark.parametrize("gates", ["soft", "mixed"])
+@pytest.mark.parametrize("signs", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_factored_scores_equal_pairwise_ones(L, m, gates, signs, dtype):
+    """The factored form (rows over sub-chunk references, strong rows recomputed) gives the
+    pairwise form's four score matrices, with reads (m sub-steps a token, 2 reads) and signs."""
+    args = _score_inputs(L, m, gates=gates, signs=signs)
+    vecs = [t.to(dtype) for t in args[4:8]]
+    want = torch_chunk_dplr._scores_pairwise(*args[:4], *vecs, m, dtype)
+    got = torch_chunk_dplr._scores_factored(*args[:4], *vecs, m, dtype)
+    tol = 1e-12 if dtype == torch.float64 else 2e-5
+    for w, g in zip(want, got):
+        assert torch.isfinite(g).all()
+        assert (g - w).abs().max() <= tol * max(w.abs().max().item(), 1.0)
+
+
+def test_strong_rows_are_recomputed_and_the_rest_factored(monkeypatch):
+    """The exact form runs for the rows after a strong gate in their sub-chunk only."""
+    seen = []
+    real = torch_chunk_dplr._span_decay
+
+    def spy(diff, neg, dt):
+        seen.append(diff.shape)
+        return real(diff, neg, dt)
+    monkeypatch.setattr(torch_chunk_dplr, "_span_decay", spy)
+    args = _score_inputs(64, 1, gates="soft", nc=2, Z=2, R=1)
+    gam = args[0].clone()
+    g = torch.diff(gam, dim=2, prepend=torch.zeros_like(gam[:, :, :1]))
+    g[1, 0, 40, 3] = -1e4  # chunk 1, row 0: sub-chunk 2 (32..47) after token 40
+    gam = g.cumsum(2)
+    gprev = torch.cat([torch.zeros_like(gam[:, :, :1]), gam[:, :, :-1]], 2)
+    torch_chunk_dplr._scores_factored(gam, gprev, None, None, *args[4:8], 1, torch.float64)
+    # erase rows 41..47 (gprev after the gate) and the reads of tokens 40..47
+    assert seen == [torch.Size([7 + 8, 64, 12])]
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+def test_a_decay_above_one_takes_the_pairwise_form(dplr_backend, monkeypatch, chunk):
+    monkeypatch.setattr(torch_chunk_dplr, "CHUNK_SIZE", chunk)
+    rule = recdsl.compile(RULES["dplr"])
+    tensors, initial = _args(rule, "dplr", 70)
+    tensors["gk"] = tensors["gk"] + 0.1  # some decays a little above 1
+    assert (tensors["gk"] > 0).any()
+    used = []
+    real = torch_chunk_dplr._scores_pairwise
+    monkeypatch.setattr(torch_chunk_dplr, "_scores_pairwise",
+                        lambda *a: used.append(1) or real(*a))
+    assert_matches_naive(rule, tensors, initial, backend=BACKEND, dtype=torch.float64,
+                         floor=1e-10)
+    assert used
+
+
+@pytest.mark.parametrize("chunk", [16, 64])
+@pytest.mark.parametrize("at", [21, 40])
+def test_no_output_depends_on_a_later_gate_in_its_sub_chunk(monkeypatch, chunk, at):
+    """Strong gates before the change (exact rows) and mild ones (factored rows); a later
+    gate, in the same sub-chunk and chunk, changes no earlier output, not even in rounding."""
+    monkeypatch.setattr(torch_chunk_dplr, "CHUNK_SIZE", chunk)
+    rule = recdsl.compile(KDA)
+    tensors, initial = _args(rule, "kda", 64, initial=True)
+    tensors = {k: v.float() for k, v in tensors.items()}
+    initial = tuple(s.float() for s in initial)
+    tensors["gk"][:, 34] = -1e4
+    o1, _ = torch_chunk_dplr.run(rule, rule.bind(**tensors, initial_state=initial))
+    for value in (-1e4, -70.0, 0.0):
+        changed = dict(tensors)
+        changed["gk"] = tensors["gk"].clone()
+        changed["gk"][:, at:] = value
+        o2, _ = torch_chunk_dplr.run(rule, rule.bind(**changed, initial_state=initial))
+        assert torch.equal(o1[0][:, :at], o2[0][:, :at])
