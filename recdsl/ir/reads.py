@@ -34,10 +34,8 @@ from typing import Optional
 
 from ..grammar import ast
 from .checked import CheckedRule
+from .derived import FreshNames, compile_derived
 from .pretty import describe, unparse
-
-KEYWORDS = {"rule", "dims", "state", "input", "param", "const", "let", "for", "in", "output"}
-
 
 class NotLowerable(Exception):
     """Why a rule cannot be lowered (``reason``; ``pos`` of the offending term when known)."""
@@ -82,8 +80,7 @@ class Lowered:
     def derived(self):
         """The derived rule, compiled (``recdsl.runtime.rule.Rule``)."""
         if self._derived is None:
-            from ..runtime.rule import compile_text
-            self._derived = compile_text(self.text, f"<{self.checked.name} reads lowered>")
+            self._derived = compile_derived(self.text, f"<{self.checked.name} reads lowered>")
         return self._derived
 
 
@@ -156,14 +153,7 @@ def _names(e):
 class _Lowerer:
     def __init__(self, checked: CheckedRule):
         self.rule = checked
-        self.taken = set(KEYWORDS) | set(checked.dims) | set(checked.consts) | {checked.name}
-        self.taken |= {v.name for v in checked.states + checked.inputs + checked.params
-                       + checked.outputs}
-        for st in ast.walk_statements(checked.body):
-            if isinstance(st, ast.Let):
-                self.taken.add(st.name)
-            elif isinstance(st, ast.For):
-                self.taken.add(st.var)
+        self.names = FreshNames(checked)
         self.rank = {v.name: v.rank for v in checked.states}
         self.total = {v.name: 0 for v in checked.states}  # update statements per state
         self.bound = {}  # top-level let/output name -> (statement, versions, state deps)
@@ -171,12 +161,7 @@ class _Lowerer:
         self.by_key = {}
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}{i}"
-        self.taken.add(name)
-        return name
+        return self.names.fresh(base)
 
     # ---------------------------------------------------------------- walking the body
 

@@ -30,10 +30,8 @@ from typing import Optional
 
 from ..grammar import ast
 from .checked import CheckedRule
+from .derived import FreshNames, compile_derived
 from .pretty import describe, unparse
-
-KEYWORDS = {"rule", "dims", "state", "input", "param", "const", "let", "for", "in", "output"}
-
 
 class NotStaged(Exception):
     def __init__(self, reason: str, pos: Optional[ast.Pos] = None):
@@ -73,8 +71,7 @@ class Staged:
     def derived(self):
         """The derived rule, compiled (``recdsl.runtime.rule.Rule``)."""
         if self._derived is None:
-            from ..runtime.rule import compile_text
-            self._derived = compile_text(self.text, f"<{self.checked.name} staged>")
+            self._derived = compile_derived(self.text, f"<{self.checked.name} staged>")
         return self._derived
 
     @property
@@ -207,23 +204,11 @@ class _Stager:
         for st in checked.body:
             if isinstance(st, (ast.Let, ast.Output)):
                 self.top[st.name] = st
-        self.taken = set(KEYWORDS) | set(checked.dims) | set(checked.consts) | {checked.name}
-        self.taken |= {v.name for v in checked.states + checked.inputs + checked.params
-                       + checked.outputs}
-        for st in ast.walk_statements(checked.body):
-            if isinstance(st, ast.Let):
-                self.taken.add(st.name)
-            elif isinstance(st, ast.For):
-                self.taken.add(st.var)
+        self.names = FreshNames(checked)
         self._deps = {}
 
     def fresh(self, base: str) -> str:
-        name, i = base, 0
-        while name in self.taken:
-            i += 1
-            name = f"{base}{i}"
-        self.taken.add(name)
-        return name
+        return self.names.fresh(base)
 
     def deps(self, e, seen=frozenset()) -> dict:
         """The states ``e`` reads -> the lets it reads them through (empty: directly)."""
