@@ -3,7 +3,7 @@
 minGRU (a vector state h[D]) and Mamba-1 (a [D, N] state with a per-entry decay), written
 from the papers (the same rules as tests/runtime/test_scan.py), at B=2, H=4, D=64, N=16, fp32:
 the naive loop against torch-scan, forward (no_grad) and forward+backward, the median wall
-time of a few runs interleaved (benchmarks/bench_diagonal.py's ``timed``). The naive loop is
+time of a few runs interleaved (``recdsl.bench.timed``). The naive loop is
 timed at --loop-t tokens and extrapolated linearly (marked ~). Then the crossover that
 ``backends.SCAN_BELOW`` encodes: GLA-style [K, V] states with a row decay run by torch-chunk
 and by torch-scan at growing K = V.
@@ -21,10 +21,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
 
 import recdsl  # noqa: E402
-from bench_diagonal import run_once, timed  # noqa: E402
+from recdsl.bench import run_once, timed  # noqa: E402
 from recdsl.runtime.sample import sample_inputs  # noqa: E402
 
 MINGRU = """rule mingru

@@ -3,7 +3,7 @@ cumulative max, then C and n chunkwise: backend "torch-chunk") against NX-AI's m
 pure-PyTorch chunkwise kernel (``mlstm_chunkwise__native_autograd``, when installed:
 ``pip install mlstm-kernels``; it runs on the CPU) and the naive loop (timed at --loop-t tokens
 and extrapolated), at B=2, H=4, K=V=64, fp32, one torch thread; forward (no_grad) and
-forward+backward, median of a few runs interleaved (bench_diagonal's ``timed``). First the
+forward+backward, median of a few runs interleaved (``recdsl.bench.timed``). First the
 two implementations are compared on the same inputs.
 
     python3 benchmarks/bench_staged.py [--T 4096] [--quick]
@@ -18,10 +18,9 @@ import torch
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
-sys.path.insert(0, str(HERE))
 
 import recdsl  # noqa: E402
-from bench_diagonal import run_once, timed  # noqa: E402
+from recdsl.bench import run_once, timed  # noqa: E402
 
 B, H, K, V = 2, 4, 64, 64
 

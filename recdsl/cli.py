@@ -211,7 +211,83 @@ def _add_compile(sub):
     p.set_defaults(handler=export.command)
 
 
-COMMANDS = (_add_check, _add_show, _add_run, _add_test, _add_compile)
+# ---------------------------------------------------------------- recdsl bench
+
+
+def _lengths(text: str) -> list:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+        if not values or min(values) < 1:
+            raise ValueError(text)
+        return values
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected T[,T...] of positive whole numbers, got {text!r}") from None
+
+
+def _add_bench(sub):
+    from .runtime.backends import NAMES
+
+    p = sub.add_parser("bench", help="time a rule's backends against the naive loop",
+                       description="Time every backend that can run the rule on this machine's "
+                       "device (or those named), forward (no_grad) and forward+backward, over "
+                       "several sequence lengths, against the naive loop (timed at up to "
+                       "--loop-t tokens and extrapolated linearly, marked ~) and, when "
+                       "installed, the peer reference of the same name (fla for gated_delta, "
+                       "gla, retention, kda; mlstm_kernels for mlstm). Prints a table (time, "
+                       "tokens/s, peak memory, speed-up) and writes a plot of time against T "
+                       "when matplotlib is installed. Progress goes to stderr.")
+    p.add_argument("file", metavar="FILE", help="a .rec rule file")
+    p.add_argument("--T", type=_lengths, metavar="1024,4096,16384",
+                   help="sequence lengths (default 1024,4096,16384; --quick: 256,1024)")
+    p.add_argument("--backend", action="append", metavar="NAME", choices=NAMES,
+                   help="a backend to time (repeatable; default: every one that runs the rule "
+                   "here, Triton's CPU interpreter excluded)")
+    add_dims_option(p, "default 64 each, or 2 for a dim a 'for' loop runs over")
+    p.add_argument("--batch", type=_positive_int, default=2, help="batch size (default 2)")
+    p.add_argument("--heads", type=_positive_int, default=4, help="heads (default 4)")
+    add_const_option(p)
+    p.add_argument("--vs", default="naive", metavar="METHOD",
+                   help="the method the speed-up column divides by (default naive)")
+    p.add_argument("--plot", metavar="OUT.png", help="where to write the plot (default "
+                   "bench_<rule>.png in the current directory)")
+    p.add_argument("--quick", action="store_true", help="T = 256, 1024 (unless --T), one run each")
+    p.add_argument("--reps", type=_positive_int, default=3, help="timed runs per figure (median)")
+    p.add_argument("--loop-t", type=_positive_int, default=1024,
+                   help="time the naive loop at up to this T, extrapolate beyond (default 1024)")
+    p.add_argument("--threads", type=_positive_int, default=1, help="torch threads (default 1)")
+    p.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    p.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    p.set_defaults(handler=_bench)
+
+
+def _bench(args) -> int:
+    from . import bench
+
+    rule = load(args.file, **merged(args.const))
+    loops = rule.ir.loop_dims()
+    dims = {d: (2 if d in loops else 64) for d in rule.ir.dims}
+    dims.update(merged(args.dims))
+    torch.set_num_threads(args.threads)
+    lengths = args.T or ([256, 1024] if args.quick else [1024, 4096, 16384])
+    tty = sys.stderr.isatty()
+
+    def progress(done, total, text):
+        head = f"[{done}/{total}] " if done is not None else ""
+        end = "\r" if tty else "\n"
+        print(f"{head}{text}".ljust(70 if tty else 0), end=end, file=sys.stderr, flush=True)
+
+    result = bench.bench(rule, lengths, backends=args.backend, dims=dims, batch=args.batch,
+                         heads=args.heads, device=args.device, reps=1 if args.quick else args.reps,
+                         loop_t=args.loop_t, vs=args.vs, memory=not args.no_memory,
+                         rule_path=args.file, consts=merged(args.const), progress=progress)
+    if tty:
+        print(file=sys.stderr)
+    print(bench.table(result))
+    print(bench.plot(result, args.plot or f"bench_{rule.name}.png"))
+    return 0
+
+
+COMMANDS = (_add_check, _add_show, _add_run, _add_test, _add_compile, _add_bench)
 
 
 def build_parser() -> argparse.ArgumentParser:
