@@ -190,6 +190,14 @@ def _runner(rule, name):
 
 
 def resolve(rule, backend: str, call):
+    run = _resolve(rule, backend, call)
+    if call.device.type != "cpu":
+        return run
+    from .threads import on_cpu  # the CPU thread policy (README, "Threads on the CPU")
+    return on_cpu(run)
+
+
+def _resolve(rule, backend: str, call):
     if backend == "auto":
         return _runner(rule, _auto(rule, call))
     if backend not in NAMES:
