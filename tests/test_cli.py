@@ -187,7 +187,8 @@ def test_top_level(capsys):
     assert run_main(capsys, "--version") == (0, f"recdsl {recdsl.__version__}\n", "")
     code, out, _ = run_main(capsys, "--help")
     assert code == 0
-    assert re.findall(r"^    (\w+) +\S", out, re.M) == ["check", "show", "run", "test", "compile"]
+    assert re.findall(r"^    (\w+) +\S", out, re.M) == ["check", "show", "run", "test", "compile",
+                                                            "bench"]
 
 
 # ---------------------------------------------------------------- test (the autotester's own tests cover it)
