@@ -28,6 +28,7 @@ class BoundCall:
         self.tensors = self._collect(args, named)
         self._device_source = None  # (device, which tensor) of the first tensor seen
         self.sizes = {}  # layout letter or dim name -> (size, which tensor set it)
+        self._shapes = {}  # layout letter or dim name -> the shape of the tensor that set it
         for var in rule.inputs + rule.params:
             self._check_tensor(var.name, self.tensors[var.name], var)
         self.batch = self.sizes[_BATCH][0]
@@ -36,7 +37,14 @@ class BoundCall:
         if self.time < 1:
             raise InputError("the sequences are empty (T = 0); pass at least one token")
         self.dim_sizes = {d: self.sizes[d][0] for d in rule.dims}
+        for d, size in self.dim_sizes.items():
+            if size == 0:
+                raise InputError(f"dim {d} has size 0 (from {self.sizes[d][1]} of shape {self._shapes[d]}); "
+                                 f"every dim needs at least 1 entry: pass tensors whose {d} axis is not empty")
         self.device = self._device_source[0]
+        if self.device.type == "meta":
+            raise InputError(f"{self._device_source[1]} is a meta tensor; meta tensors (shapes without "
+                             f"data) are not supported: pass real tensors, on the CPU or a GPU")
         self.cu_seqlens = self._check_cu_seqlens(cu_seqlens)
         self.packed = self.cu_seqlens is not None
         self.num_sequences = len(self.cu_seqlens) - 1 if self.packed else self.batch
@@ -50,6 +58,8 @@ class BoundCall:
         for d in token_dtypes[1:]:
             out = torch.promote_types(out, d)
         self.output_dtype = out
+        # no sequence or no head: nothing to compute (see empty_result)
+        self.empty = self.num_sequences == 0 or self.heads == 0
 
     # ------------------------------------------------------------ collecting arguments
 
@@ -84,6 +94,7 @@ class BoundCall:
                 f"{who} has shape {_shape(tensor)} but expected [{', '.join(expected_layout)}] with "
                 f"{name} = {known} (from {source}); here {name} = {size}")
         self.sizes.setdefault(key, (size, who))
+        self._shapes.setdefault(key, _shape(tensor))
 
     def _check_device_dtype(self, who, t, layout):
         if not isinstance(t, torch.Tensor):
@@ -174,6 +185,20 @@ class BoundCall:
     def state_shape(self, name) -> list:
         var = self.rule.var(name)
         return [self.num_sequences, self.heads] + [self.dim_sizes[d] for d in var.dims]
+
+    def empty_result(self):
+        """(outputs, finals) of a call with no sequence or no head (B = 0 or H = 0): empty
+        outputs of the right shapes, and the initial states (or zeros) as final states. Tied to
+        the graph of every tensor that needs a gradient, so a backward pass gives them zeros."""
+        anchor = sum((t.flatten()[:0].sum() for t in self.tensors.values() if t.requires_grad),
+                     torch.zeros((), dtype=self.compute_dtype, device=self.device))
+        outputs = tuple(torch.zeros([self.batch, self.time, self.heads]
+                                    + [self.dim_sizes[d] for d in var.dims],
+                                    dtype=self.output_dtype, device=self.device) + anchor
+                        for var in self.rule.outputs)
+        finals = [self.initial_state(var.name).to(self.compute_dtype) + anchor
+                  for var in self.rule.states]
+        return outputs, finals
 
     def initial_state(self, name, rows=slice(None)):
         """The initial value of a state (zeros if none given), rows selecting sequences."""

@@ -64,21 +64,36 @@ class Rule:
                  cu_seqlens=None, **named):
         call = self.bind(*inputs, initial_state=initial_state, cu_seqlens=cu_seqlens, **named)
         run = backends.resolve(self, backend, call)
-        outputs, finals = run(self, call)
+        if call.empty:
+            outputs, finals = call.empty_result()
+        else:
+            # the backends choose their own precisions (fp32 states): autocast off inside
+            with _no_autocast(call.device):
+                outputs, finals = run(self, call)
         outputs = tuple(o.to(call.output_dtype) for o in outputs)
         out = outputs[0] if len(outputs) == 1 else outputs
         final = None
         if output_final_state:
+            # float32 (float64 when the call computes in float64), whatever autocast did
+            finals = [f.to(call.compute_dtype) for f in finals]
             final = finals[0] if len(finals) == 1 else tuple(finals)
         return out, final
 
-    def step(self, *inputs, state=None, backend="auto", **named):
+    def step(self, *inputs, state=None, initial_state=None, backend="auto", **named):
         """One decode step. Token inputs are ``[B, H, *dims]`` (no time axis), params as in a
-        full call, ``state`` as ``initial_state``. Returns ``(outputs, new_state)`` with
-        outputs ``[B, H, *shape]``; the same generated code as the full call runs it."""
-        token_names = [v.name for v in self.ir.inputs]
-        positional = [_add_time_axis(x, name) for x, name in zip(inputs, token_names)]
-        named = {k: (_add_time_axis(v, k) if k in token_names else v) for k, v in named.items()}
+        full call, ``state`` (or ``initial_state``, the same) as ``initial_state``. Returns
+        ``(outputs, new_state)`` with outputs ``[B, H, *shape]``; the same generated code as the
+        full call runs it."""
+        from ..errors import InputError
+        if state is not None and initial_state is not None:
+            raise InputError("step got both state= and initial_state=; they are the same "
+                             "argument: pass one of them")
+        if state is None:
+            state = initial_state
+        token = {v.name: v for v in self.ir.inputs}
+        positional = [_add_time_axis(x, var) for x, var in zip(inputs, self.ir.inputs)]
+        positional += inputs[len(positional):]  # too many: the call says so
+        named = {k: (_add_time_axis(v, token[k]) if k in token else v) for k, v in named.items()}
         out, final = self(*positional, initial_state=state, output_final_state=True,
                           backend=backend, **named)
         if isinstance(out, tuple):
@@ -109,11 +124,26 @@ def load_file(path, consts: dict | None = None) -> Rule:
     return compile_text(text, str(path), consts)
 
 
-def _add_time_axis(x, name):
+def _no_autocast(device):
+    import contextlib
+    import torch
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def _add_time_axis(x, var):
     """A decode step's token input [B, H, ...] as a one-token sequence [B, 1, H, ...]."""
     import torch
     from ..errors import InputError
-    if not isinstance(x, torch.Tensor) or x.dim() < 2:
-        raise InputError(f"input '{name}' of a step must be a tensor [B, H, ...]; got "
-                         f"{type(x).__name__ if not isinstance(x, torch.Tensor) else list(x.shape)}")
+    expected = "[" + ", ".join(["B", "H"] + list(var.dims)) + "]"
+    if not isinstance(x, torch.Tensor):
+        raise InputError(f"input '{var.name}' of a step must be a tensor {expected}; got "
+                         f"{type(x).__name__}")
+    if x.dim() != 2 + var.rank:
+        shape = "[" + ", ".join(map(str, x.shape)) + "]"
+        hint = (f": a step's token inputs have no time axis; pass {var.name}[:, 0] for one token"
+                if x.dim() == 3 + var.rank else "")
+        raise InputError(f"input '{var.name}' of a step has shape {shape} but expected "
+                         f"{expected}{hint}")
     return x.unsqueeze(1)
