@@ -37,6 +37,19 @@ def _positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
 
 
+def _rule_path(arg: str) -> str:
+    """A FILE argument: an existing file as given, else the shipped example of that name
+    (``recdsl check gated_delta``, see recdsl.examples); a name that is neither is an error
+    listing the shipped examples. A path with a directory or a .rec suffix stays a path."""
+    from . import examples
+    if os.path.exists(arg) or os.sep in arg:
+        return arg
+    stem = arg[:-4] if arg.endswith(".rec") else arg
+    if stem not in examples.names() and arg.endswith(".rec"):
+        return arg  # a missing file: loading it says so
+    return str(examples.path(stem))
+
+
 # ---------------------------------------------------------------- recdsl check
 
 
@@ -54,7 +67,7 @@ def _check(args) -> int:
     failed = shown = 0
     for path in args.files:
         try:
-            rule = load(path, **merged(args.const))
+            rule = load(_rule_path(path), **merged(args.const))
         except RecdslError as err:
             _report(err)
             failed += 1
@@ -306,6 +319,8 @@ def main(argv=None) -> int:
     except SystemExit as done:  # --help, --version or a usage error, already printed
         return done.code if isinstance(done.code, int) else 0 if done.code is None else 2
     try:
+        if isinstance(getattr(args, "file", None), str):
+            args.file = _rule_path(args.file)
         return args.handler(args)
     except RecdslError as err:
         _report(err)
