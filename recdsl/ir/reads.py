@@ -7,7 +7,8 @@ after the token's updates. Many rules read the states in other ways that are sti
 - a per-token function of reads: ``sigmoid(og) * (q @ S)``, ``(q @ S) / (dot(q, z) + eps)``;
 - a read before the update, ``o_t = q_t @ S_{t-1}``: the state after the previous token's
   updates, i.e. the read ``q_t @ S`` done at token t-1 after its updates;
-- a read ``dot(x, n)`` of a vector state ``n[K]``, which the chunk families refuse.
+- a read ``dot(x, n)`` of a vector state ``n[K]``, or ``n`` itself as a [K] value, or a
+  scalar state ``w`` as a value, which the chunk families refuse.
 
 ``lowering(checked)`` rewrites such a rule into a DERIVED rule (text, compiled with
 ``recdsl.compile``) that the chunk families accept, plus an EPILOGUE:
@@ -20,7 +21,11 @@ after the token's updates. Many rules read the states in other ways that are sti
   the read at a sequence's first token, ``x_0 @ S_init``, directly;
 - a vector state ``n[K]`` becomes a matrix state ``n[K, ONE]`` (``ONE`` a new dim of size 1,
   bound by a new input ``one[ONE]`` of ones): its updates are lifted (``w`` -> ``outer(w, one)``,
-  ``a * n`` -> ``diag(a) @ n``) and ``dot(x, n)`` becomes ``x @ n``;
+  ``a * n`` -> ``diag(a) @ n``), ``dot(x, n)`` becomes ``x @ n`` and a direct use of ``n``
+  (a [K] value) the right-side read ``n @ one``;
+- a scalar state ``w`` becomes a matrix state ``w[ONE, ONE]``: a scalar decay stays a scalar
+  decay, a state-free (scalar) term ``c`` becomes ``c * outer(one, one)``, and a use of ``w``
+  the read ``one @ w`` (a [ONE] vector whose one entry is ``w``);
 - the epilogue is each original output with every read replaced by a name bound to the read's
   value (``Read.name``), evaluated per token for all tokens at once
   (``recdsl.runtime.lowered``).
@@ -50,9 +55,12 @@ class ReadPlan:
     """One distinct read of a state by the outputs.
 
     ``name``: the derived rule's output holding it, also the epilogue's name for its value.
-    ``side``: left (``x @ S`` -> [V]), right (``S @ x`` -> [K]) or dot (``dot(x, n)`` of a
-    vector state, a scalar). ``before``: the read is of the state before the token's updates;
-    then ``shifted`` names the derived rule's input carrying ``vector`` one token back."""
+    ``side``: left (``x @ S`` -> [V]), right (``S @ x`` -> [K]), dot (``dot(x, n)`` of a
+    vector state, a scalar), vector (a vector state ``n`` itself, [K]: the read ``n @ one`` of
+    the lifted state) or scalar (a scalar state ``w`` itself: ``one @ w`` of the lifted one,
+    [ONE]). ``before``: the read is of the state before the token's updates; then ``shifted``
+    names the derived rule's input carrying ``vector`` one token back (for vector and scalar
+    reads ``vector`` is None and the shifted input carries ones)."""
     name: str
     state: str
     side: str
@@ -68,7 +76,8 @@ class Lowered:
     reads: list  # ReadPlan, in the derived rule's output order
     epilogue: dict  # original output name -> expression over the reads' names
     vector_states: tuple = ()  # states lifted from [K] to [K, ONE]
-    ones_input: Optional[str] = None  # the input of ones binding ONE (when vector_states)
+    ones_input: Optional[str] = None  # the input of ones binding ONE (when states are lifted)
+    scalar_states: tuple = ()  # states lifted from scalars to [ONE, ONE]
     _derived: object = field(default=None, repr=False)
 
     @property
@@ -101,6 +110,14 @@ def for_family(checked: CheckedRule, family) -> Optional[Lowered]:
     planner accepts (``family``: its ``Family``), or None (the rule already has a chunkwise
     form, or the lowering does not apply: ``why_not``)."""
     if family.chunk is not None:
+        return None
+    if family.name == "scan" and all(v.rank < 2 for v in checked.states) \
+            and not checked.filename.endswith(" staged>"):
+        # an elementwise scan (minGRU's h = a * h + b, y = h): lifted, every state has an axis
+        # of 1, where the scan is measured faster (runtime.backends.SCAN_BELOW); the lowering
+        # would only add slower backends and kernels. A staging's later stage (Aaren's u, w
+        # given m, ``recdsl.ir.stages``) is lowered all the same: its chunk backends are asked
+        # for by name.
         return None
     return lowering(checked)
 
@@ -159,6 +176,13 @@ class _Lowerer:
         self.bound = {}  # top-level let/output name -> (statement, versions, state deps)
         self.reads = []
         self.by_key = {}
+        self.one_dim = self.ones_input = None
+
+    def ones(self):
+        """The new dim ONE and the input of ones binding it (created on first use)."""
+        if self.one_dim is None:
+            self.one_dim, self.ones_input = self.fresh("ONE"), self.fresh("one")
+        return self.one_dim, self.ones_input
 
     def fresh(self, base: str) -> str:
         return self.names.fresh(base)
@@ -195,11 +219,6 @@ class _Lowerer:
                 self.bound[st.name] = (st, dict(versions), self.state_deps(st.value))
                 if isinstance(st, ast.Output):
                     outputs.append(st)
-        if any(r == 0 for r in self.rank.values()):
-            name = next(n for n, r in self.rank.items() if r == 0)
-            raise NotLowerable(f"state {name} is a scalar; the read lowering takes matrix and "
-                               f"vector states", rule.var(name).pos)
-
         # what the updates need: lets (transitively), never an output or a vector state's read
         needed = set()
         stack = [s.value for s in ast.walk_statements(rule.body) if isinstance(s, ast.Update)]
@@ -223,25 +242,30 @@ class _Lowerer:
             raise NotLowerable("no output reads a state")
 
         vector_states = tuple(n for n, r in self.rank.items() if r == 1)
-        ones_input = one_dim = None
-        if vector_states:
-            one_dim, ones_input = self.fresh("ONE"), self.fresh("one")
+        scalar_states = tuple(n for n, r in self.rank.items() if r == 0)
+        lifted = set(vector_states + scalar_states)
+        if lifted:
+            self.ones()
+            kind = lambda n: "vector" if self.rank[n] == 1 else "scalar"
             for st in ast.walk_statements(rule.body):
                 top = isinstance(st, ast.Let) and st.name in self.bound \
                     and self.bound[st.name][0] is st
                 if isinstance(st, ast.Let) and (st.name in needed or not top):
-                    used = _names(st.value) & set(vector_states)
+                    used = _names(st.value) & lifted
                     if used:
-                        raise NotLowerable(f"let {st.name} uses the vector state "
-                                           f"{sorted(used)[0]} in an update", st.pos)
-                if isinstance(st, ast.Update) and st.state not in vector_states:
-                    used = _names(st.value) & set(vector_states)
+                        name = sorted(used)[0]
+                        raise NotLowerable(f"let {st.name} uses the {kind(name)} state "
+                                           f"{name} in an update", st.pos)
+                if isinstance(st, ast.Update):
+                    used = _names(st.value) & (lifted - {st.state})
                     if used:
-                        raise NotLowerable(f"the update of {st.state} uses the vector state "
-                                           f"{sorted(used)[0]}", st.pos)
+                        name = sorted(used)[0]
+                        raise NotLowerable(f"the update of {st.state} uses the {kind(name)} "
+                                           f"state {name}", st.pos)
 
-        text = self.derived_text(needed, vector_states, one_dim, ones_input)
-        return Lowered(rule, text, self.reads, epilogue, vector_states, ones_input)
+        text = self.derived_text(needed, vector_states, scalar_states)
+        return Lowered(rule, text, self.reads, epilogue, vector_states, self.ones_input,
+                       scalar_states)
 
     # ---------------------------------------------------------------- outputs -> reads
 
@@ -252,8 +276,11 @@ class _Lowerer:
             return e
         if isinstance(e, ast.Name):
             if e.kind == "state":
-                raise NotLowerable(f"state {e.id} is used directly, not through a read "
-                                   f"x @ {e.id}", e.pos)
+                if self.rank[e.id] == 2:
+                    raise NotLowerable(f"state {e.id} is used directly, not through a read "
+                                       f"x @ {e.id}", e.pos)
+                side = "vector" if self.rank[e.id] == 1 else "scalar"
+                return self.read(e, e.id, None, side, versions)
             st, let_versions, _ = self.bound[e.id]
             return self.rewrite(st.value, let_versions)
         read = self.match_read(e)
@@ -273,13 +300,19 @@ class _Lowerer:
 
     def match_read(self, e):
         is_state = lambda x: isinstance(x, ast.Name) and x.kind == "state"
+        # a vector state times a matrix (``n @ M``) is no read: ``n`` is read directly
+        vec = lambda x: isinstance(x.shape, tuple) and len(x.shape) == 1
         if isinstance(e, ast.BinOp) and e.op == "@":
             if is_state(e.right) and not is_state(e.left):
-                side = "dot" if self.rank[e.right.id] == 1 else "left"
-                return e.right.id, e.left, side
+                if self.rank[e.right.id] == 2:
+                    return e.right.id, e.left, "left"
+                if self.rank[e.right.id] == 1 and vec(e.left):
+                    return e.right.id, e.left, "dot"
             if is_state(e.left) and not is_state(e.right):
-                side = "dot" if self.rank[e.left.id] == 1 else "right"
-                return e.left.id, e.right, side
+                if self.rank[e.left.id] == 2:
+                    return e.left.id, e.right, "right"
+                if self.rank[e.left.id] == 1 and vec(e.right):
+                    return e.left.id, e.right, "dot"
         if isinstance(e, ast.Call) and e.fn == "dot":
             a, b = e.args
             for s, x in ((a, b), (b, a)):
@@ -288,10 +321,12 @@ class _Lowerer:
         return None
 
     def read(self, node, state, vector, side, versions):
-        if self.state_deps(vector):
+        if vector is None:  # a vector or scalar state used directly
+            pass
+        elif self.state_deps(vector):
             raise NotLowerable(f"the read {unparse(node)} is along a vector that depends on "
                                f"a state", ast.expr_span(node))
-        if not isinstance(vector.shape, tuple) or len(vector.shape) != 1:
+        elif not isinstance(vector.shape, tuple) or len(vector.shape) != 1:
             raise NotLowerable(f"the read {unparse(node)} is along a {vector.shape} value, not "
                                f"a vector", ast.expr_span(node))
         version, total = versions[state], self.total[state]
@@ -302,7 +337,7 @@ class _Lowerer:
         else:
             raise NotLowerable(f"{unparse(node)} reads {state} between two of its updates",
                                ast.expr_span(node))
-        key = (state, side, unparse(vector), before)
+        key = (state, side, None if vector is None else unparse(vector), before)
         if key not in self.by_key:
             plan = ReadPlan(self.fresh(f"read_{state}"), state, side, vector, before)
             if before:
@@ -314,22 +349,25 @@ class _Lowerer:
 
     # ---------------------------------------------------------------- the derived rule
 
-    def derived_text(self, needed, vector_states, one_dim, ones_input) -> str:
+    def derived_text(self, needed, vector_states, scalar_states) -> str:
         rule = self.rule
+        one_dim, ones_input = self.one_dim, self.ones_input
         decl = lambda v, extra=(): v.name + (f"[{', '.join(tuple(v.dims) + tuple(extra))}]"
-                                             if v.dims else "")
+                                             if tuple(v.dims) + tuple(extra) else "")
+        extra = lambda v: ((one_dim,) if v.name in vector_states else
+                           (one_dim, one_dim) if v.name in scalar_states else ())
         lines = [f"rule {self.fresh(rule.name + '_reads')}", ""]
         dims = list(rule.dims) + ([one_dim] if one_dim else [])
         if dims:
             lines.append("dims " + ", ".join(dims))
-        lines.append("state " + ", ".join(
-            decl(v, (one_dim,) if v.name in vector_states else ()) for v in rule.states))
+        lines.append("state " + ", ".join(decl(v, extra(v)) for v in rule.states))
         inputs = [decl(v) for v in rule.inputs]
         if ones_input:
             inputs.append(f"{ones_input}[{one_dim}]")
         for r in self.reads:
             if r.before:
-                inputs.append(f"{r.shifted}[{r.vector.shape[0]}]")
+                size = one_dim if r.vector is None else r.vector.shape[0]
+                inputs.append(f"{r.shifted}[{size}]")
         if inputs:
             lines.append("input " + ", ".join(inputs))
         if rule.params:
@@ -346,22 +384,28 @@ class _Lowerer:
             body.append(st)
         for depth, st in _lines(body):
             pad = "    " * depth
-            if isinstance(st, ast.Update) and st.state in vector_states:
+            if isinstance(st, ast.Update) and st.state in vector_states + scalar_states:
                 lines.append(f"{pad}{st.state} = {self.lift(st.value, st.state, ones_input)}")
             else:
                 lines.append(pad + describe(st))
         for r in self.reads:
-            vec = r.shifted if r.before else _paren(unparse(r.vector))
+            vec = r.shifted if r.before else ones_input if r.vector is None else \
+                _paren(unparse(r.vector))
             value = {"left": f"{vec} @ {r.state}", "right": f"{r.state} @ {vec}",
-                     "dot": f"{vec} @ {r.state}"}[r.side]
+                     "dot": f"{vec} @ {r.state}", "vector": f"{r.state} @ {vec}",
+                     "scalar": f"{vec} @ {r.state}"}[r.side]
             lines.append(f"output {r.name} = {value}")
         return "\n".join(lines) + "\n"
 
     def lift(self, e, state, ones) -> str:
-        """A vector-valued update term of vector state ``state`` as a [K, ONE] matrix term."""
+        """An update term of vector state ``state`` as a [K, ONE] matrix term, or of scalar
+        state ``state`` as a [ONE, ONE] one."""
         deps = lambda x: state in _names(x) or any(
             isinstance(n, ast.Name) and n.kind == "state" for n in ast.walk(x))
+        scalar = self.rank[state] == 0
         if not deps(e):
+            if scalar:
+                return f"({unparse(e)}) * outer({ones}, {ones})"
             if e.shape == ():
                 raise NotLowerable(f"{unparse(e)} adds a scalar to the vector state {state}",
                                    ast.expr_span(e))
@@ -381,7 +425,8 @@ class _Lowerer:
                 return f"diag({unparse(a)}) @ ({self.lift(x, state, ones)})"
         if isinstance(e, ast.BinOp) and e.op == "/" and not deps(e.right) and e.right.shape == ():
             return f"({self.lift(e.left, state, ones)}) / ({unparse(e.right)})"
-        raise NotLowerable(f"{unparse(e)} in the update of the vector state {state} is not "
+        kind = "scalar" if scalar else "vector"
+        raise NotLowerable(f"{unparse(e)} in the update of the {kind} state {state} is not "
                            f"linear in it", ast.expr_span(e))
 
 

@@ -6,11 +6,13 @@
    updates (``Tokenwise``), and shifts each one token back within each sequence (``p_{t-1} =
    x_t``; zero at a sequence's last token, where it is not used);
 2. runs the derived rule (plain reads after the updates) on ``backend`` ("torch-chunk" or
-   "chunk") with the same inputs, params and initial states, plus the shifted vectors and, for
-   lifted vector states, an input of ones;
+   "chunk") with the same inputs, params and initial states (a vector state's as [K, 1], a
+   scalar state's as [1, 1]), plus the shifted vectors and, for lifted vector and scalar
+   states, an input of ones;
 3. assembles each read's value per token: a read after the update is the derived output; a
    read before it is the derived output of the previous token, and at a sequence's first token
-   ``x_0 @ S_init``, computed here;
+   ``x_0 @ S_init``, computed here (for a direct read of a vector or scalar state, ``S_init``
+   itself); a scalar state's read ``one @ w`` ([ONE]) gives its one entry;
 4. evaluates the epilogue (each original output over the read values) for all tokens at once.
 
 Everything is torch autograd, so gradients reach inputs, params and initial states.
@@ -51,7 +53,10 @@ def run(rule, call, backend: str = "torch-chunk", lowered: Lowered | None = None
     vectors, shifted = {}, {}
     for r in lowered.reads:
         if r.before:
-            x = tw.value(r.vector)  # [B, T, H, D]
+            if r.vector is None:  # a direct read: the shifted input carries ones
+                x = torch.ones(B, T, H, 1, dtype=dtype, device=call.device)
+            else:
+                x = tw.value(r.vector)  # [B, T, H, D]
             vectors[r.name] = x
             pieces = []
             for start, end in segments:
@@ -65,24 +70,27 @@ def run(rule, call, backend: str = "torch-chunk", lowered: Lowered | None = None
     if lowered.ones_input is not None:
         tensors[lowered.ones_input] = torch.ones(B, T, H, 1, dtype=dtype, device=call.device)
     vector_states = set(lowered.vector_states)
+    scalar_states = set(getattr(lowered, "scalar_states", ()))
     initial = None
     if call.initial:
         initial = tuple(
             None if v.name not in call.initial else
             call.initial[v.name].unsqueeze(-1) if v.name in vector_states else
+            call.initial[v.name].unsqueeze(-1).unsqueeze(-1) if v.name in scalar_states else
             call.initial[v.name] for v in ir.states)
     cu = (torch.tensor(call.cu_seqlens, dtype=torch.int64, device=call.device)
           if call.packed else None)
     dcall = derived.bind(initial_state=initial, cu_seqlens=cu, **tensors)
     outputs, finals = backends.resolve(derived, backend, dcall)(derived, dcall)
     derived_out = dict(zip((o.name for o in derived.outputs), outputs))
-    finals = tuple(f.squeeze(-1) if v.name in vector_states else f
+    finals = tuple(f.squeeze(-1) if v.name in vector_states else
+                   f.squeeze(-1).squeeze(-1) if v.name in scalar_states else f
                    for v, f in zip(ir.states, finals))
 
     # 3. each read's value per token
     for r in lowered.reads:
         value = derived_out[r.name].to(dtype)
-        if r.side == "dot":
+        if r.side in ("dot", "scalar"):
             value = value.squeeze(-1)  # [B, T, H, ONE] -> [B, T, H]
         if r.before:
             x = vectors[r.name]
@@ -108,6 +116,8 @@ def _read(side: str, x, state):
         return torch.einsum("bhk,bhkv->bhv", x, state)
     if side == "right":
         return torch.einsum("bhkv,bhv->bhk", state, x)
+    if side in ("vector", "scalar"):  # the state itself
+        return state
     return torch.einsum("bhk,bhk->bh", x, state)
 
 

@@ -79,14 +79,51 @@ input q[K], k[K], v[V], gk[K]
 output o = tanh(q @ S)
 S = diag(exp(gk)) @ S + outer(k, v)
 """,
+    # a scalar state (lifted to [ONE, ONE], read as one @ z) in a non-linear epilogue
+    "linear_attention_scalar_norm": """rule linear_attention_scalar_norm
+dims K, V
+state S[K, V], z
+input q[K], k[K], v[V]
+let phi = exp(k)
+S = S + outer(phi, v)
+z = z + sum(phi)
+output o = (exp(q) @ S) / (z * z + 1)
+""",
+    # a vector state read directly (lifted to [K, ONE], read as h @ one), also this rule is
+    # in the scan family
+    "diag_vector_direct": """rule diag_vector_direct
+dims K
+state h[K]
+input g[K], x[K]
+h = exp(g) * h + x
+output y = h
+""",
+    # direct reads before the update, of a vector and a scalar state, through lets, next to
+    # reads after it
+    "direct_read_first": """rule direct_read_first
+dims K, V
+state h[K], w, S[K, V]
+input g[K], x[K], a, b, q[K], v[V]
+let old = h
+let w0 = w
+h = exp(g) * h + x
+w = exp(a) * w + b
+S = S + outer(x, v)
+let both = old * sigmoid(x) + h
+output y = both / (w0 * w0 + 1)
+output o = (q @ S) * w + dot(q, h)
+""",
 }
 
 # the chunk family of each derived rule
 FAMILIES = {"delta_gated_out": "delta", "delta_read_first": "delta",
             "gated_delta_read_first": "delta", "linear_attention_norm": "diagonal",
-            "mlstm_sigmoid": "diagonal", "gla_gated_out": "diagonal", "gla_read_first": "diagonal"}
+            "mlstm_sigmoid": "diagonal", "gla_gated_out": "diagonal", "gla_read_first": "diagonal",
+            "linear_attention_scalar_norm": "diagonal", "diag_vector_direct": "diagonal",
+            "direct_read_first": "diagonal"}
 
 SHAPE = {"beta": torch.sigmoid, "g": lambda x: torch.nn.functional.logsigmoid(x) * 0.3,
+         "a": lambda x: torch.nn.functional.logsigmoid(x) * 0.3,
          "gk": lambda x: torch.nn.functional.logsigmoid(x) * 0.3,
          "k": lambda x: x * 0.5, "q": lambda x: x * 0.5}
 
@@ -139,7 +176,8 @@ def test_the_chunk_families_refuse_the_rule_and_accept_the_derived_one(name):
     low = reads.lowering(rule.ir)
     assert low is not None, reads.why_not(rule.ir)
     assert low.family == FAMILIES[name]
-    assert reads.for_family(rule.ir, rule.family_info) is not None
+    if name != "diag_vector_direct":  # an elementwise scan: the hook keeps it as it is
+        assert reads.for_family(rule.ir, rule.family_info) is not None
     assert lowered.problem(rule, "torch-chunk") is None
 
 
@@ -158,6 +196,45 @@ def test_vector_state_lifted_to_a_one_column_matrix():
     assert "outer(ig * k, one)" in low.text
     assert low.vector_states == ("n",) and low.ones_input == "one"
     assert reads.unparse(low.epilogue["h"]) == "read_C / max(abs(read_n), 1.0)"
+
+
+def test_scalar_state_lifted_to_a_one_by_one_matrix():
+    low = reads.lower(_rule("linear_attention_scalar_norm").ir)
+    assert "dims K, V, ONE" in low.text and "state S[K, V], z[ONE, ONE]" in low.text
+    assert "z = (z + (sum(phi)) * outer(one, one))" in low.text
+    assert "output read_z = one @ z" in low.text
+    assert low.scalar_states == ("z",) and low.vector_states == () and low.ones_input == "one"
+    assert [r.side for r in low.reads] == ["left", "scalar"]
+    assert reads.unparse(low.epilogue["o"]) == "read_S / (read_z * read_z + 1)"
+
+
+def test_vector_state_read_directly():
+    low = reads.lower(_rule("diag_vector_direct").ir)
+    assert "state h[K, ONE]" in low.text
+    assert "h = (diag(exp(g)) @ (h) + outer(x, one))" in low.text
+    assert low.text.rstrip().endswith("output read_h = h @ one")
+    (read,) = low.reads
+    assert read.side == "vector" and read.vector is None and not read.before
+    assert reads.unparse(low.epilogue["y"]) == "read_h"
+
+
+def test_an_elementwise_scan_is_not_lowered_at_classification():
+    rule = _rule("diag_vector_direct")
+    assert rule.family == "scan" and rule.family_info.lowered is None
+    assert reads.for_family(rule.ir, rule.family_info) is None
+    assert "torch-chunk" not in rule.backends()
+
+
+def test_direct_reads_before_the_update():
+    low = reads.lower(_rule("direct_read_first").ir)
+    assert "state h[K, ONE], w[ONE, ONE], S[K, V]" in low.text
+    by = {(r.state, r.side, r.before): r for r in low.reads}
+    assert set(by) == {("h", "vector", True), ("h", "vector", False), ("w", "scalar", True),
+                       ("w", "scalar", False), ("S", "left", False), ("h", "dot", False)}
+    first = by["h", "vector", True]
+    assert f"{first.shifted}[ONE]" in low.text and f"= h @ {first.shifted}" in low.text
+    first = by["w", "scalar", True]
+    assert f"= {first.shifted} @ w" in low.text
 
 
 def test_reads_are_shared_and_new_names_do_not_clash():
@@ -181,8 +258,8 @@ def test_a_rule_with_a_chunk_form_needs_no_lowering():
 
 
 @pytest.mark.parametrize("text, why", [
-    # the max-stabiliser's scalar state
-    ((EXAMPLES / "mlstm.rec").read_text(), "state m is a scalar"),
+    # the max-stabiliser's scalar state, lifted, but its gates read it: the staging's case
+    ((EXAMPLES / "mlstm.rec").read_text(), "let m1 uses the scalar state m in an update"),
     # the derived rule keeps the update, which no chunk form takes
     ("""rule not_affine
 dims K, V
@@ -207,6 +284,22 @@ input q[K], k[K], v[V]
 S = S + outer(k, v)
 output o = S @ (q @ S)
 """, "depends on a state"),
+    ("""rule nonlinear_scalar
+dims K, V
+state S[K, V], z
+input q[K], k[K], v[V]
+S = S + outer(k, v)
+z = z * z + sum(k)
+output o = (q @ S) / z
+""", "in the update of the scalar state z is not linear"),
+    ("""rule scalar_gates_matrix
+dims K, V
+state S[K, V], z
+input q[K], k[K], v[V]
+S = S + z * outer(k, v)
+z = z + sum(k)
+output o = (q @ S) / z
+""", "the update of S uses the scalar state z"),
     ("""rule nonlinear_vector
 dims K, V
 state S[K, V], z[K]
@@ -248,7 +341,7 @@ def test_chunk_delta_kernel_refuses_two_reads():
 
 
 @pytest.mark.parametrize("name", ["delta_read_first", "delta_gated_out", "mlstm_sigmoid",
-                                  "gla_read_first"])
+                                  "gla_read_first", "direct_read_first"])
 def test_chunk_kernels_under_the_interpreter(name):
     rule = _rule(name)
     assert lowered.problem(rule, "chunk") is None

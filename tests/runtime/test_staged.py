@@ -98,7 +98,8 @@ def test_aaren_stages(aaren):
     assert (lead.name, lead.form, lead.a, lead.b.id) == ("m", "maxplus", None, "s")
     assert st.rest == ("u", "w")
     assert "let mp = m_before" in st.text
-    assert st.derived.family == "scan"
+    assert st.derived.family == "scan"  # run chunkwise through its read lowering
+    assert st.derived.family_info.lowered.family == "diagonal"
 
 
 def test_slstm_has_no_stage():
@@ -217,24 +218,61 @@ def test_sequential_pass_matches_naive(mlstm, monkeypatch, staged_backends):
                          dtype=torch.float64)
 
 
-def test_aaren_runs_on_the_scan_only(aaren):
-    # u / w reads the states directly: the derived rule is in the scan family
-    assert "no chunkwise form" in staged.problem(aaren, "torch-chunk")
-    assert staged.problem(aaren, "torch-scan") is None
+def test_aaren_runs_chunkwise(aaren):
+    # u / w reads the states directly: the derived rule is in the scan family, and its read
+    # lowering (u lifted to [D, ONE], w to [ONE, ONE], reads u @ one and one @ w) diagonal
+    derived = staged._staged(aaren).derived
+    low = derived.family_info.lowered
+    assert low is not None and low.family == "diagonal"
+    assert "state u[D, ONE], w[ONE, ONE]" in low.text
+    assert "output read_u = u @ one" in low.text and "output read_w = one @ w" in low.text
+    for backend in ("torch-chunk", "torch-scan"):
+        assert staged.problem(aaren, backend) is None, backend
+    # the derived rule's states are [D, 1] and [1, 1]: the scan is measured faster there
+    # (backends._prefer_scan, SCAN_BELOW), so auto takes it; the chunk forms are listed
+    assert aaren.backends()[0] == "torch-scan"
+    assert "torch-chunk" in aaren.backends()
+    assert "chunk" in aaren.backends("cuda") and "torch-chunk" in aaren.backends("cuda")
 
 
-@pytest.mark.parametrize("T", [1, 37, 130])
-def test_aaren_matches_naive(aaren, staged_backends, T):
-    backend = "staged-scan"
-    tensors, initial = _args(aaren, 2, T, 2, {"D": 5}, seed=T)
+def _aaren_initial(initial):
     # w0 > 0 so that o stays defined whatever the initial state
-    initial = (initial[0], initial[1], initial[2].abs() + 0.5)
+    return (initial[0], initial[1], initial[2].abs() + 0.5)
+
+
+@pytest.mark.parametrize("T", [1, 37, 64, 65, 130])
+@pytest.mark.parametrize("backend", ["staged", "staged-scan"])
+def test_aaren_matches_naive(aaren, staged_backends, backend, T):
+    tensors, initial = _args(aaren, 2, T, 2, {"D": 5}, seed=T)
+    initial = _aaren_initial(initial)
     assert_matches_naive(aaren, tensors, initial, backend=backend, dtype=torch.float64)
     assert_matches_naive(aaren, tensors, None, backend=backend, dtype=torch.float64)
     cu = torch.tensor([0, T // 3, T])
     tensors, _ = _args(aaren, 1, T, 2, {"D": 5}, seed=T + 1, init=False)
     assert_matches_naive(aaren, tensors, None, backend=backend, cu_seqlens=cu,
                          dtype=torch.float64)
+
+
+def test_aaren_packed_with_initial_states(aaren, staged_backends):
+    cu = torch.tensor([0, 5, 5, 40, 41, 100])
+    tensors, initial = _args(aaren, 1, 100, 2, {"D": 5}, seed=8, sequences=5)
+    tensors["k"] = tensors["k"] * 3  # large scores: the running max moves
+    assert_matches_naive(aaren, tensors, _aaren_initial(initial), backend="staged",
+                         cu_seqlens=cu, dtype=torch.float64)
+
+
+def test_aaren_float32(aaren, staged_backends):
+    tensors, initial = _args(aaren, 2, 65, 2, {"D": 5}, seed=3)
+    assert_matches_naive(aaren, tensors, _aaren_initial(initial), backend="staged",
+                         dtype=torch.float32)
+
+
+def test_aaren_chunk_kernels_under_the_interpreter(aaren, staged_backends):
+    assert staged.problem(aaren, "chunk") is None
+    cu = torch.tensor([0, 5, 6, 21])
+    tensors, initial = _args(aaren, 1, 21, 2, {"D": 16}, seed=21, sequences=3)
+    assert_matches_naive(aaren, tensors, _aaren_initial(initial), backend="staged-chunk",
+                         cu_seqlens=cu, dtype=torch.float64)
 
 
 def test_softcap_sequential_matches_naive(staged_backends):
