@@ -111,14 +111,8 @@ def for_family(checked: CheckedRule, family) -> Optional[Lowered]:
     form, or the lowering does not apply: ``why_not``)."""
     if family.chunk is not None:
         return None
-    if family.name == "scan" and all(v.rank < 2 for v in checked.states) \
-            and not checked.filename.endswith(" staged>"):
-        # an elementwise scan (minGRU's h = a * h + b, y = h): lifted, every state has an axis
-        # of 1, where the scan is measured faster (runtime.backends.SCAN_BELOW); the lowering
-        # would only add slower backends and kernels. A staging's later stage (Aaren's u, w
-        # given m, ``recdsl.ir.stages``) is lowered all the same: its chunk backends are asked
-        # for by name.
-        return None
+    # an elementwise scan (minGRU's y = h) is lowered too: its chunk backends are listed after
+    # the scan, which is measured faster for states with an axis of 1 (backends.SCAN_BELOW)
     return lowering(checked)
 
 
