@@ -105,6 +105,11 @@ class Rule:
         from .module import RuleLayer
         return RuleLayer(self, heads, dims=dims, backend=backend, seed=seed)
 
+    def mixer(self, hidden_size: int, num_heads: int, **options):
+        """This rule as a token mixer [B, T, hidden_size] -> [B, T, hidden_size] (see Mixer)."""
+        from .mixer import Mixer
+        return Mixer(self, hidden_size, num_heads, **options)
+
     def __repr__(self):
         return f"<recdsl.Rule {self.name} ({self.ir.filename})>"
 
