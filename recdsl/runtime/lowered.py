@@ -22,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from ..ir.reads import Lowered, lower
+from .rule import of_derived
 from .tokenwise import Tokenwise
 
 CHUNK_BACKENDS = ("torch-chunk", "chunk")
@@ -42,7 +43,7 @@ def run(rule, call, backend: str = "torch-chunk", lowered: Lowered | None = None
     ``call``, through the read lowering on the chunk ``backend``."""
     from . import backends  # the registry imports this module's users; import late
     lowered = lowered or _lowered(rule)
-    derived = lowered.derived
+    derived = of_derived(lowered.derived)
     ir = rule.ir
     tw = Tokenwise(ir, call)
     dtype = call.compute_dtype
@@ -138,4 +139,4 @@ def problem(rule, backend: str):
         lowered = _lowered(rule)
     except NotLowerable as e:
         return f"no read lowering: {e.reason}"
-    return backends.problem(lowered.derived, backend)
+    return backends.problem(of_derived(lowered.derived), backend)

@@ -16,10 +16,10 @@ from .call import BoundCall
 class Rule:
     """A checked rule. Call it with tensors (see README, "The call contract")."""
 
-    def __init__(self, checked: CheckedRule):
+    def __init__(self, checked: CheckedRule, family=None):
         self.ir = checked
         self.name = checked.name
-        family = classify(checked)
+        family = family or classify(checked)
         self.family_info = family  # every planner's verdict (recdsl.ir.family.Family)
         self.family = family.name  # "delta", "diagonal", "scan" or "recurrent"
         # what was recognised, or why the rule has no chunkwise form (with file:line:col)
@@ -112,6 +112,14 @@ class Rule:
 
     def __repr__(self):
         return f"<recdsl.Rule {self.name} ({self.ir.filename})>"
+
+
+def of_derived(derived) -> Rule:
+    """The callable rule of a rule the analysis derived (``recdsl.ir.derived.DerivedRule``),
+    made once."""
+    if derived.runtime is None:
+        derived.runtime = Rule(derived.ir, derived.family_info)
+    return derived.runtime
 
 
 def compile_text(text: str, filename: str = "<rule>", consts: dict | None = None) -> Rule:

@@ -31,6 +31,7 @@ import torch
 
 from ..codegen.naive import NaiveStep
 from ..ir.stages import NotStaged, Staged, stage
+from .rule import of_derived
 from .tokenwise import Tokenwise
 
 BACKENDS = ("torch-chunk", "chunk", "torch-scan", "scan")
@@ -139,7 +140,7 @@ def run(rule, call, backend: str = "torch-chunk", staged: Staged | None = None,
     declaration order) of ``rule`` for a bound ``call``, through its staging."""
     from . import backends
     staged = staged or _staged(rule)
-    derived = staged.derived
+    derived = of_derived(staged.derived)
     ir = rule.ir
     values = leading_values(rule, call, staged, force_sequential)
 
@@ -189,6 +190,6 @@ def problem(rule, backend: str):
         staged = _staged(rule)
     except NotStaged as e:
         return f"no staging: {e.reason}"
-    reason = backends.problem(staged.derived, backend)
+    reason = backends.problem(of_derived(staged.derived), backend)
     return None if reason is None else f"given {', '.join(s.name for s in staged.leading)} " \
                                        f"per token: {reason}"
