@@ -402,7 +402,8 @@ def run(rule, call, chunk_size: Optional[int] = None):
             return torch.cat([t, t.new_zeros(*t.shape[:3], r - t.shape[3], t.shape[4])], 3)
 
         def chunked(items):  # per sub-step [B, T, H, ...] -> [nc, N*H, C*m, ...]
-            x = layout.split(torch.stack(items, 3))  # [nc, N, H, C, m, ...]
+            x = torch.stack(items, 3) if len(items) > 1 else items[0].unsqueeze(3)
+            x = layout.split(x)  # [nc, N, H, C, m, ...]
             return x.reshape(nc, N * H, chunk * m, *x.shape[5:])
 
         g = chunked([p[0] for p in per])
