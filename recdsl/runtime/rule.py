@@ -75,7 +75,7 @@ class Rule:
         final = None
         if output_final_state:
             # float32 (float64 when the call computes in float64), whatever autocast did
-            finals = [f.to(call.compute_dtype) for f in finals]
+            finals = [f.to(call.compute_dtype) if f is not None else None for f in finals]
             final = finals[0] if len(finals) == 1 else tuple(finals)
         return out, final
 

@@ -240,10 +240,13 @@ def test_per_channel_decay_before_the_erase_is_refused_with_the_reason():
 
 
 def test_recurrent_only_rule_is_refused():
-    rule = _load("mlstm")
-    with pytest.raises(BackendError, match="backend 'chunk' is not available for rule 'mlstm': "
-                                           "rule 'mlstm' has no chunkwise form"):
-        rule(**sample_inputs(rule, batch=1, time=2, heads=1, dims={"K": 4, "V": 3}), backend="chunk")
+    # gates that read the cell's own output through R @ h: no family, no stage goes first
+    rule = recdsl.compile("rule cell\ndims D\nstate c[D], h[D]\ninput x[D], f[D]\n"
+                          "param R[D, D]\nlet g = sigmoid(f + R @ h)\n"
+                          "c = g * c + (1 - g) * tanh(x)\nh = tanh(c)\noutput y = h\n")
+    with pytest.raises(BackendError, match="backend 'chunk' is not available for rule 'cell': "
+                                           "rule 'cell' has no chunkwise form"):
+        rule(**sample_inputs(rule, batch=1, time=2, heads=1, dims={"D": 4}), backend="chunk")
 
 
 def test_chunk_size_must_be_16_32_or_64():
@@ -263,7 +266,7 @@ def test_cpu_tensors_need_the_interpreter(monkeypatch):
 def test_auto_picks_chunk_on_cuda_when_the_rule_has_the_form():
     assert _load("gated_delta").backends("cuda")[0] == "chunk"
     assert recdsl.compile(PER_CHANNEL).backends("cuda")[0] == "recurrent"
-    assert _load("mlstm").backends("cuda")[0] == "recurrent"
+    assert _load("mlstm").backends("cuda")[0] == "chunk"  # in stages: m, then C and n
     assert backends.available(_load("kla"), "cuda")[0] == "chunk"
 
 
