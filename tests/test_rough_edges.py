@@ -84,11 +84,11 @@ def test_empty_batch_backward_gives_zero_gradients(gated_delta):
 
 
 @pytest.mark.parametrize("which,backend", CASES)
-def test_empty_sequences_are_an_input_error(request, which, backend):
-    rule, args, _, _ = rule_and_args(request, which)
-    with pytest.raises(InputError) as err:
-        rule(**args(2, 0), backend=backend)
-    assert str(err.value) == "the sequences are empty (T = 0); pass at least one token"
+def test_empty_sequences_return_empty_outputs_and_the_initial_state(request, which, backend):
+    rule, args, out_dims, state_dims = rule_and_args(request, which)
+    S0 = torch.randn(2, H, *state_dims)
+    o, final = rule(**args(2, 0), initial_state=S0, backend=backend, output_final_state=True)
+    assert o.shape == (2, 0, H, *out_dims) and torch.equal(final, S0)
 
 
 @pytest.mark.parametrize("backend", ["auto", "naive", "torch-chunk"])

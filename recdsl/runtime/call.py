@@ -34,8 +34,6 @@ class BoundCall:
         self.batch = self.sizes[_BATCH][0]
         self.time = self.sizes[_TIME][0]
         self.heads = self.sizes[_HEADS][0]
-        if self.time < 1:
-            raise InputError("the sequences are empty (T = 0); pass at least one token")
         self.dim_sizes = {d: self.sizes[d][0] for d in rule.dims}
         for d, size in self.dim_sizes.items():
             if size == 0:
@@ -58,8 +56,8 @@ class BoundCall:
         for d in token_dtypes[1:]:
             out = torch.promote_types(out, d)
         self.output_dtype = out
-        # no sequence or no head: nothing to compute (see empty_result)
-        self.empty = self.num_sequences == 0 or self.heads == 0
+        # no sequence, no head or no token: nothing to compute (see empty_result)
+        self.empty = self.num_sequences == 0 or self.heads == 0 or self.time == 0
 
     # ------------------------------------------------------------ collecting arguments
 
@@ -187,8 +185,8 @@ class BoundCall:
         return [self.num_sequences, self.heads] + [self.dim_sizes[d] for d in var.dims]
 
     def empty_result(self):
-        """(outputs, finals) of a call with no sequence or no head (B = 0 or H = 0): empty
-        outputs of the right shapes, and the initial states (or zeros) as final states. Tied to
+        """(outputs, finals) of a call with no sequence, no head or no token (B, H or T = 0):
+        empty outputs of the right shapes, and the initial states (or zeros) as final states. Tied to
         the graph of every tensor that needs a gradient, so a backward pass gives them zeros."""
         anchor = sum((t.flatten()[:0].sum() for t in self.tensors.values() if t.requires_grad),
                      torch.zeros((), dtype=self.compute_dtype, device=self.device))
