@@ -53,6 +53,16 @@ S = S + outer(v, k)
 output o = S @ r + dot(r, k * u) * v
 """
 
+# fla's generalized DPLR in one statement, as its naive dplr_recurrence defines it:
+# S_t = (Diag(exp(gk)) + b aᵀ) S_{t-1} + k vᵀ, o = (q / sqrt(K)) @ S
+DPLR = """rule dplr
+dims K, V
+state S[K, V]
+input q[K], k[K], v[V], a[K], b[K], gk[K]
+S = diag(exp(gk)) @ S + outer(b, a @ S) + outer(k, v)
+output o = K ** -0.5 * (q @ S)
+"""
+
 B, H, K, V = 2, 4, 64, 64
 
 
@@ -62,6 +72,10 @@ def inputs(name, T, seed=0):
     x = {"gk": F.logsigmoid(rn(B, T, H, K)), "v": rn(B, T, H, V)}
     if name == "kda":
         x.update(q=rn(B, T, H, K), k=rn(B, T, H, K), beta=torch.sigmoid(rn(B, T, H)))
+    elif name == "dplr":  # RWKV-7's a = -kappa, b = kappa * a_icl: eigenvalues in [-1, 1]
+        kappa = F.normalize(rn(B, T, H, K), dim=-1)
+        x.update(q=rn(B, T, H, K), k=rn(B, T, H, K) * 0.1, a=-kappa,
+                 b=kappa * torch.sigmoid(rn(B, T, H, K)))
     else:
         x.update(r=rn(B, T, H, K), k=rn(B, T, H, K), kk=rn(B, T, H, K),
                  a=torch.sigmoid(rn(B, T, H, K)), u=rn(H, K))
@@ -87,6 +101,26 @@ def fla_kda(naive):
     return fn
 
 
+def fla_dplr(naive, chunk):
+    def fn(x):  # its layout [B, H, T, ...]; alpha = a, beta = b; T a multiple of the chunk
+        t = lambda z: z.transpose(1, 2)
+        return naive.dplr_chunkwise(t(x["q"]), t(x["k"]), t(x["v"]), t(x["a"]), t(x["b"]),
+                                    t(x["gk"]), chunk_size=chunk)[0].transpose(1, 2)
+    return fn
+
+
+def load_fla_dplr():
+    try:
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            from fla.ops.generalized_delta_rule.dplr import naive
+        return naive
+    except Exception as err:
+        print(f"# fla's dplr_chunkwise not available ({err!r}): skipped")
+        return None
+
+
 def load_fla_kda():
     try:
         import warnings
@@ -104,24 +138,28 @@ def main(argv=None):
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--loop-t", type=int, default=512, help="tokens for the naive loop")
     p.add_argument("--chunks", type=int, nargs="+", default=[16, 32, 64])
-    p.add_argument("--rules", nargs="+", default=["kda", "rwkv7"], choices=["kda", "rwkv7"])
+    p.add_argument("--rules", nargs="+", default=["kda", "rwkv7", "dplr"],
+                   choices=["kda", "rwkv7", "dplr"])
     p.add_argument("--reps", type=int, default=3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-loop", action="store_true")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     naive = load_fla_kda()
+    dplr_naive = load_fla_dplr() if "dplr" in args.rules else None
     print(f"# B={B} H={H} K=V={K}, fp32, T={args.T}, torch {torch.__version__}, "
           f"{torch.get_num_threads()} threads; default chunk {torch_chunk_dplr.CHUNK_SIZE}")
     print(f"{'rule':7} {'pass':8} {'method':28} {'seconds':>9} {'vs loop':>8} {'vs fla':>7}")
     for name in args.rules:
-        rule = recdsl.compile(KDA if name == "kda" else RWKV7)
+        rule = recdsl.compile({"kda": KDA, "rwkv7": RWKV7, "dplr": DPLR}[name])
         x = inputs(name, args.T)
         for backward in (False, True):
             fns = {f"torch-chunk C={c}": run_once(chunked(rule, c), x, backward)
                    for c in args.chunks}
             if name == "kda" and naive is not None:
                 fns["fla naive_chunk_kda"] = run_once(fla_kda(naive), x, backward)
+            if name == "dplr" and dplr_naive is not None:
+                fns["fla dplr_chunkwise"] = run_once(fla_dplr(dplr_naive, 16), x, backward)
             times = {k: v[0] for k, v in timed(fns, args.reps, budget=120).items()}
             loop = None
             if not args.no_loop:
@@ -129,7 +167,7 @@ def main(argv=None):
                 loop = timed({"naive": run_once(lambda z: rule(**z, backend="naive")[0],
                                                 short, backward)}, 1,
                              budget=60)["naive"][0] * args.T / args.loop_t
-            fla = times.get("fla naive_chunk_kda")
+            fla = times.get("fla naive_chunk_kda") or times.get("fla dplr_chunkwise")
             mode = "fwd+bwd" if backward else "fwd"
             if loop is not None:
                 print(f"{name:7} {mode:8} {'naive loop (~)':28} {loop:9.3f}")
