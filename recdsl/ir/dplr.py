@@ -24,15 +24,12 @@ from typing import Optional
 
 from ..grammar import ast
 from .affine import Analysis, Coef, loop_groups
+from .family import Refusal
 from .pretty import unparse
 
 
-class NotDplr(Exception):
-    """Why a rule is not in the DPLR family, with the position of the offending term."""
-
-    def __init__(self, reason: str, pos: Optional[ast.Pos] = None):
-        super().__init__(reason)
-        self.reason, self.pos = reason, pos
+class NotDplr(Refusal):
+    """Why a rule is not in the DPLR family."""
 
 
 @dataclass(eq=False)

@@ -78,9 +78,16 @@ class Family:
         return next((n for n in CHUNK_FAMILIES if self.accepts(n)), None)
 
 
-class _Recurrent(Exception):
-    def __init__(self, reason: str, pos: ast.Pos):
+class Refusal(Exception):
+    """Why a planner (or the read lowering, or the staging) does not take a rule: ``reason``,
+    and ``pos``, the position of the offending term when there is one."""
+
+    def __init__(self, reason: str, pos: Optional[ast.Pos] = None):
+        super().__init__(reason)
         self.reason, self.pos = reason, pos
+
+
+_Recurrent = Refusal  # a chunk planner's refusal: the rule stays recurrent unless another fits
 
 
 def _describe_states(analysis) -> str:
@@ -124,12 +131,9 @@ def _plan_scan(analysis: Analysis) -> str:
 
 
 def _plan_dplr(analysis: Analysis) -> str:
-    from .dplr import NotDplr, plan
+    from .dplr import plan  # its refusal (NotDplr) is a Refusal
     _affine(analysis)  # the root cause first, as the other planners say it
-    try:
-        return plan(analysis).describe()
-    except NotDplr as e:
-        raise _Recurrent(e.reason, e.pos)
+    return plan(analysis).describe()
 
 
 PLANNERS = (

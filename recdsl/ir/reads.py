@@ -40,14 +40,11 @@ from typing import Optional
 from ..grammar import ast
 from .checked import CheckedRule
 from .derived import FreshNames, compile_derived
+from .family import Refusal
 from .pretty import describe, unparse
 
-class NotLowerable(Exception):
-    """Why a rule cannot be lowered (``reason``; ``pos`` of the offending term when known)."""
-
-    def __init__(self, reason: str, pos: Optional[ast.Pos] = None):
-        super().__init__(reason)
-        self.reason, self.pos = reason, pos
+class NotLowerable(Refusal):
+    """Why a rule cannot be lowered."""
 
 
 @dataclass(eq=False)

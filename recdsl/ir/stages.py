@@ -31,12 +31,11 @@ from typing import Optional
 from ..grammar import ast
 from .checked import CheckedRule
 from .derived import FreshNames, compile_derived
+from .family import Refusal
 from .pretty import describe, unparse
 
-class NotStaged(Exception):
-    def __init__(self, reason: str, pos: Optional[ast.Pos] = None):
-        super().__init__(reason)
-        self.reason, self.pos = reason, pos
+class NotStaged(Refusal):
+    """Why a rule has no staging."""
 
 
 @dataclass(eq=False)
