@@ -22,9 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -33,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import recdsl  # noqa: E402
+from recdsl.bench import run_once, timed  # noqa: E402,F401
 from recdsl.runtime.sample import sample_inputs  # noqa: E402
 
 B, H = 1, 4
@@ -43,39 +42,6 @@ LOOPS = ("naive loop", "fla naive_recurrent_gla")  # per-token Python loops
 
 
 # ---------------------------------------------------------------- timing
-
-
-def timed(fns: dict, reps, budget) -> dict:
-    """name -> (wall, cpu): median seconds of each ``fns[name]()`` over ``reps`` runs after
-    one warm-up, the methods interleaved (A B C, A B C, ...) so that a change in the machine's
-    load hits them alike; a method whose warm-up takes more than ``budget`` seconds is timed
-    by that one run. Wall time by perf_counter; CPU time of this process by process_time,
-    which on a shared machine leaves out the time spent waiting for a core."""
-    def one(fn):
-        wall, cpu = time.perf_counter(), time.process_time()
-        fn()
-        return time.perf_counter() - wall, time.process_time() - cpu
-    runs = {name: [one(fn)] for name, fn in fns.items()}  # the warm-ups
-    again = [name for name in fns if runs[name][0][0] < budget]
-    for name in again:
-        runs[name] = []
-    for _ in range(reps):
-        for name in again:
-            runs[name].append(one(fns[name]))
-    return {name: (statistics.median(w for w, _ in r), statistics.median(c for _, c in r))
-            for name, r in runs.items()}
-
-
-def run_once(fn, inputs, backward):
-    def go():
-        x = {n: t.detach().requires_grad_(backward) for n, t in inputs.items()}
-        if backward:
-            out = fn(x)
-            out.backward(torch.ones_like(out))
-        else:
-            with torch.no_grad():
-                fn(x)
-    return go
 
 
 # ---------------------------------------------------------------- the contenders

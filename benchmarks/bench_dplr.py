@@ -27,7 +27,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import recdsl  # noqa: E402
-from bench_diagonal import run_once, timed  # noqa: E402
+from recdsl.bench import run_once, timed  # noqa: E402
 from recdsl.runtime import torch_chunk_dplr  # noqa: E402
 
 KDA = """rule kda
