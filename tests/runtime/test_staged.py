@@ -392,3 +392,13 @@ def test_mlstm_long_sequence_is_finite(mlstm):
     for t in range(65536):
         m = torch.maximum(lf[:, t] + m, tensors["i"].double()[:, t])
     assert abs(fins[2].double() - m).max() < 1e-4
+
+
+@pytest.mark.parametrize("T", [37, 65])
+def test_mlstm_through_the_registry(mlstm, T):
+    """Without the test fixture: torch-chunk and torch-scan run mLSTM through its stages, and
+    they come first on the CPU and (chunk) on a GPU."""
+    assert mlstm.backends()[0] == "torch-chunk" and mlstm.backends("cuda")[0] == "chunk"
+    tensors, initial = _args(mlstm, 2, T, 2, SIZES, seed=T)
+    for backend in ("torch-chunk", "torch-scan"):
+        assert_matches_naive(mlstm, tensors, initial, backend=backend)
