@@ -9,8 +9,9 @@ Each generator returns ``(inputs, targets)``, two ``[n, length]`` int64 tensors;
   a query is its value. Query slots are the even offsets after the pairs; the gap from the end
   of the pairs to a query (in slots) follows the power law ``p(g) ~ (g + 1) ** (power_a - 1)``,
   ``g = 0 .. (length - 2 * pairs) // 2 - 1``, drawn without replacement, so most queries come
-  soon after the pairs and a few much later. Other positions hold random tokens; a sequence's
-  own keys are mapped to 0 there, so a key occurs only in its pair and its query.
+  soon after the pairs and a few much later. Other positions hold random tokens (zoology's
+  ``random_non_queries``; ``noise=False``: zeros); a sequence's own keys are mapped to 0
+  there, so a key occurs only in its pair and its query.
 * ``s3``: state tracking on the symmetric group S3 (as in DeltaProduct, Siems et al. 2025):
   the inputs are uniform random group elements (token ``i`` is ``S3_ELEMENTS[i]``), the target
   at each position the running product ``x_t o ... o x_1`` (the newest element applied last).
@@ -54,7 +55,7 @@ def mqar_gap_probabilities(slots: int, power_a: float = POWER_A) -> torch.Tensor
 
 
 def mqar(n: int, vocab: int = 64, length: int = 64, pairs: int = 8, power_a: float = POWER_A,
-         generator: torch.Generator | None = None):
+         noise: bool = True, generator: torch.Generator | None = None):
     """``n`` MQAR sequences (see the module docstring); returns ``(inputs, targets)``."""
     _positive(n=n, vocab=vocab, length=length, pairs=pairs)
     half = vocab // 2
@@ -75,6 +76,8 @@ def mqar(n: int, vocab: int = 64, length: int = 64, pairs: int = 8, power_a: flo
     gaps = torch.multinomial(p, pairs, replacement=False, generator=generator)
 
     inputs = torch.randint(0, vocab, (n, length), generator=generator)
+    if not noise:
+        inputs.zero_()
     own_key = (inputs[:, :, None] == keys[:, None, :]).any(-1)
     inputs[own_key] = 0
     inputs[:, 0:2 * pairs:2] = keys

@@ -111,6 +111,9 @@ def build_parser():
     p.add_argument("--vocab", type=int, help="mqar vocabulary size (s3: always 6)")
     p.add_argument("--length", type=int, help="sequence length")
     p.add_argument("--pairs", type=int, help="mqar key-value pairs per sequence")
+    p.add_argument("--filler", choices=("zero", "random"), default="zero",
+                   help="mqar: the tokens between the pairs and the queries: zero (default) or "
+                        "random (zoology's random_non_queries, much slower to learn)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--target", type=float, help="stop a rule once eval accuracy reaches this")
     p.add_argument("--eval-every", type=int, default=50)
@@ -151,7 +154,8 @@ def parse_args(argv=None):
 
 def batch(args, n, generator):
     if args.task == "mqar":
-        return tasks.mqar(n, args.vocab, args.length, args.pairs, generator=generator)
+        return tasks.mqar(n, args.vocab, args.length, args.pairs, noise=args.filler == "random",
+                          generator=generator)
     return tasks.s3(n, args.length, generator=generator)
 
 
@@ -262,7 +266,8 @@ def _options_text(options):
 
 
 def table(args, results) -> str:
-    what = (f"vocab {args.vocab}, T {args.length}, {args.pairs} pairs" if args.task == "mqar"
+    what = (f"vocab {args.vocab}, T {args.length}, {args.pairs} pairs, {args.filler} filler"
+            if args.task == "mqar"
             else f"T {args.length}")
     lines = [f"{args.task}: {what}; hidden {args.hidden}, {args.layers} layer(s), {args.heads} "
              f"head(s); AdamW lr {args.lr}, batch {args.batch}, seed {args.seed}; accuracy on "
