@@ -1,5 +1,4 @@
 """Mixer (a rule as a token mixer) and CausalLM (a model around it)."""
-import os
 
 import pytest
 import torch
@@ -132,49 +131,5 @@ def test_sampling_is_reproducible_with_a_seeded_generator():
     assert ((a >= 0) & (a < 17)).all()
 
 
-def mqar_batch(n, generator, vocab=32, time=32, pairs=4):
-    """Key-value pairs (keys 1..15, values 16..31) at the start, zeros, then the keys again in
-    a random order at the end; the target at a query is its value (-100 elsewhere)."""
-    half = vocab // 2
-    keys = torch.stack([torch.randperm(half - 1, generator=generator)[:pairs] + 1 for _ in range(n)])
-    vals = torch.randint(half, vocab, (n, pairs), generator=generator)
-    x = torch.zeros(n, time, dtype=torch.long)
-    y = torch.full((n, time), -100)
-    x[:, 0:2 * pairs:2], x[:, 1:2 * pairs:2] = keys, vals
-    order = torch.stack([torch.randperm(pairs, generator=generator) for _ in range(n)])
-    for j in range(pairs):
-        pos = time - 2 * pairs + 2 * j
-        x[:, pos] = keys.gather(1, order[:, j:j + 1])[:, 0]
-        y[:, pos] = vals.gather(1, order[:, j:j + 1])[:, 0]
-    return x, y
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(not os.environ.get("RECDSL_TRAINING_TESTS"),
-                    reason="trains for ~8 minutes on two cores: set RECDSL_TRAINING_TESTS=1")
-def test_gated_delta_lm_learns_a_tiny_mqar():
-    torch.manual_seed(0)
-    model = CausalLM(load("gated_delta"), vocab_size=32, hidden_size=64, num_layers=2, num_heads=2)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
-    gen = torch.Generator().manual_seed(1)
-    xt, yt = mqar_batch(256, torch.Generator().manual_seed(123))
-
-    def accuracy():
-        with torch.no_grad():
-            pred, mask = model(xt).argmax(-1), yt != -100
-            return (pred[mask] == yt[mask]).float().mean().item()
-
-    before = accuracy()
-    for _ in range(STEPS):
-        x, y = mqar_batch(64, gen)
-        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    after = accuracy()
-    assert before < 0.15 and after > THRESHOLD, (before, after)
-
-
-# measured (CPU, float32, this seed): held-out accuracy 0.0 before, 0.40 after 50 steps, 0.80 after
-# 100, 0.965 after 150, 0.99 after 300 (about 2 s a step on two cores)
-STEPS, THRESHOLD = 150, 0.6
+# The training acceptance (gated_delta >= 0.9 MQAR accuracy in at most 1500 steps) is
+# tests/test_train.py::test_gated_delta_reaches_the_mqar_acceptance, on recdsl.tasks.mqar.

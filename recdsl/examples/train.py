@@ -309,7 +309,15 @@ def plot(args, results, path) -> bool:
 
 def main(argv=None):
     args = parse_args(argv)
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
+    try:
+        return run(args)
+    finally:
+        torch.set_num_threads(threads)  # a caller (a test session) keeps its own setting
+
+
+def run(args):
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     eval_set = batch(args, args.eval_size, torch.Generator().manual_seed(args.seed + 10_000))
