@@ -128,6 +128,21 @@ def test_train_runs_as_a_script_with_rule_options(tmp_path):
     assert len(list(csv.DictReader(open(tmp_path / "s3.csv")))) == 3
 
 
+def test_jobs_give_the_same_results_as_one_at_a_time(tmp_path):
+    common = ["--task", "s3", "--rules", "gla,gated_delta", "--steps", "3", "--eval-every", "1",
+              "--eval-size", "8", "--batch", "2", "--length", "8", "--hidden", "8", "--no-progress"]
+    one = train.main(common + ["--out", str(tmp_path / "one")])
+    two = train.main(common + ["--out", str(tmp_path / "two"), "--jobs", "2"])
+
+    def curve(results):
+        return [(r["rule"], [(h["step"], h["loss"], h["accuracy"]) for h in r["history"]])
+                for r in results]
+
+    assert curve(one) == curve(two)
+    rows = list(csv.DictReader(open(tmp_path / "two" / "s3.csv")))
+    assert [r["rule"] for r in rows] == ["gla"] * 4 + ["gated_delta"] * 4
+
+
 def test_parse_options():
     opts = train.parse_options(["a:allow_neg_eigval=true,dims.NH=2,gates.beta=sigmoid",
                                 "b:backend=torch-chunk"], ["a", "b"])
