@@ -1,8 +1,9 @@
 """Train tiny language models built from recdsl rules on MQAR or S3 and compare them.
 
-    python examples/train.py --task mqar --rules gated_delta,kla,gla,mamba2,raven --out runs/mqar
-    python examples/train.py --task s3 --rules deltaproduct,gated_delta \\
-        --option deltaproduct:allow_neg_eigval=true,dims.NH=2 --out runs/s3
+    python examples/train.py --task mqar --rules gated_delta,kla,gla,mamba2,raven --jobs 3
+    python examples/train.py --task s3 --rules deltaproduct,gated_delta --jobs 2 \\
+        --option deltaproduct:allow_neg_eigval=true,dims.NH=2,conv=false \\
+        --option gated_delta:conv=false
 
 Each rule becomes a ``recdsl.models.CausalLM`` (its ``rule.mixer`` in every block), trained
 with AdamW on fresh batches from ``recdsl.tasks`` (the same batches and the same held-out set
@@ -148,9 +149,15 @@ def parse_args(argv=None):
     try:
         args.rule_options = parse_options(args.option, args.rule_names)
         args.loaded = {r: load_rule(r) for r in args.rule_names}
-        batch(args, 1, torch.Generator().manual_seed(0))  # task sizes checked before any training
+        # the task's sizes and every rule's options checked before any training
+        batch(args, 1, torch.Generator().manual_seed(0))
+        for r in args.rule_names:
+            CausalLM(args.loaded[r], vocab_size(args), args.hidden, 1, args.heads,
+                     **args.rule_options[r])
     except RecdslError as err:
         parser.error(str(err))
+    except (TypeError, ValueError) as err:  # an option value of the wrong kind, e.g. conv=3
+        parser.error(f"--option: {err}")
     return args
 
 
