@@ -71,6 +71,7 @@ class KernelEntry:
     constexprs: dict
     num_warps: int
     variant: str = ""  # a few words on which variant the constexprs select
+    dots: str = ""  # the formats of its products (recdsl.codegen.precision), for the report
 
 
 @dataclass
