@@ -7,8 +7,11 @@
     pass rule, a backend's error at most 10x (float32) or 2x (bfloat16) the naive loop's own
     error in that dtype); the report lists each rule x backend x dtype's worst case;
 (b) timing: the chunk, scan and recurrent kernels at B=8 T=4096 H=16 K=V=128 bfloat16,
-    forward and forward+backward, and fla's Triton kernels where fla is installed
-    (chunk_gated_delta_rule, chunk_gla, chunk_simple_gla, chunk_kda, chunk_rwkv7);
+    forward and forward+backward; the chunk kernels of gated_delta and gla under each other
+    precision policy (``rule(..., precision=)``, recdsl.codegen.precision: the plain item is
+    "auto", i.e. "mixed" for bfloat16 inputs; items ``chunk@half`` etc.); and fla's Triton
+    kernels where fla is installed (chunk_gated_delta_rule, chunk_gla, chunk_simple_gla,
+    chunk_kda, chunk_rwkv7);
 (c) a markdown report (--out).
 
     python benchmarks/gpu_check.py --out gpu_report.md            # on a CUDA machine
@@ -34,6 +37,7 @@ sys.path.insert(0, str(ROOT))
 
 import recdsl  # noqa: E402
 from recdsl.bench import run_once, timed  # noqa: E402
+from recdsl.codegen.precision import NAMES as PRECISIONS  # noqa: E402
 from recdsl.runtime.autotest import Shape, run_autotest  # noqa: E402
 from recdsl.runtime.sample import sample_inputs  # noqa: E402
 
@@ -46,6 +50,9 @@ SHAPES = (Shape(2, 1, 2), Shape(2, 65, 2, initial_state=True), Shape(1, 2048, 2)
 TB, TT, TH, TK = 8, 4096, 16, 128
 TIMED_RULES = ("gated_delta", "delta", "gla", "retention", "mamba2", "mlstm")
 TIMED_BACKENDS = ("chunk", "scan", "recurrent")
+# the chunk kernels timed under every precision policy besides the default (auto = mixed here)
+POLICY_RULES = ("gated_delta", "gla")
+POLICIES = tuple(p for p in PRECISIONS if p not in ("auto", "mixed"))
 FLA_KERNELS = ("chunk_gated_delta_rule", "chunk_gla", "chunk_simple_gla", "chunk_kda", "chunk_rwkv7")
 
 
@@ -74,6 +81,9 @@ def plan():
         if name in rules:
             cuda = load(rules[name]).backends("cuda")
             timings += [(name, b) for b in TIMED_BACKENDS if b in cuda]
+    for name in POLICY_RULES:
+        if name in rules and "chunk" in load(rules[name]).backends("cuda"):
+            timings += [(name, f"chunk@{p}") for p in POLICIES]
     timings += [("fla", k) for k in FLA_KERNELS]
     return checks, timings
 
@@ -131,10 +141,12 @@ def _dims(rule):
 
 
 def time_recdsl(name, backend):
+    """``backend`` or ``backend@policy`` (a precision policy, default auto)."""
+    backend, _, policy = backend.partition("@")
     rule = load(example_rules()[name])
     x = sample_inputs(rule, batch=TB, time=TT, heads=TH, dims=_dims(rule), dtype=torch.bfloat16,
                       device="cuda")
-    fn = lambda a: rule(**a, backend=backend)[0]  # noqa: E731
+    fn = lambda a: rule(**a, backend=backend, precision=policy or "auto")[0]  # noqa: E731
     return {bw: timed({"f": run_once(fn, x, bw)}, 3, 30.0)["f"][0] for bw in (False, True)}
 
 
@@ -217,7 +229,9 @@ def report(path, checks, skipped, times, sections, total):
     lines += ["", f"{failed} failing case(s)." + (f" Skipped (over budget): {', '.join(skipped)}."
                                                    if skipped else "")]
     lines += ["", f"## Timing, B={TB} T={TT} H={TH} K=V={TK} (N=P for mamba2), bfloat16", "",
-              "Median of 3 after a warm-up, wall ms (CUDA synchronised).", "",
+              "Median of 3 after a warm-up, wall ms (CUDA synchronised). `chunk` runs the "
+              "default precision policy (auto: `mixed` for bfloat16, half operands inside a "
+              "chunk, tf32x3 for state and solve); `chunk@P` the policy P.", "",
               "| who | kernel | fwd ms | fwd+bwd ms | note |", "|---|---|---:|---:|---|"]
     for who, what, f, b, note in times:
         ms = lambda s: f"{s * 1e3:.2f}" if s is not None else "-"  # noqa: E731
@@ -248,7 +262,8 @@ def main(argv=None) -> int:
         log(f"correctness plan: {len(checks)} cases (rule backend dtype shape)")
         for c in checks:
             log("  check " + " ".join(c))
-        log(f"timing plan: B={TB} T={TT} H={TH} K=V={TK} bfloat16, fwd and fwd+bwd")
+        log(f"timing plan: B={TB} T={TT} H={TH} K=V={TK} bfloat16, fwd and fwd+bwd; "
+            f"kernel@policy: a precision policy other than auto")
         for who, what in timing_items:
             log(f"  time {who} {what}")
         return 0

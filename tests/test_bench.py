@@ -86,3 +86,9 @@ def test_gpu_check_dry_run_covers_every_rule_and_backend():
             if backend in parallel:
                 assert (path.stem, backend) in planned, (path.stem, backend)
     assert "time fla chunk_gated_delta_rule" in proc.stdout
+    # the chunk kernels under every precision policy besides auto (the plain item)
+    from recdsl.codegen.precision import NAMES
+    for name in ("gated_delta", "gla"):
+        assert f"time {name} chunk\n" in proc.stdout
+        for policy in set(NAMES) - {"auto", "mixed"}:
+            assert f"time {name} chunk@{policy}\n" in proc.stdout, policy

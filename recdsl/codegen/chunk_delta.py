@@ -709,7 +709,10 @@ _HALF = ("fp16", "bf16")
 # the kernels with the most live tiles take 8 warps (ptxas reports spills at 4); the others 4.
 # bwd_dq is not one of them: at 8 warps ptxas capped it at 128 registers and spilled on sm_80
 # (NH=2), at 4 it builds without spills for NH = 1..3, K = V = 64 and 128, on sm_80 and sm_90.
+# With half operands (DOT fp16 or bf16) bwd_dv and bwd_dq take 8 too: at 4 they spilled on
+# sm_80 at NH = 1 (255 registers, 16 and 40 bytes); at 8 they take 190 and 156, no spills.
 _WIDE = ("chunk_delta_bwd_dm", "chunk_delta_bwd_dk")
+_WIDE_HALF = ("chunk_delta_bwd_dv", "chunk_delta_bwd_dq")
 
 # Caps (BKT, BV) on config's tiles for kernels that walk K and V inside one program. bwd_dk
 # holds two [R, BKT] accumulators and multiplies with ieee (FMA) products: at 32 x 32 ptxas held
@@ -721,7 +724,7 @@ _TILE_CAPS = {"chunk_delta_bwd_dk": (16, 16)}
 
 
 def num_warps(kernel: str, cfg: dict) -> int:
-    return 8 if kernel in _WIDE else 4
+    return 8 if kernel in _WIDE or (kernel in _WIDE_HALF and cfg["DOT"] in _HALF) else 4
 
 
 def constexprs(kernel: str, cfg: dict) -> dict:
