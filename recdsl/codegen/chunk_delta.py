@@ -58,10 +58,11 @@ Layouts (NTOK = all tokens, packed; every sequence is a range of ``cu_seqlens``)
 rows [NTOK, H, NH, *] (k, W: KD; u, Ũ, Δ: VD; beta), tokens [NTOK, H, *] (q: KD; o, do: VD;
 g, gr); T [chunks, H, R, R]; states [chunks, H, KD, VD]; h0 / ht [N, H, KD, VD].
 Products take their operand format from the call's precision policy
-(``recdsl.codegen.precision``), by class: ``DOT`` the chunk products (reads and gradients
-inside a chunk), ``DOT_S`` the state-passing ones (fwd_h, bwd_dh's walk), ``DOT_T`` those
-with T (prepare's W and Ũ, bwd_dh's Tᵀ dΔ); ``PRODUCTS`` lists each kernel's. The solve never
-uses a tensor-core product, and K Kᵀ entering it is ieee everywhere.
+(``recdsl.codegen.precision``), by class: ``DOT_R`` fwd_o's (the outputs), ``DOT`` the
+backward's products inside a chunk, ``DOT_S`` those with a state (or its gradient) as an
+operand or carrying it (fwd_h, bwd_dh's walk, bwd_dq's dO S0ᵀ, bwd_dk's), ``DOT_T`` those with
+T (prepare's W and Ũ, bwd_dh's Tᵀ dΔ); ``PRODUCTS`` lists each kernel's. The solve never uses
+a tensor-core product, and K Kᵀ entering it is ieee everywhere.
 """
 from __future__ import annotations
 
@@ -69,7 +70,8 @@ import triton
 import triton.language as tl
 
 # ------------------------------------------------------------------ shared pieces
-# The products, by operand format (DOT: chunk products, DOT_S: state, DOT_T: the solve's).
+# The products, by operand format (DOT_R: the read, DOT: chunk products, DOT_S: state, DOT_T:
+# the solve's).
 
 
 @triton.jit
@@ -346,7 +348,7 @@ def chunk_delta_fwd_h(k, g, w, u_t, h0, delta, ht, states, cu_seqlens, chunk_off
 def chunk_delta_fwd_o(k, g, q, delta, states, o, chunk_starts, chunk_ends, H,
                       KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
                       C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
-                      DOT: tl.constexpr):
+                      DOT_R: tl.constexpr):
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -363,12 +365,12 @@ def chunk_delta_fwd_o(k, g, q, delta, states, o, chunk_starts, chunk_ends, H,
         o_k = kt + tl.arange(0, BKT)
         m_k = o_k < KD
         q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD)
-        qs += _dot(q_t, _state_tile(states, state, o_k, m_k, o_v, m_v, VD), DOT)
-        qk += _dot(q_t, tl.trans(_tile(k, rbase, roffs, m_r, o_k, m_k, KD)), DOT)
+        qs += _dot(q_t, _state_tile(states, state, o_k, m_k, o_v, m_v, VD), DOT_R)
+        qk += _dot(q_t, tl.trans(_tile(k, rbase, roffs, m_r, o_k, m_k, KD)), DOT_R)
     g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
     p = qk * _read_decays(g_c, NHP, C, R)
     b_o = tl.exp(gam_c)[:, None] * qs \
-        + _dot(p, _tile(delta, rbase, roffs, m_r, o_v, m_v, VD), DOT)
+        + _dot(p, _tile(delta, rbase, roffs, m_r, o_v, m_v, VD), DOT_R)
     _put(o, tbase, toffs, m_c, o_v, m_v, VD, b_o.to(o.dtype.element_ty))
 
 
@@ -523,7 +525,7 @@ def chunk_delta_bwd_dm(k, beta, g, gr, delta, du, dbeta, dg, dgr, sym_out, chunk
 def chunk_delta_bwd_dk(k, beta, g, gr, delta, du, states, dstates, dk, dbeta, dg, dgr,
                        chunk_starts, chunk_ends, H, KD: tl.constexpr, VD: tl.constexpr,
                        NH: tl.constexpr, NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                       BKT: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
+                       BKT: tl.constexpr, BV: tl.constexpr, DOT_S: tl.constexpr,
                        READ: tl.constexpr = False):
     """Through B (in Y = U - B S0) and the write of S1: dk (bwd_dk_tail adds the rest), and
     the parts of dbeta and dg these carry (added to bwd_dm's). Its products are ieee unless
@@ -557,8 +559,8 @@ def chunk_delta_bwd_dk(k, beta, g, gr, delta, du, states, dstates, dk, dbeta, dg
             m_v = o_v < VD
             s0 = _state_tile(states, state, o_k, m_k, o_v, m_v, VD)
             ds1 = _state_tile(dstates, state, o_k, m_k, o_v, m_v, VD)
-            a1 += _dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(s0), DOT)
-            a2 += _dot(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(ds1), DOT)
+            a1 += _dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(s0), DOT_S)
+            a2 += _dot(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(ds1), DOT_S)
             d_carry += tl.sum(tl.sum(s0 * ds1, axis=1), axis=0)
         _put(dk, rbase, roffs, m_r, o_k, m_k, KD, dec[:, None] * a2 - bg[:, None] * a1)
         k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD)
@@ -591,7 +593,7 @@ def chunk_delta_bwd_dk(k, beta, g, gr, delta, du, states, dstates, dk, dbeta, dg
 def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dg, dpm_out, chunk_starts, chunk_ends, H,
                        KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
                        C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
-                       DOT: tl.constexpr):
+                       DOT: tl.constexpr, DOT_S: tl.constexpr):
     """Through the read O = diag(exp γ) Q S0 + P Δ: dq (bwd_dk_tail adds dpm K), the part of
     dg through it (added to bwd_dk's), and dpm = dP ⊙ exp(γ_t - γ_r) for bwd_dk_tail."""
     i_chunk = tl.program_id(0)
@@ -623,7 +625,7 @@ def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dg, dpm_out, chunk_starts
             o_v = vt + tl.arange(0, BV)
             m_v = o_v < VD
             b += _dot(_tile(do, tbase, toffs, m_c, o_v, m_v, VD),
-                        tl.trans(_state_tile(states, state, o_k, m_k, o_v, m_v, VD)), DOT)
+                        tl.trans(_state_tile(states, state, o_k, m_k, o_v, m_v, VD)), DOT_S)
         q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD)
         _put(dq, tbase, toffs, m_c, o_k, m_k, KD, e_c[:, None] * b)
         d_gam_c += e_c * tl.sum(q_t * b, axis=1)
@@ -670,8 +672,8 @@ def config(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = No
            gpu: bool = True, precision: Precision | None = None) -> dict:
     """The constexprs of every core kernel for these sizes. On a GPU, K and V are walked in
     tiles of 32; under the interpreter (``gpu=False``) one tile covers K or V (fewer, larger
-    steps). DOT, DOT_S and DOT_T are ``precision``'s formats of the chunk, state and solve
-    products (default: the "auto" policy for fp32 inputs)."""
+    steps). DOT_R, DOT, DOT_S and DOT_T are ``precision``'s formats of the read, chunk, state
+    and solve products (default: the "auto" policy for fp32 inputs)."""
     steps_p2 = triton.next_power_of_2(steps)
     chunk = chunk_size or max(16, ROWS // steps_p2)
     if chunk not in CHUNK_SIZES:
@@ -686,7 +688,7 @@ def config(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = No
     p = precision
     return dict(KD=key_dim, VD=value_dim, NH=steps, NHP=steps_p2, C=chunk, R=chunk * steps_p2,
                 BKT=min(bk, 32) if gpu else bk, BV=min(bv, 32) if gpu else bv,
-                DOT=p.chunk, DOT_S=p.state, DOT_T=p.solve)
+                DOT_R=p.read, DOT=p.chunk, DOT_S=p.state, DOT_T=p.solve)
 
 
 # The classes of products in each kernel (recdsl.codegen.precision), hence its DOT constexprs.
@@ -694,15 +696,15 @@ def config(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = No
 PRODUCTS = {
     "chunk_delta_prepare": ("solve",),
     "chunk_delta_fwd_h": ("state",),
-    "chunk_delta_fwd_o": ("chunk",),
+    "chunk_delta_fwd_o": ("read",),
     "chunk_delta_bwd_dv": ("chunk",),
     "chunk_delta_bwd_dh": ("state", "solve"),
     "chunk_delta_bwd_dm": ("chunk",),
-    "chunk_delta_bwd_dk": ("chunk",),
-    "chunk_delta_bwd_dq": ("chunk",),
+    "chunk_delta_bwd_dk": ("state",),
+    "chunk_delta_bwd_dq": ("chunk", "state"),
     "chunk_delta_bwd_dk_tail": ("chunk",),
 }
-_CONSTEXPR = {"chunk": "DOT", "state": "DOT_S", "solve": "DOT_T"}
+_CONSTEXPR = {"read": "DOT_R", "chunk": "DOT", "state": "DOT_S", "solve": "DOT_T"}
 _HALF = ("fp16", "bf16")
 
 
@@ -734,8 +736,8 @@ def constexprs(kernel: str, cfg: dict) -> dict:
     tf32x3 spilled on sm_80 (see _TILE_CAPS)."""
     used = {_CONSTEXPR[c] for c in PRODUCTS[kernel]}
     out = {k: v for k, v in cfg.items() if k not in _CONSTEXPR.values() or k in used}
-    if kernel == "chunk_delta_bwd_dk" and out["DOT"] not in _HALF:
-        out["DOT"] = "ieee"
+    if kernel == "chunk_delta_bwd_dk" and out["DOT_S"] not in _HALF:
+        out["DOT_S"] = "ieee"
     if kernel in _TILE_CAPS:
         bk, bv = _TILE_CAPS[kernel]
         out.update(BKT=min(cfg["BKT"], bk), BV=min(cfg["BV"], bv))

@@ -1,14 +1,20 @@
 """The precision of the chunk kernels' matrix products (``tl.dot``): one policy per call.
 
 A product's operands may be rounded before the multiply; the sum is always fp32. How far a
-rounding error travels depends on what the product computes, so the products fall into three
+rounding error travels depends on what the product computes, so the products fall into four
 classes and a policy gives each its operand format:
 
-``chunk``  products whose result is read out of one chunk (the outputs, the gradients of the
-           chunk's tokens): an error there stays where it was made. fla feeds these half
-           operands when the inputs are half, and so do we.
-``state``  products that carry the state from one chunk to the next (``W S``, ``Kᵀ Δ``, and
-           their gradients' walk back): every later chunk inherits their error.
+``read``   the forward's products that make the outputs (``Q S``, ``Q Kᵀ``, ``P Δ``): the
+           outputs are rounded to the inputs' dtype anyway, and TESTING.md allows a backend
+           twice the naive loop's error in half types, which is about that one rounding. Half
+           operands here round q, k, P and Δ as well: measured 2.1x to 2.4x under the
+           interpreter (gated_delta, fp16), over the bound. So the default keeps them accurate.
+``chunk``  the backward's products inside a chunk (the gradients of the chunk's tokens): an
+           error there stays where it was made. fla feeds these half operands when the inputs
+           are half, and so do we.
+``state``  products with a state or state gradient as an operand, or that carry it from one
+           chunk to the next (``W S``, ``Kᵀ Δ``, ``dO S0ᵀ``, the walk back): the states are
+           fp32 (a state can outgrow fp16's range) and every later chunk inherits the error.
 ``solve``  products with the WY/UT inverse ``T = (I + M)^{-1}`` (``T B``, ``T U``, ``Tᵀ dΔ``):
            T's entries grow with the chunk, and a rounded operand is multiplied by them. The
            solve itself runs in fp32 registers, and ``K Kᵀ`` entering it is ieee, always.
@@ -17,14 +23,14 @@ Operand formats: "ieee" (fp32 FMA: exact fp32, no tensor cores), "tf32x3" (three
 fp32-accurate, on tensor cores), "tf32" (one pass: a 10-bit mantissa), "fp16" and "bf16"
 (operands rounded to half, fp32 accumulation: one tensor-core pass on half the registers).
 
-Policies (``rule(..., precision=NAME)``):
+Policies (``rule(..., precision=NAME)``), formats of (read, chunk, state, solve):
 
 ``auto``    by the inputs' dtype: fp32/fp64 -> ``tf32x3``; fp16/bf16 -> ``mixed``
-``ieee``    every product ieee (slow; the reference for the others)
-``tf32x3``  every product tf32x3
-``tf32``    chunk and state products tf32, the solve's tf32x3
-``mixed``   chunk products half; state and solve products tf32x3
-``half``    chunk and state products half (fla's choice), the solve's tf32x3
+``ieee``    ieee everywhere (slow; the reference for the others)
+``tf32x3``  tf32x3 everywhere
+``tf32``    tf32, the solve's tf32x3
+``mixed``   half for the chunk class, tf32x3 for the others
+``half``    half for all but the solve (fla's choice), the solve's tf32x3
 
 "Half" is the inputs' dtype when it is fp16 or bf16, else bf16 (fp32's range: a state that
 outgrows fp16's 65504 stays finite). Under the Triton interpreter tf32 formats are ieee (it
@@ -39,17 +45,17 @@ import torch
 
 from ..errors import InputError
 
-CLASSES = ("chunk", "state", "solve")
+CLASSES = ("read", "chunk", "state", "solve")
 FORMATS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")
 HALF = "half"  # a class's format before the half dtype is known
 
-# policy -> (chunk, state, solve); "auto" is chosen by dtype in ``resolve``
+# policy -> formats of CLASSES; "auto" is chosen by dtype in ``resolve``
 POLICIES = {
-    "ieee": ("ieee", "ieee", "ieee"),
-    "tf32x3": ("tf32x3", "tf32x3", "tf32x3"),
-    "tf32": ("tf32", "tf32", "tf32x3"),
-    "mixed": (HALF, "tf32x3", "tf32x3"),
-    "half": (HALF, HALF, "tf32x3"),
+    "ieee": ("ieee", "ieee", "ieee", "ieee"),
+    "tf32x3": ("tf32x3", "tf32x3", "tf32x3", "tf32x3"),
+    "tf32": ("tf32", "tf32", "tf32", "tf32x3"),
+    "mixed": ("tf32x3", HALF, "tf32x3", "tf32x3"),
+    "half": (HALF, HALF, HALF, "tf32x3"),
 }
 NAMES = ("auto",) + tuple(POLICIES)
 
@@ -60,6 +66,7 @@ _HALF_DTYPES = {torch.float16: "fp16", torch.bfloat16: "bf16"}
 class Precision:
     """The operand format of each class of products, as the kernels' constexprs take it."""
     policy: str
+    read: str
     chunk: str
     state: str
     solve: str
