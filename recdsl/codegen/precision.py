@@ -46,7 +46,6 @@ import torch
 from ..errors import InputError
 
 CLASSES = ("read", "chunk", "state", "solve")
-FORMATS = ("ieee", "tf32x3", "tf32", "fp16", "bf16")
 HALF = "half"  # a class's format before the half dtype is known
 
 # policy -> formats of CLASSES; "auto" is chosen by dtype in ``resolve``
@@ -100,7 +99,7 @@ def resolve(policy: str, dtype: torch.dtype, interpreted: bool) -> Precision:
 
 def for_call(call, interpreted: bool) -> Precision:
     """The precision of a bound call: its ``precision`` policy for its inputs' dtype."""
-    return resolve(getattr(call, "precision", "auto"), call.output_dtype, interpreted)
+    return resolve(call.precision, call.output_dtype, interpreted)
 
 
 # The kernels' product, by format (a constexpr): its text is spliced into generated kernel

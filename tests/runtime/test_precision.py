@@ -201,3 +201,16 @@ def test_the_report_table_shows_occupancy_and_dot_formats():
     assert "16 (registers)" in first and first.endswith("chunk fp16")
     assert "8 (registers)" in second and second.endswith("-")
     assert "warps/SM" not in aot.format_table([_build()])  # without an architecture: as before
+
+
+@pytest.mark.slow
+def test_half_operand_delta_kernels_build_at_128_without_spills():
+    """Real builds (ptxas) of the delta core at K = V = 128, NH = 1 (64-token chunks) under the
+    default policy for fp16 inputs on sm_80: at 4 warps bwd_dv and bwd_dq spilled with half
+    operands (hence 8, ``chunk_delta._WIDE_HALF``)."""
+    arch = aot.ARCHS["sm_80"]
+    p = resolve("auto", torch.float16, interpreted=False)
+    builds = aot.build_module(chunk_delta.aot_module(128, 128, 1, precision=p), arch)
+    assert aot.problems(builds, arch) == []
+    dv = next(b for b in builds if b.kernel == "chunk_delta_bwd_dv")
+    assert dv.num_warps == 8 and dv.dots == "chunk fp16"
