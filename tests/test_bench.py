@@ -106,3 +106,5 @@ def test_gpu_check_dry_run_covers_every_rule_and_backend():
         assert f"time {name} chunk\n" in proc.stdout
         for policy in set(NAMES) - {"auto", "mixed"}:
             assert f"time {name} chunk@{policy}\n" in proc.stdout, policy
+        for policy in NAMES:  # and checks each one's outputs and gradients in bfloat16
+            assert f"policy {name} {policy}\n" in proc.stdout, policy

@@ -16,7 +16,7 @@ from recdsl.cli import main
 from recdsl.codegen import aot, chunk_delta, chunk_diagonal
 from recdsl.codegen.precision import DOT_HELPER, NAMES, Precision, resolve
 from recdsl.errors import InputError
-from recdsl.runtime.autotest import Shape, run_autotest
+from recdsl.runtime.autotest import Shape, measure, run_autotest
 from recdsl.runtime.sample import sample_inputs
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
@@ -120,10 +120,6 @@ def _run(rule, x, h0, dtype, backend, **options):
     return {"o": out.detach().double(), **{f"d{k}": g.double() for k, g in zip(x, grads)}}
 
 
-def _rms(t):
-    return t.pow(2).mean().sqrt().item()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["gated_delta", "gla"])
 def test_the_policy_reaches_the_kernels(name):
@@ -146,8 +142,8 @@ def test_the_policy_reaches_the_kernels(name):
 @pytest.mark.parametrize("name", ["gated_delta", "deltaproduct"])
 def test_float16_gradients_with_half_operands_stay_within_twice_the_naive_error(name):
     """The autotest checks half types forward only; the default policy's half operands are in
-    the backward, so its gradients are checked here by the same rule: rms(chunk - golden) at
-    most 2x rms(naive loop in float16 - golden), floor 1e-4 rms(golden) (measured 1.2x-1.35x)."""
+    the backward, so its gradients are checked here by the same rule (autotest.measure: at
+    most 2x the naive loop's float16 error, with its floors; measured 1.2x-1.35x)."""
     rule = load(name)
     dims = {d: SMALL[d] for d in rule.dims}
     x = sample_inputs(rule, batch=1, time=70, heads=2, dims=dims, dtype=torch.float64, seed=0)
@@ -156,8 +152,7 @@ def test_float16_gradients_with_half_operands_stay_within_twice_the_naive_error(
     reference = _run(rule, x, h0, torch.float16, "naive")
     got = _run(rule, x, h0, torch.float16, "chunk")
     for q, want in golden.items():
-        allowed = 2 * max(_rms(reference[q] - want), 1e-4 * _rms(want))
-        assert _rms(got[q] - want) <= allowed, q
+        assert measure(q, got[q], want, reference[q], torch.float16).passed, q
 
 
 @pytest.mark.slow
