@@ -10,6 +10,10 @@ cubin, with the ptxas that Triton bundles. The figures in the report come from t
   registers and the stack frame, and a stack frame counts as spilling;
 - shared memory from the build's metadata (``shared``: what a launch asks for).
 
+From these and num_warps ``occupancy`` estimates the resident warps per SM (the report's
+``warps/SM``), and a kernel entry's ``dots`` names the operand formats of its products
+(``recdsl.codegen.precision``).
+
 The build must not run under the Triton interpreter: a kernel decorated while
 ``TRITON_INTERPRET=1`` is an ``InterpretedFunction``, which ``triton.compile`` cannot take.
 Switching the knob off before importing the generated module is not enough: Triton's own
@@ -434,7 +438,8 @@ def format_table(builds: list, arch: Arch | None = None) -> str:
         lines.append(f"warps/SM: resident warps per SM estimated from registers, shared memory "
                      f"and num_warps ({arch.name}: {arch.sm_registers} registers, {arch.sm_warps} "
                      f"warps, {arch.sm_shared // 1024} KiB shared a SM); dots: operand formats of "
-                     f"its products by class (chunk, state, solve), '-' for none")
+                     f"its products by class (read, chunk, state, solve; recdsl.codegen.precision), '-' for "
+                     f"a kernel without tl.dot")
     return "\n".join(lines)
 
 
