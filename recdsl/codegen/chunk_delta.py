@@ -685,10 +685,10 @@ def config(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = No
 
         from .precision import resolve
         precision = resolve("auto", torch.float32, interpreted=not gpu)
-    p = precision
     return dict(KD=key_dim, VD=value_dim, NH=steps, NHP=steps_p2, C=chunk, R=chunk * steps_p2,
                 BKT=min(bk, 32) if gpu else bk, BV=min(bv, 32) if gpu else bv,
-                DOT_R=p.read, DOT=p.chunk, DOT_S=p.state, DOT_T=p.solve)
+                DOT_R=precision.read, DOT=precision.chunk, DOT_S=precision.state,
+                DOT_T=precision.solve)
 
 
 # The classes of products in each kernel (recdsl.codegen.precision), hence its DOT constexprs.
@@ -712,7 +712,8 @@ _HALF = ("fp16", "bf16")
 # bwd_dq is not one of them: at 8 warps ptxas capped it at 128 registers and spilled on sm_80
 # (NH=2), at 4 it builds without spills for NH = 1..3, K = V = 64 and 128, on sm_80 and sm_90.
 # With half operands (DOT fp16 or bf16) bwd_dv and bwd_dq take 8 too: at 4 they spilled on
-# sm_80 at NH = 1 (255 registers, 16 and 40 bytes); at 8 they take 190 and 156, no spills.
+# sm_80 at NH = 1 (255 registers, 16 and 40 bytes); at 8 they take 190 and 186 ("mixed"; 156
+# for bwd_dq under "half"), no spills, for NH = 1..3 on sm_80 and sm_90.
 _WIDE = ("chunk_delta_bwd_dm", "chunk_delta_bwd_dk")
 _WIDE_HALF = ("chunk_delta_bwd_dv", "chunk_delta_bwd_dq")
 
