@@ -9,7 +9,7 @@ from ..grammar.parser import parse
 from ..ir.checked import CheckedRule
 from ..ir.checker import check
 from ..ir.family import classify
-from . import backends
+from . import backends, custom_ops
 from .call import BoundCall
 
 
@@ -26,6 +26,7 @@ class Rule:
         self.family_reason = (family.reason if family.pos is None
                               else f"{family.reason} ({family.where(checked.filename)})")
         self.analysis = family.analysis
+        self.op_key = custom_ops.register(self)  # names this rule in the torch.compile op
 
     # names, in declaration order
     @property
@@ -62,6 +63,9 @@ class Rule:
 
     def __call__(self, *inputs, initial_state=None, output_final_state=False, backend="auto",
                  cu_seqlens=None, **named):
+        if custom_ops.compiling():  # under torch.compile the call is one opaque op
+            return custom_ops.call(self, inputs, named, initial_state, output_final_state, backend,
+                                   cu_seqlens)
         call = self.bind(*inputs, initial_state=initial_state, cu_seqlens=cu_seqlens, **named)
         run = backends.resolve(self, backend, call)
         if call.empty:
