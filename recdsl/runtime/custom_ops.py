@@ -31,8 +31,9 @@ from ..errors import RecdslError
 _RULES = weakref.WeakValueDictionary()  # key -> Rule
 _COUNTER = itertools.count()
 
-# how the caller gave ``initial_state``: None, one tensor, or a sequence (entries may be None)
-_NO_INITIAL, _ONE_INITIAL, _SEQUENCE_INITIAL = 0, 1, 2
+# how the caller gave ``initial_state`` (the op's ``initial_layout``): "" for None, "T" for one
+# tensor, else one character per entry of the sequence, "1" given, "0" None
+_ONE_INITIAL = "T"
 
 
 def register(rule) -> str:
@@ -61,14 +62,16 @@ def call(rule, inputs, named, initial_state, output_final_state, backend, cu_seq
     """``Rule.__call__``'s result, through ``recdsl::run``. Dynamo traces this function: it
     only flattens arguments; every check runs in the op's fake implementation."""
     tensors = list(inputs) + list(named.values())
+    # the op takes the given states only (a list holding None would lose their gradients)
     if initial_state is None:
-        kind, initial = _NO_INITIAL, []
+        layout, initial = "", []
     elif isinstance(initial_state, torch.Tensor):
-        kind, initial = _ONE_INITIAL, [initial_state]
+        layout, initial = _ONE_INITIAL, [initial_state]
     else:
-        kind, initial = _SEQUENCE_INITIAL, list(initial_state)
+        layout = "".join("0" if s is None else "1" for s in initial_state)
+        initial = [s for s in initial_state if s is not None]
     results = torch.ops.recdsl.run(rule.op_key, backend, len(inputs), ",".join(named), tensors,
-                                   initial, kind, cu_seqlens, output_final_state)
+                                   initial, layout, cu_seqlens, output_final_state)
     count = len(rule.ir.outputs)
     outputs = results[:count]
     out = outputs[0] if count == 1 else tuple(outputs)
@@ -80,20 +83,33 @@ def call(rule, inputs, named, initial_state, output_final_state, backend, cu_seq
 
 
 # ----------------------------------------------------------------------------- the ops
+# Arguments shared by both ops: ``key`` (the rule), ``backend``, ``tensors`` (the first
+# ``num_positional`` given by position, the rest by the comma-separated ``names``), ``initial``
+# (the given initial states, laid out as the caller gave them by ``initial_layout``),
+# ``cu_seqlens``, ``output_final_state``.
+
+def _initial_state(initial, layout):
+    """The caller's ``initial_state`` back from the op's arguments."""
+    if not layout:
+        return None
+    if layout == _ONE_INITIAL:
+        return initial[0]
+    present = iter(initial)
+    return tuple(next(present) if g == "1" else None for g in layout)
+
 
 def _names(names: str) -> list:
     return names.split(",") if names else []
 
 
-def _eager(key, backend, num_positional, names, tensors, initial, initial_kind, cu_seqlens,
-           output_final_state):
+def _eager(key, backend, num_positional, names, tensors, initial, initial_layout,
+           cu_seqlens, output_final_state):
     """The eager call's results, flat: outputs, then final states when asked."""
-    rule = _rule(key)
-    initial_state = (None if initial_kind == _NO_INITIAL else
-                     initial[0] if initial_kind == _ONE_INITIAL else tuple(initial))
-    out, final = rule(*tensors[:num_positional], initial_state=initial_state,
-                      output_final_state=output_final_state, backend=backend,
-                      cu_seqlens=cu_seqlens, **dict(zip(_names(names), tensors[num_positional:])))
+    out, final = _rule(key)(*tensors[:num_positional],
+                            initial_state=_initial_state(initial, initial_layout),
+                            output_final_state=output_final_state, backend=backend,
+                            cu_seqlens=cu_seqlens,
+                            **dict(zip(_names(names), tensors[num_positional:])))
     results = list(out) if isinstance(out, tuple) else [out]
     if output_final_state:
         results += list(final) if isinstance(final, tuple) else [final]
@@ -103,7 +119,7 @@ def _eager(key, backend, num_positional, names, tensors, initial, initial_kind, 
 def _fresh(results, tensors):
     """``results`` contiguous (the strides the fake implementation promises) and sharing no
     memory with the op's inputs or with each other (a custom op's outputs may not alias)."""
-    seen = {t.untyped_storage().data_ptr() for t in tensors if t is not None}
+    seen = {t.untyped_storage().data_ptr() for t in tensors}
     fresh = []
     for r in results:
         r = r.contiguous()
@@ -116,28 +132,25 @@ def _fresh(results, tensors):
 
 @torch.library.custom_op("recdsl::run", mutates_args=())
 def run(key: str, backend: str, num_positional: int, names: str, tensors: list[torch.Tensor],
-        initial: list[Optional[torch.Tensor]], initial_kind: int, cu_seqlens: Optional[torch.Tensor],
-        output_final_state: bool) -> list[torch.Tensor]:
-    """The call's outputs, then its final states when ``output_final_state``. ``tensors``: the
-    first ``num_positional`` given by position, the rest by the comma-separated ``names``."""
-    results = _eager(key, backend, num_positional, names, tensors, initial, initial_kind,
+        initial: list[torch.Tensor], initial_layout: str,
+        cu_seqlens: Optional[torch.Tensor], output_final_state: bool) -> list[torch.Tensor]:
+    """The call's outputs, then its final states when ``output_final_state``."""
+    results = _eager(key, backend, num_positional, names, tensors, initial, initial_layout,
                      cu_seqlens, output_final_state)
-    return _fresh(results, tensors + list(initial))
+    return _fresh(results, tensors + initial)
 
 
 @run.register_fake
-def _run_fake(key, backend, num_positional, names, tensors, initial, initial_kind, cu_seqlens,
-              output_final_state):
+def _run_fake(key, backend, num_positional, names, tensors, initial, initial_layout,
+              cu_seqlens, output_final_state):
     from . import backends
     rule = _rule(key)
     named = dict(zip(_names(names), tensors[num_positional:]))
-    initial_state = (None if initial_kind == _NO_INITIAL else
-                     initial[0] if initial_kind == _ONE_INITIAL else tuple(initial))
     packed = cu_seqlens is not None
     # the sequence boundaries are data: a packed call is bound as one sequence (outputs and
     # checks do not depend on them) and its final states have one row per packed sequence
-    bound = rule.bind(*tensors[:num_positional], initial_state=None if packed else initial_state,
-                      **named)
+    initial_state = None if packed else _initial_state(initial, initial_layout)
+    bound = rule.bind(*tensors[:num_positional], initial_state=initial_state, **named)
     backends.resolve(rule, backend, bound)  # an unknown or unavailable backend fails here
     results = [torch.empty([bound.batch, bound.time, bound.heads] + [bound.dim_sizes[d] for d in var.dims],
                            dtype=bound.output_dtype, device=bound.device)
@@ -153,33 +166,31 @@ def _run_fake(key, backend, num_positional, names, tensors, initial, initial_kin
 
 @torch.library.custom_op("recdsl::run_backward", mutates_args=())
 def run_backward(key: str, backend: str, num_positional: int, names: str,
-                 tensors: list[torch.Tensor], initial: list[Optional[torch.Tensor]], initial_kind: int,
-                 cu_seqlens: Optional[torch.Tensor], output_final_state: bool,
-                 needs: list[bool], grads: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
-    """The gradients of the tensors (then the given initial states) flagged in ``needs``, in
-    that order, for upstream gradients ``grads`` of ``run``'s results."""
-    leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors, needs)]
-    present = [s for s in initial if s is not None]
-    state_leaves = iter(s.detach().requires_grad_(n) for s, n in zip(present, needs[len(tensors):]))
-    initial_leaves = [None if s is None else next(state_leaves) for s in initial]
+                 tensors: list[torch.Tensor], initial: list[torch.Tensor], initial_layout: str,
+                 cu_seqlens: Optional[torch.Tensor],
+                 output_final_state: bool, needs: list[bool],
+                 grads: list[Optional[torch.Tensor]]) -> list[torch.Tensor]:
+    """The gradients of ``tensors + initial`` flagged in ``needs``, in that order, for upstream
+    gradients ``grads`` of ``run``'s results (None: no gradient)."""
+    leaves = [t.detach().requires_grad_(n) for t, n in zip(tensors + initial, needs)]
     with _autograd_on():
-        results = _eager(key, backend, num_positional, names, leaves, initial_leaves, initial_kind,
-                         cu_seqlens, output_final_state)
-    wanted = [t for t in leaves + [s for s in initial_leaves if s is not None] if t.requires_grad]
+        results = _eager(key, backend, num_positional, names, leaves[:len(tensors)],
+                         leaves[len(tensors):], initial_layout, cu_seqlens,
+                         output_final_state)
+    wanted = [t for t in leaves if t.requires_grad]
     pairs = [(r, g) for r, g in zip(results, grads) if g is not None and r.requires_grad]
     found = [None] * len(wanted)
-    if pairs and wanted:
+    if pairs:
         found = torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs],
                                     allow_unused=True)
     return [torch.zeros_like(t) if g is None else g.contiguous() for t, g in zip(wanted, found)]
 
 
 @run_backward.register_fake
-def _run_backward_fake(key, backend, num_positional, names, tensors, initial, initial_kind,
+def _run_backward_fake(key, backend, num_positional, names, tensors, initial, initial_layout,
                        cu_seqlens, output_final_state, needs, grads):
-    present = tensors + [s for s in initial if s is not None]
     return [torch.empty_like(t, memory_format=torch.contiguous_format)
-            for t, n in zip(present, needs) if n]
+            for t, n in zip(tensors + initial, needs) if n]
 
 
 def _autograd_on():
@@ -201,33 +212,27 @@ def _autograd_on():
 # ----------------------------------------------------------------------------- autograd
 
 def _setup_context(ctx, inputs, output):
-    (key, backend, num_positional, names, tensors, initial, initial_kind, cu_seqlens,
-     output_final_state) = inputs
-    present = [s for s in initial if s is not None]
-    ctx.needs = [t.requires_grad for t in tensors + present]
-    ctx.args = (key, backend, num_positional, names, initial_kind, output_final_state)
-    ctx.layout = (len(tensors), [s is not None for s in initial])
-    ctx.save_for_backward(*tensors, *present, *([cu_seqlens] if cu_seqlens is not None else []))
+    (key, backend, num_positional, names, tensors, initial, initial_layout,
+     cu_seqlens, output_final_state) = inputs
+    ctx.needs = [t.requires_grad for t in tensors + initial]
+    ctx.args = (key, backend, num_positional, names, initial_layout, output_final_state)
+    ctx.count = len(tensors)
     ctx.packed = cu_seqlens is not None
+    ctx.save_for_backward(*tensors, *initial, *([cu_seqlens] if ctx.packed else []))
 
 
 def _backward(ctx, grads):
-    key, backend, num_positional, names, initial_kind, output_final_state = ctx.args
-    count, given = ctx.layout
+    key, backend, num_positional, names, initial_layout, output_final_state = ctx.args
     saved = list(ctx.saved_tensors)
     cu_seqlens = saved.pop() if ctx.packed else None
-    tensors, present = saved[:count], iter(saved[count:])
-    initial = [next(present) if g else None for g in given]
+    tensors, initial = saved[:ctx.count], saved[ctx.count:]
     if not any(ctx.needs):
         return (None,) * 9
-    found = iter(torch.ops.recdsl.run_backward(key, backend, num_positional, names, tensors, initial,
-                                               initial_kind, cu_seqlens, output_final_state,
-                                               ctx.needs, list(grads)))
+    found = iter(torch.ops.recdsl.run_backward(key, backend, num_positional, names, tensors,
+                                               initial, initial_layout, cu_seqlens,
+                                               output_final_state, ctx.needs, list(grads)))
     flat = [next(found) if n else None for n in ctx.needs]
-    tensor_grads = flat[:count]
-    state_grads = iter(flat[count:])
-    initial_grads = [next(state_grads) if g else None for g in given]
-    return (None, None, None, None, tensor_grads, initial_grads, None, None, None)
+    return (None, None, None, None, flat[:ctx.count], flat[ctx.count:], None, None, None)
 
 
 run.register_autograd(_backward, setup_context=_setup_context)
