@@ -20,6 +20,7 @@ Rules are not tensors: an op names its rule by a string key (``register``, done 
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import weakref
 from typing import Optional
@@ -27,6 +28,7 @@ from typing import Optional
 import torch
 
 from ..errors import RecdslError
+from .threads import cpu_threads
 
 _RULES = weakref.WeakValueDictionary()  # key -> Rule
 _COUNTER = itertools.count()
@@ -181,8 +183,11 @@ def run_backward(key: str, backend: str, num_positional: int, names: str,
     pairs = [(r, g) for r, g in zip(results, grads) if g is not None and r.requires_grad]
     found = [None] * len(wanted)
     if pairs:
-        found = torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs],
-                                    allow_unused=True)
+        # the CPU thread policy (threads.py) holds for this backward too, as for the re-run
+        cpu = leaves[0].device.type == "cpu"
+        with cpu_threads() if cpu else contextlib.nullcontext():
+            found = torch.autograd.grad([r for r, _ in pairs], wanted, [g for _, g in pairs],
+                                        allow_unused=True)
     return [torch.zeros_like(t) if g is None else g.contiguous() for t, g in zip(wanted, found)]
 
 
@@ -196,7 +201,6 @@ def _run_backward_fake(key, backend, num_positional, names, tensors, initial, in
 def _autograd_on():
     """Gradients recorded inside an op: a custom op's kernel runs with the autograd dispatch
     keys excluded, which ``torch.enable_grad`` alone does not undo."""
-    import contextlib
     keys = torch._C.DispatchKey
     exclude = torch._C._dispatch_tls_local_exclude_set()
     for k in (keys.AutogradFunctionality, keys.AutogradOther, keys.AutogradNestedTensor,
