@@ -28,6 +28,11 @@ class Rule:
         self.analysis = family.analysis
         self.op_key = custom_ops.register(self)  # names this rule in the torch.compile op
 
+    def __setstate__(self, state):
+        # a copy (copy.deepcopy of a model, pickle) is named in the op by a key of its own
+        self.__dict__.update(state)
+        self.op_key = custom_ops.register(self)
+
     # names, in declaration order
     @property
     def dims(self):

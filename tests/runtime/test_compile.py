@@ -1,6 +1,7 @@
 """torch.compile of rule calls, mixers and CausalLM (recdsl.runtime.custom_ops): no graph
 break, and the compiled forward and backward equal the eager ones."""
 import copy
+import gc
 
 import pytest
 import torch
@@ -214,6 +215,21 @@ def test_compiled_step():
     assert out.shape == (2, 2, 8) and new.shape == (2, 2, 8, 8)
     torch.testing.assert_close(out, want_out, rtol=0, atol=0)
     torch.testing.assert_close(new, want_new, rtol=0, atol=0)
+
+
+def test_a_copied_mixer_compiles_after_the_original_is_gone():
+    """A deep copy's rule has its own op key, so the copy outlives the original."""
+    torch.manual_seed(0)
+    mixer = load("gated_delta").mixer(32, 2, seed=0)
+    copied = copy.deepcopy(mixer)
+    assert copied.rule.op_key != mixer.rule.op_key
+    x = torch.randn(1, 6, 32)
+    with torch.no_grad():
+        want = mixer(x)
+        del mixer
+        gc.collect()
+        got = torch.compile(copied, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 def causal_lm_results(model, ids, seed=11):
