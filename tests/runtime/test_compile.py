@@ -190,6 +190,20 @@ def test_compiled_mixer_decodes_with_the_cache():
     torch.testing.assert_close(torch.cat([y0, y1], 1), full, rtol=0, atol=1e-5)
 
 
+def test_compiled_mixer_under_autocast():
+    """bfloat16 autocast around a compiled mixer: bfloat16 output, float32 state, as eager."""
+    torch.manual_seed(0)
+    mixer = load("gated_delta").mixer(32, 2, seed=0)
+    x = torch.randn(2, 9, 32)
+    compiled = torch.compile(mixer, fullgraph=True, backend="aot_eager")
+    with torch.no_grad(), torch.autocast("cpu", torch.bfloat16):
+        want, want_past = mixer(x, use_cache=True)
+        got, past = compiled(x, use_cache=True)
+    assert got.dtype == torch.bfloat16 and past["state"].dtype == torch.float32
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    torch.testing.assert_close(past["state"], want_past["state"], rtol=1e-5, atol=1e-6)
+
+
 def test_compiled_mixer_with_dynamic_lengths():
     """``dynamic=True``: one graph for several lengths (the fake implementation binds symbolic
     sizes), each equal to the eager call, gradients included."""
