@@ -36,7 +36,8 @@ class RuleLayer(nn.Module):
                          backend=self.backend, cu_seqlens=cu_seqlens, **named, **dict(self.params.items()))
 
     def step(self, *inputs, state=None, **named):
-        return self.rule.step(*inputs, state=state, backend=self.backend, **named, **dict(self.params.items()))
+        return self.rule.step(*inputs, state=state, backend=self.backend, **named,
+                              **dict(self.params.items()))
 
     def extra_repr(self):
         return f"rule={self.rule.name}, heads={self.heads}, backend={self.backend!r}"
