@@ -110,6 +110,24 @@ def test_bad_input_under_compile_says_what_is_wrong():
         fn(**tensors, backend="fast")
 
 
+def test_compiled_rule_layer_gives_its_params_gradients():
+    """``rule.layer`` (params as nn.Parameters) under compile: outputs and param gradients."""
+    rule = load("mamba2")
+    layer = rule.layer(2, dims={d: 8 for d in rule.dims})
+    tensors = {k: v for k, v in sample_inputs(rule, batch=2, time=11, heads=2,
+                                               dims={d: 8 for d in rule.dims}).items()
+               if k not in layer.params}
+
+    def results(fn):
+        out, _ = fn(**tensors)
+        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
+        grads = torch.autograd.grad((out * up).sum(), list(layer.params.values()))
+        return {"out": out.detach().double()} | {f"d{n}": g.double() for n, g in zip(layer.params, grads)}
+
+    assert layer.params  # mamba2 has learnable params
+    assert_same(results(torch.compile(layer, fullgraph=True, backend="aot_eager")), results(layer))
+
+
 # ----------------------------------------------------------------------------- mixers and models
 
 def graph_breaks(module, *args):
