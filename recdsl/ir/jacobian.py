@@ -167,3 +167,19 @@ def _reaches(program, start, target) -> bool:
         if live.intersection(ins):
             live.update(o.id for o in (op.outs if isinstance(op, Elementwise) else [op.out]))
     return target.id in live
+
+
+def plan(rule: CheckedRule) -> str:
+    """The Newton planner's verdict: what the structure is and what the newton backend does
+    with it, or a ``Refusal`` (a step that is not differentiable in the states)."""
+    from .family import Refusal
+    try:
+        s = structure(rule)
+    except NotDifferentiable as err:
+        raise Refusal(str(err)) from None
+    except NotImplementedError as err:  # a form the per-token program does not lower
+        raise Refusal(f"the token cannot be lowered to a program ({err})") from None
+    solve = {"diagonal": "elementwise scans over T",
+             "block": f"scans of {s.size_text()} x {s.size_text()} blocks over T",
+             "dense": f"a {s.size_text()}-wide linear recurrence over T"}[s.kind]
+    return f"{s.describe()}; Newton iterations, each {solve}"
