@@ -181,5 +181,5 @@ def plan(rule: CheckedRule) -> str:
         raise Refusal(f"the token cannot be lowered to a program ({err})") from None
     solve = {"diagonal": "elementwise scans over T",
              "block": f"scans of {s.size_text()} x {s.size_text()} blocks over T",
-             "dense": f"a {s.size_text()}-wide linear recurrence over T"}[s.kind]
+             "dense": f"a linear recurrence in {s.size_text()} x {s.size_text()} matrices over T"}[s.kind]
     return f"{s.describe()}; Newton iterations, each {solve}"
