@@ -47,8 +47,11 @@ from ..ir.jacobian import structure
 from ..ir.ssa import Elementwise, Reduce
 from .scan_core import scan as elementwise_scan
 
-MAX_ITERATIONS = 30
+MAX_ITERATIONS = 30  # per window of T
+MIN_WINDOW = 1  # the shortest window (one token converges in one linearisation, if f is finite)
+WINDOW_SHRINK = 4  # a window where a linearisation overshoots is cut to 1/4
 TOLERANCE_ULPS = 64  # residual allowed, in units of the state's rounding (eps * its max)
+GROWTH = 1e3  # an update this many times beyond f's largest value is an overshoot
 BLOCK_SCAN_MAX = 16  # blocks up to this wide: a parallel scan; wider: token by token
 TEMP_BUDGET = 1 << 24  # entries of one step call's largest temporary (sets the slice of T)
 
@@ -155,15 +158,17 @@ class _Plan:
         return self.pack(list(results[self.n_outputs:])), tuple(outs)
 
     def linearise(self, tokens, params, prev):
-        """``(J, f)`` at ``prev``: ``J`` ``[N, H, C, k]`` (diagonal) or ``[N, H, C, k, k]``."""
+        """``(J, f, outputs)`` at ``prev``: ``J`` ``[N, H, C, k]`` (diagonal) or
+        ``[N, H, C, k, k]`` (one forward-mode tangent per column of a block)."""
         fn = lambda p: self.evaluate(tokens, params, p)  # noqa: E731
         if self.diagonal:
-            f, jac, _ = jvp(fn, (prev,), (torch.ones_like(prev),), has_aux=True)
-            return jac, f
+            f, jac, outs = jvp(fn, (prev,), (torch.ones_like(prev),), has_aux=True)
+            return jac, f, outs
         eye = torch.eye(self.k, dtype=prev.dtype, device=prev.device)
         basis = eye.reshape(self.k, 1, 1, 1, self.k).expand(self.k, *prev.shape)
         columns = vmap(lambda t: jvp(fn, (prev,), (t,), has_aux=True)[1])(basis)
-        return columns.permute(1, 2, 3, 4, 0), fn(prev)[0]
+        f, outs = fn(prev)
+        return columns.permute(1, 2, 3, 4, 0), f, outs
 
 
 _PLANS = {}
@@ -266,17 +271,18 @@ class _Solve:
             self.init_tok = init.unsqueeze(1).expand(B, T, *init.shape[1:])
         self.reset = layout.reset.to(init.device)
 
-    def _slices(self, tangents):
+    def _slices(self, tangents, a=0, b=None):
+        """Token ranges of ``[a, b)`` small enough for one step call with ``tangents``."""
+        b = self.layout.T if b is None else b
         per = max(1, self.plan.tokens_per_call(self.heads, tangents) // self.layout.B)
-        return [(t0, min(t0 + per, self.layout.T)) for t0 in range(0, self.layout.T, per)]
+        return [(t0, min(t0 + per, b)) for t0 in range(a, b, per)]
 
-    def _previous(self, H):
-        prev = torch.cat([self.init_tok[:, :1], H[:, :-1]], 1)
-        return torch.where(self.reset.view(1, -1, 1, 1, 1), self.init_tok, prev)
-
-    def _eval(self, t0, t1, prev):
-        return self.plan.evaluate(_tokens(self.tokens, self.tokens, t0, t1), self.params,
-                                  prev[:, t0:t1].flatten(0, 1))
+    def _previous(self, H, a, b):
+        """The state entering each token of ``[a, b)``: the one before, or at a sequence's
+        start its initial state."""
+        before = H[:, a - 1:a] if a > 0 else self.init_tok[:, :1]
+        prev = torch.cat([before, H[:, a:b - 1]], 1)
+        return torch.where(self.reset[a:b].view(1, -1, 1, 1, 1), self.init_tok[:, a:b], prev)
 
     def _scale(self, F):
         """Per state, its largest magnitude (the rounding unit of the tolerance)."""
@@ -288,49 +294,74 @@ class _Solve:
         return out
 
     def forward(self):
-        """Newton iterations; returns the iteration count, or None if it did not converge."""
-        plan, B, T = self.plan, self.layout.B, self.layout.T
-        eps = torch.finfo(self.init.dtype).eps
-        H = self.init_tok.clone()
-        for iteration in range(1, min(MAX_ITERATIONS, T + 1) + 1):
-            prev = self._previous(H)
-            if iteration > 1:  # the residual of the guess: done when it is rounding
-                F, outs = self._evaluate_all(prev)
-                if not torch.isfinite(F).all():
+        """Newton iterations, over windows of T that shrink where a linearisation overshoots;
+        returns the number of linearisations used, or None if it did not converge."""
+        T = self.layout.T
+        H = self.init_tok.clone()  # the guess: every state at its initial value
+        self.states = torch.empty_like(H)
+        self.outputs = None
+        window, start, used = T, 0, 0
+        while start < T:
+            end = min(T, start + window)
+            count = self._window(H, start, end)
+            if count is None:
+                if window <= MIN_WINDOW:
                     return None
-                tol = TOLERANCE_ULPS * eps * self._scale(F)
-                if bool(((F - H).abs() <= tol).all()):
-                    self.prev, self.states, self.outputs = prev, F, outs
-                    return iteration - 1
-            H = self._newton_step(prev, H)
+                window = max(MIN_WINDOW, window // WINDOW_SHRINK)
+                H[:, start:] = self.init_tok[:, start:]
+                continue
+            used, start = used + count, end
+        self.prev = self._previous(self.states, 0, T)
+        self.window = window
+        return used
+
+    def _window(self, H, a, b):
+        """Converge tokens ``[a, b)`` (those before are): the linearisations used, or None
+        when f is not finite, an update overshoots, or ``MAX_ITERATIONS`` pass."""
+        eps = torch.finfo(self.init.dtype).eps
+        for iteration in range(1, min(MAX_ITERATIONS, b - a + 1) + 1):
+            prev = self._previous(H, a, b)
+            new, F, outs = self._newton_step(prev, H[:, a - 1] if a > 0 else None, a, b)
+            if not torch.isfinite(F).all():
+                return None
+            scale = self._scale(F)
+            # done when the guess is a fixed point up to rounding (the first guess never is)
+            if iteration > 1 and bool(((F - H[:, a:b]).abs() <= TOLERANCE_ULPS * eps * scale).all()):
+                H[:, a:b] = self.states[:, a:b] = F
+                if self.outputs is None:
+                    self.outputs = [torch.empty(o.shape[0], self.layout.T, *o.shape[2:],
+                                                dtype=o.dtype, device=o.device) for o in outs]
+                for whole, part in zip(self.outputs, outs):
+                    whole[:, a:b] = part
+                return iteration - 1  # the last linearisation only confirmed
+            # far from the solution a linearisation can overshoot (sLSTM's normaliser through
+            # zero, then c / n): then a shorter window, closer to the converged prefix
+            if not torch.isfinite(new).all() or bool((new.abs() > GROWTH * scale.clamp_min(1.0)).any()):
+                return None
+            H[:, a:b] = new
         return None
 
-    def _evaluate_all(self, prev):
+    def _newton_step(self, prev, carry, a, b):
+        """``(new, f, outputs)`` for tokens ``[a, b)``: the states solving the recurrence
+        linearised at ``prev``, and f and the outputs at ``prev``."""
         B = self.layout.B
-        Fs, outs = [], []
-        for t0, t1 in self._slices(1):
-            f, o = self._eval(t0, t1, prev)
-            Fs.append(f.unflatten(0, (B, t1 - t0)))
-            outs.append([x.unflatten(0, (B, t1 - t0)) for x in o])
-        return torch.cat(Fs, 1), [torch.cat(parts, 1) for parts in zip(*outs)]
-
-    def _newton_step(self, prev, H):
-        """The states solving the recurrence linearised at ``prev``."""
-        B = self.layout.B
-        new = torch.empty_like(H)
-        carry = torch.zeros_like(H[:, 0])
-        for t0, t1 in self._slices(self.plan.tangents):
-            p = prev[:, t0:t1].flatten(0, 1)
-            J, f = self.plan.linearise(_tokens(self.tokens, self.tokens, t0, t1), self.params, p)
+        new, fs, outs = torch.empty_like(prev), torch.empty_like(prev), []
+        carry = torch.zeros_like(prev[:, 0]) if carry is None else carry
+        for t0, t1 in self._slices(self.plan.tangents, a, b):
+            p = prev[:, t0 - a:t1 - a].flatten(0, 1)
+            J, f, o = self.plan.linearise(_tokens(self.tokens, self.tokens, t0, t1), self.params, p)
             Jp = J * p if self.plan.diagonal else _matvec(J, p)
-            J, c = J.unflatten(0, (B, t1 - t0)), (f - Jp).unflatten(0, (B, t1 - t0))
+            J, f = J.unflatten(0, (B, t1 - t0)), f.unflatten(0, (B, t1 - t0))
+            c = f - Jp.unflatten(0, (B, t1 - t0))
             # at a sequence's start the previous state is known: h = f there, no transition
             at_reset = self.reset[t0:t1].view(1, -1, *([1] * (J.dim() - 2)))
             J = torch.where(at_reset, torch.zeros((), dtype=J.dtype, device=J.device), J)
-            c = torch.where(self.reset[t0:t1].view(1, -1, 1, 1, 1), f.unflatten(0, (B, t1 - t0)), c)
-            new[:, t0:t1] = _solve(self.plan, J, c, carry)
-            carry = new[:, t1 - 1]
-        return new
+            c = torch.where(self.reset[t0:t1].view(1, -1, 1, 1, 1), f, c)
+            new[:, t0 - a:t1 - a] = _solve(self.plan, J, c, carry)
+            fs[:, t0 - a:t1 - a] = f
+            outs.append([x.unflatten(0, (B, t1 - t0)) for x in o])
+            carry = new[:, t1 - 1 - a]
+        return new, fs, [torch.cat(parts, 1) for parts in zip(*outs)]
 
     def finals(self) -> torch.Tensor:
         """The final states packed, ``[N, H, C, k]``."""
@@ -365,7 +396,7 @@ class _Solve:
             n = t1 - t0
             tokens = _tokens(self.tokens, self.tokens, t0, t1)
             prev = self.prev[:, t0:t1].flatten(0, 1)
-            J, _ = plan.linearise(tokens, self.params, prev)
+            J = plan.linearise(tokens, self.params, prev)[0]
             names = list(tokens)
             fn = lambda p, xs, ps: plan.evaluate(dict(zip(names, xs)),  # noqa: E731
                                                  dict(zip(self.params, ps)), p)
@@ -440,11 +471,12 @@ def run(rule, call):
                        plan.pack([s.detach() for s in inits]))
         iterations = solve.forward()
     last_run.clear()
-    last_run.update(structure=plan.structure.kind, iterations=iterations, tokens=call.time)
+    last_run.update(structure=plan.structure.kind, iterations=iterations, tokens=call.time,
+                    window=getattr(solve, "window", None))
     if iterations is None:
-        warnings.warn(f"newton: rule '{rule.name}' did not converge in "
-                      f"{min(MAX_ITERATIONS, call.time + 1)} iterations at T = {call.time}; "
-                      f"running the sequential loop instead", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"newton: rule '{rule.name}' did not converge at T = {call.time} (f not "
+                      f"finite, or {MAX_ITERATIONS} iterations in windows down to {MIN_WINDOW} "
+                      f"tokens); running the sequential loop instead", RuntimeWarning, stacklevel=3)
         return run_naive(rule.ir, call)
     results = _Newton.apply(solve, *tokens.values(), *params.values(), *inits)
     n_out = plan.n_outputs
