@@ -1,7 +1,8 @@
 """CPU benchmark of the newton backend (ParaRNN: Newton iterations, scans over T).
 
-A ParaGRU-style cell (diagonal recurrent weights: a diagonal Jacobian) and an LSTM with dense
-per-head recurrent matrices R[D, D] (a dense 2D x 2D Jacobian), at B=2, H=4, D=64, fp32:
+A ParaGRU-style cell (diagonal recurrent weights: a diagonal Jacobian), a ParaLSTM-style cell
+(2x2 blocks per channel) and an LSTM with dense per-head recurrent matrices R[D, D] (a dense
+2D x 2D Jacobian; timed at --dense-t tokens), at B=2, H=4, D=64, fp32:
 the naive loop against backend="newton", forward (no_grad) and forward+backward, the median
 wall time of a few interleaved runs (``recdsl.bench.timed``), with newton's iteration count.
 The naive loop is timed at --loop-t tokens and extrapolated linearly (marked ~). Then the
@@ -40,6 +41,20 @@ h = (1 - z) * n + z * h
 output y = h
 """
 
+PARA_LSTM = """rule para_lstm
+dims D
+state c[D], h[D]
+input xi[D], xf[D], xz[D], xo[D]
+param ai[D], af[D], az[D], ao[D]
+let i = sigmoid(xi + ai * h)
+let f = sigmoid(xf + af * h)
+let z = tanh(xz + az * h)
+let o = sigmoid(xo + ao * h)
+c = f * c + i * z
+h = o * tanh(c)
+output y = h
+"""
+
 LSTM = """rule lstm
 dims D
 state c[D], h[D]
@@ -55,7 +70,9 @@ output y = h
 """
 
 B, H, D = 2, 4, 64
-CELLS = (("ParaGRU (diagonal J)", PARA_GRU), ("LSTM R[D,D] (dense J)", LSTM))
+# (label, rule, whether timed at --T or, dense, at --dense-t)
+CELLS = (("ParaGRU (diagonal J)", PARA_GRU, False), ("ParaLSTM (2x2 blocks)", PARA_LSTM, False),
+         ("LSTM R[D,D] (dense J)", LSTM, True))
 
 
 def inputs_for(rule, T):
@@ -129,6 +146,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--T", type=int, default=4096)
     p.add_argument("--loop-t", type=int, default=512, help="tokens the naive loop is timed at")
+    p.add_argument("--dense-t", type=int, default=128,
+                   help="T for the dense-Jacobian LSTM (newton costs 2D jvps per token there)")
     p.add_argument("--crossover", default="64,256,1024", help="T values of the crossover table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="one timed run each")
@@ -139,17 +158,20 @@ def main(argv=None) -> int:
     print(f"newton against the naive loop, B={B} H={H} D={D}, fp32, {args.threads} thread(s); "
           f"~ = extrapolated from T={args.loop_t}")
     print(f"{'cell':<22} {'pass':<8} {'T':>6} {'naive':>10} {'newton':>9} {'speed-up':>9} {'iters':>6}")
-    rules = {name: recdsl.compile(text) for name, text in CELLS}
-    for name, rule in rules.items():
-        for row in speedups(name, rule, args.T, args.loop_t, reps):
+    rules = {name: recdsl.compile(text) for name, text, _ in CELLS}
+    for name, text, dense in CELLS:
+        T = args.dense_t if dense else args.T
+        for row in speedups(name, rules[name], T, min(args.loop_t, T), reps):
             print(f"{row[0]:<22} {row[1]:<8} {row[2]:>6} {'~%.3f s' % row[3]:>10} "
                   f"{'%.3f s' % row[4]:>9} {row[5]:>8.1f}x {row[6]:>6}")
     times = [int(t) for t in args.crossover.split(",") if t]
     if times:
         print("\ncrossover (forward+backward, both measured)")
         print(f"{'cell':<22} {'T':>6} {'naive':>9} {'newton':>9} {'iters':>6}")
-        for name, rule in rules.items():
-            for T, loop, fast, its in crossover(rule, times, reps):
+        for name, text, dense in CELLS:
+            if dense:
+                continue
+            for T, loop, fast, its in crossover(rules[name], times, reps):
                 print(f"{name:<22} {T:>6} {loop:>8.3f}s {fast:>8.3f}s {its:>6}")
     if not args.no_pararnn:
         print()

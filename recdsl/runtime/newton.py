@@ -68,21 +68,28 @@ def problem(rule):
     return f"rule '{rule.name}' has no Newton form: {verdict.reason}{where}"
 
 
-# "auto" picks newton on the CPU from this many tokens per sequence, for Jacobians that are
-# diagonal or have narrow blocks (measured: benchmarks/bench_newton.py); shorter sequences and
-# decoding keep the sequential loop
+# "auto" picks newton on the CPU for training calls (some tensor needs a gradient) from this
+# many tokens per sequence, for a diagonal Jacobian or blocks up to AUTO_MAX_BLOCK wide.
+# Measured (benchmarks/bench_newton.py, B=2 H=4 D=64, forward+backward): ParaGRU 2.4x the
+# naive loop at T = 256, 6x at 1024; ParaLSTM (2 x 2 blocks) 0.7x at 256, 2.1x at 1024.
+# Forward alone it is no faster (0.9x at T = 4096: four linearisations, each a few passes
+# over every token, against one cheap pass of the loop), and a dense Jacobian costs 2D
+# forward-mode tangents per token: the sequential loop keeps those, short sequences, decoding.
 AUTO_MIN_TOKENS = 1024
+AUTO_MAX_BLOCK = 2
 
 
 def pays_off(rule, call) -> bool:
     """Whether newton beats the sequential loop for ``call`` (what "auto" asks)."""
     if call.device.type != "cpu":
         return False  # no Triton kernels for newton yet: the fused recurrent kernel wins
-    longest = max(b - a for a, b in call.segments())
-    if longest < AUTO_MIN_TOKENS:
+    tensors = list(call.tensors.values()) + list(call.initial.values())
+    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return False
+    if max(b - a for a, b in call.segments()) < AUTO_MIN_TOKENS:
         return False
     plan = _plan(rule, call.dim_sizes)
-    return plan.diagonal or plan.k <= BLOCK_SCAN_MAX
+    return plan.diagonal or plan.k <= AUTO_MAX_BLOCK
 
 
 # ---------------------------------------------------------------- the plan of one rule and sizes
@@ -190,6 +197,13 @@ def _matvec(A, x):
     return (A * x.unsqueeze(-2)).sum(-1)
 
 
+def _matmul(A, P):
+    """``A @ P`` over batches of small blocks: broadcast products beat batched GEMMs of 2 x 2s."""
+    if A.shape[-1] > 4:
+        return A @ P
+    return (A.unsqueeze(-1) * P.unsqueeze(-3)).sum(-2)
+
+
 def _block_scan(A, c, h0):
     """All ``h_t = A_t h_{t-1} + c_t`` for ``A`` ``[B, T, ..., k, k]``: chunks of about sqrt(T)
     tokens from a zero state with their transition products, the states entering the chunks,
@@ -207,7 +221,7 @@ def _block_scan(A, c, h0):
     last, product = c[:, :, 0].clone(), A[:, :, 0].clone()
     for i in range(1, L):
         last = _matvec(A[:, :, i], last) + c[:, :, i]
-        product = A[:, :, i] @ product
+        product = _matmul(A[:, :, i], product)
     entering = [h0]
     for j in range(1, n):
         entering.append(_matvec(product[:, j - 1], entering[-1]) + last[:, j - 1])
