@@ -6,10 +6,16 @@ A rule's token is ``h_t = f(h_{t-1}, x_t)`` (all states stacked into ``h``). Gue
 ``h_t`` (the initial state), then iterate: evaluate ``f`` and its Jacobian ``J_t`` at every
 token's guessed previous state at once, and solve the linearised recurrence
 ``h_t = J_t h_{t-1} + (f_t - J_t h^guess_{t-1})`` with a scan over T. After k iterations the
-first k tokens are exact, so it ends; rules that contract converge in a few iterations (an
+first k tokens are exact, so it ends; contracting cells converge in a few iterations (an
 affine rule in one, then one evaluation confirms). It stops when the residual
-``f(h_{t-1}) - h_t`` is within fp32 rounding of the states (``TOLERANCE_ULPS``), and after
-``MAX_ITERATIONS`` warns and runs the sequential loop instead.
+``f(h_{t-1}) - h_t`` is within fp32 rounding of the states (``TOLERANCE_ULPS`` times eps times
+each state's largest magnitude). Far from the solution a linearisation can overshoot (sLSTM:
+its normaliser pushed through zero, then ``c / n``); an update that is not finite or more than
+``GROWTH`` times beyond what ``f`` gives is refused and the solve restarts on a window of T a
+quarter as long, after the tokens already converged (down to one token, which one
+linearisation solves exactly): the sequential pass finishing the solve, a window at a time.
+Only where ``f`` itself is not finite, or ``MAX_ITERATIONS`` pass in a one-token window, does
+it warn and run the sequential loop.
 
 The structure of ``J`` comes from the symbolic analysis (``recdsl.ir.jacobian``): block-diagonal
 over channel dims with blocks of width k. Its numbers are forward-mode derivatives
@@ -29,6 +35,9 @@ Tokens are processed in slices of T small enough that the largest temporary of a
 stays under ``TEMP_BUDGET`` entries (a dense Jacobian multiplies the step's work by k).
 Packed sequences reset at their starts: there the previous state is the sequence's initial
 state, so the linear recurrence has ``J = 0`` and the reverse one stops at the boundary.
+
+PyTorch only (the CPU or any device); no Triton kernels yet. The backward is not itself
+differentiable (``once_differentiable``: a second derivative raises).
 """
 from __future__ import annotations
 
@@ -38,6 +47,7 @@ from dataclasses import dataclass
 from math import prod
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.func import jvp, vjp, vmap
 
 from ..codegen.loader import load_function
@@ -453,6 +463,7 @@ class _Newton(torch.autograd.Function):
         return tuple(o.clone() for o in solve.outputs) + tuple(f.contiguous() for f in finals)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *grads):
         solve = ctx.solve
         plan = solve.plan
