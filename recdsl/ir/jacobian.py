@@ -179,6 +179,10 @@ def plan(rule: CheckedRule) -> str:
         raise Refusal(str(err)) from None
     except NotImplementedError as err:  # a form the per-token program does not lower
         raise Refusal(f"the token cannot be lowered to a program ({err})") from None
+    wide = [n for n in s.states if s.kind == "dense" and len(s.free[n]) > 1]
+    if wide:  # (K*V)^2 Jacobian entries per token: far slower than the loop, and memory
+        raise Refusal(f"the Jacobian is dense over the matrix state {wide[0]} (one {s.size_text()} "
+                      f"x {s.size_text()} matrix per token): no Newton form")
     solve = {"diagonal": "elementwise scans over T",
              "block": f"scans of {s.size_text()} x {s.size_text()} blocks over T",
              "dense": f"a linear recurrence in {s.size_text()} x {s.size_text()} matrices over T"}[s.kind]

@@ -63,3 +63,10 @@ def test_show_says_why_there_is_no_newton_form(tmp_path, capsys):
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
     assert "newton: no Newton form: keep_topk selects among entries that depend on the states" in out
+
+
+def test_no_newton_form_for_a_dense_jacobian_over_a_matrix_state():
+    rule = recdsl.load(EXAMPLES / "mlstm.rec")
+    verdict = rule.family_info.verdicts["newton"]
+    assert not verdict.accepted and "dense over the matrix state C" in verdict.reason
+    assert "newton" not in rule.backends()
