@@ -71,7 +71,13 @@ last_run = {}
 
 def problem(rule):
     """Why the newton backend cannot run ``rule`` (None: it can)."""
-    verdict = rule.family_info.verdicts.get("newton")
+    info = rule.family_info
+    parallel = [f for f in ("delta", "diagonal", "dplr", "scan") if info.accepts(f)]
+    if parallel or info.staged is not None:  # Newton would only linearise an affine rule again
+        way = f"the {parallel[0]} family" if parallel else "in stages"
+        return (f"rule '{rule.name}' has a parallel form ({way}): newton is for rules "
+                f"without one")
+    verdict = info.verdicts.get("newton")
     if verdict is None or verdict.accepted:
         return None
     where = f" ({verdict.where(rule.ir.filename)})" if verdict.pos else ""

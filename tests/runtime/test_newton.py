@@ -352,10 +352,15 @@ def test_no_convergence_warns_and_runs_the_sequential_loop(rules, monkeypatch):
 
 # ---------------------------------------------------------------- the registry
 
-def test_newton_is_listed_after_the_parallel_families():
+def test_newton_serves_the_rules_without_a_parallel_form():
     gated = recdsl.load(recdsl.__path__[0] + "/examples/gated_delta.rec")
-    names = gated.backends()
-    assert names.index("torch-chunk") < names.index("newton") < names.index("naive")
+    assert "newton" not in gated.backends()
+    assert backends.problem(gated, "newton") == (
+        "rule 'gated_delta' has a parallel form (the delta family): newton is for rules "
+        "without one")
+    mlstm = recdsl.load(recdsl.__path__[0] + "/examples/mlstm.rec")
+    assert backends.problem(mlstm, "newton") == (
+        "rule 'mlstm' has a parallel form (in stages): newton is for rules without one")
     assert recdsl.compile(LSTM).backends()[:1] == ["newton"]
 
 
