@@ -343,11 +343,16 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
         out += ["", "families (asked in order):"]
         width = max(map(len, family.verdicts))
         for name, v in family.verdicts.items():
+            if name == "newton":  # a backend's verdict, not a family: its own section below
+                continue
             verdict = "yes" if v.accepted else f"no: {v.reason}" + (
                 f" ({v.where(checked.filename)})" if v.pos else "")
             out.append(f"  {name:<{width}}  {verdict}")
         if family.lowered is not None:
             out.append(f"  {family.lowered.family} with its reads lowered: yes")
+    newton = family.verdicts.get("newton")
+    if newton is not None:  # the state Jacobian (recdsl.ir.jacobian) and the newton backend's plan
+        out += ["", "newton: " + (newton.reason if newton.accepted else f"no Newton form: {newton.reason}")]
     if family.staged is not None:
         out += ["", "stages:"] + [f"  {line}" for line in family.staged.describe().splitlines()]
     elif family.name == "recurrent":
@@ -372,7 +377,10 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
             out += [f"  {line}" for line in _recurrence(sa, p.math())]
             continue
         pb = sa.problem
-        out.append(f"  {sa.name}: not affine in the states: {pb.message} "
+        coupled = pb.kind == "cross" and all(
+            analysis.states[s].affine for s in pb.states if s in analysis.states)
+        verdict = "coupled to other states" if coupled else "not affine in the states"
+        out.append(f"  {sa.name}: {verdict}: {pb.message} "
                    f"({checked.filename}:{pb.line}:{pb.column})")
         updates = [(st, loop) for st, loop in _walk(checked.body)
                    if isinstance(st, ast.Update) and st.state == sa.name]
