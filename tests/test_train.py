@@ -175,8 +175,8 @@ def test_argument_errors_are_clear(argv, message, capsys):
 def test_gated_delta_reaches_the_mqar_acceptance(tmp_path):
     """Issue 14's acceptance: a gated_delta CausalLM with default options reaches 0.9 MQAR
     accuracy (vocab 64, T 64, 8 pairs, hidden 64, 2 layers, 2 heads, AdamW 3e-3, batch 32)
-    within 1500 steps. Measured: 0.95 at step 300, where it stops (about 0.2 s a step on a quiet
-    core, 8 minutes on the loaded shared machine)."""
+    within 1500 steps. Measured: 0.95 at step 300, where it stops (38 s on the shared 2-core
+    machine at load 4, 8 minutes at load 14)."""
     [result] = train.main(["--task", "mqar", "--rules", "gated_delta", "--target", "0.9",
                            "--out", str(tmp_path), "--no-progress"])
     assert result["history"][0]["accuracy"] < 0.05  # nothing known before training
