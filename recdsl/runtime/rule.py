@@ -61,7 +61,12 @@ class Rule:
         return BoundCall(self.ir, inputs, named, initial_state, cu_seqlens)
 
     def __call__(self, *inputs, initial_state=None, output_final_state=False, backend="auto",
-                 cu_seqlens=None, **named):
+                 cu_seqlens=None, cp_group=None, **named):
+        if cp_group is not None:  # T split over the ranks of a process group
+            from .context_parallel import call as context_parallel
+            return context_parallel(self, inputs, named, cp_group=cp_group, initial_state=initial_state,
+                                    output_final_state=output_final_state, backend=backend,
+                                    cu_seqlens=cu_seqlens)
         call = self.bind(*inputs, initial_state=initial_state, cu_seqlens=cu_seqlens, **named)
         run = backends.resolve(self, backend, call)
         if call.empty:

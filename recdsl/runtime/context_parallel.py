@@ -1,0 +1,364 @@
+"""Context parallelism: one rule call split along time over the ranks of a ``torch.distributed``
+process group, ``rule(..., cp_group=group)`` (README, "Context parallelism").
+
+Every rank holds a contiguous slice of the tokens. Each state's update is affine in the state,
+so the state at the end of a slice is affine in the state at its start, ``S_out = L(S_in) + F``,
+and the normal form (``recdsl.ir.affine``) says the shape of ``L`` (``transition``):
+elementwise decays give ``L(X) = E ⊙ X``; left factors (row decays, erases ``(D - b kᵀ) S``)
+give ``P X``; right ones ``X Q``. Each rank then
+
+1. runs the sequence that continues into its slice (its *head*) from a zero state and from
+   probe states (ones; identity column or row blocks) batched along B, with the rule's own
+   backend: ``F = run(0)`` and ``L(X) = run(X) - run(0)`` by linearity, no per-family code.
+   This pass goes piece by piece along time, carrying the states, and each piece is recomputed
+   in backward (``torch.utils.checkpoint``), so its memory is one piece's, not the slice's;
+2. runs the sequences that start inside its slice from their own initial states (exact as is);
+3. all-gathers every rank's ``(L, F, finals)`` in ONE differentiable collective
+   (``torch.distributed.nn.functional.all_gather``: its backward sends each rank the sum of
+   the gradients of its summaries), so forward and backward each make one collective call;
+4. composes, in fp32 (fp64 for fp64 calls), the state entering every rank and every
+   sequence's final state, the same on every rank;
+5. reruns its head from its true incoming state: its outputs are then exact.
+
+Packed sequences (``cu_seqlens``, global positions, B = 1): only the sequence running into a
+slice's start takes an incoming state, and a sequence starting inside a slice cuts the chain.
+A rule with a state whose update is not affine (mLSTM's max-stabiliser ``m``) is refused.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from ..errors import BackendError, InputError
+
+PIECE = 2048  # tokens of one recomputed piece of the summary pass (step 1): memory vs launches
+
+
+# ----------------------------------------------------------------------------- transitions
+
+def transitions(rule) -> dict:
+    """State name -> the shape of its slice transition: "hadamard", "left" or "right". Raises
+    BackendError when a state's update is not affine or mixes left and right factors."""
+    out = {}
+    for sa in rule.analysis.states.values():
+        if not sa.affine:
+            raise BackendError(
+                f"rule '{rule.name}' cannot run with cp_group: the update of state {sa.name} is not "
+                f"affine in the states ({sa.problem.message}), so a slice's effect on the state "
+                f"has no summary to exchange; run it on one process (cp_group=None)")
+        if all(f.elementwise for f in sa.factors):
+            out[sa.name] = "hadamard"
+            continue
+        sides = set()
+        for f in sa.factors:
+            for part in (f, f.diag) if f.kind == "rank_one" else (f,):
+                if part is None or part.kind == "scalar":
+                    continue
+                sides.add({"rank_one": part.side, "rows": "left", "cols": "right"}.get(part.kind, "both"))
+        if len(sides) != 1 or "both" in sides or sa.var.rank > 2:
+            raise BackendError(
+                f"rule '{rule.name}' cannot run with cp_group: the transition of state {sa.name} "
+                f"multiplies it from both sides (or mixes per-entry decays with rank-one factors), "
+                f"which has no compact summary; run it on one process (cp_group=None)")
+        out[sa.name] = sides.pop()
+    return out
+
+
+def _matrix(shape) -> tuple:
+    """A state's per-head shape seen as a matrix [R, C] (a vector is a column, a scalar 1 x 1)."""
+    return (tuple(shape) + (1, 1))[:2]
+
+
+def _probe_count(kind, rows, cols) -> int:
+    return {"hadamard": 1, "left": math.ceil(rows / cols), "right": math.ceil(cols / rows)}[kind]
+
+
+def _probes(kind, shape, count, dtype, device):
+    """``count`` probe states [count, *shape]: ones (hadamard); identity column blocks (left:
+    ``P X_j`` is columns j*C.. of P); identity row blocks (right: ``X_j Q`` is rows j*R.. of Q).
+    Probes past the state's own count are zero."""
+    rows, cols = _matrix(shape)
+    x = torch.zeros(count, rows, cols, dtype=dtype, device=device)
+    if kind == "hadamard":
+        x[0] = 1
+    elif kind == "left":
+        eye = torch.eye(rows, dtype=dtype, device=device)
+        for j in range(_probe_count(kind, rows, cols)):
+            block = eye[:, j * cols:(j + 1) * cols]
+            x[j, :, :block.shape[1]] = block
+    else:
+        eye = torch.eye(cols, dtype=dtype, device=device)
+        for j in range(_probe_count(kind, rows, cols)):
+            block = eye[j * rows:(j + 1) * rows]
+            x[j, :block.shape[0]] = block
+    return x.reshape(count, *shape)
+
+
+def _assemble(kind, shape, responses):
+    """L from the probes' responses ``L(X_j)`` [count, N, H, *shape]: E [N, H, *shape],
+    P [N, H, R, R] or Q [N, H, C, C]."""
+    rows, cols = _matrix(shape)
+    if kind == "hadamard":
+        return responses[0]
+    count, n, h = responses.shape[:3]
+    y = responses.reshape(count, n, h, rows, cols)
+    if kind == "left":  # columns of P, block after block
+        return y.permute(1, 2, 3, 0, 4).reshape(n, h, rows, count * cols)[..., :rows]
+    return y.permute(1, 2, 0, 3, 4).reshape(n, h, count * rows, cols)[:, :, :cols]
+
+
+def _summary_shape(kind, shape) -> tuple:
+    rows, cols = _matrix(shape)
+    return {"hadamard": tuple(shape), "left": (rows, rows), "right": (cols, cols)}[kind]
+
+
+def _apply(kind, summary, x):
+    """L(x) for states x [N, H, *shape]."""
+    if kind == "hadamard":
+        return summary * x
+    n, h = x.shape[:2]
+    rows, cols = _matrix(x.shape[2:])
+    m = x.reshape(n, h, rows, cols)
+    return (summary @ m if kind == "left" else m @ summary).reshape(x.shape)
+
+
+# ----------------------------------------------------------------------------- the call
+
+class _Layout:
+    """Which sequences each rank continues (head) and starts (rest), from the slice lengths
+    and the global ``cu_seqlens``; the same on every rank."""
+
+    def __init__(self, lengths, batch, cu):
+        self.offsets = [0]
+        for t in lengths:
+            self.offsets.append(self.offsets[-1] + t)
+        self.cu = cu
+        self.head, self.rest, self.head_len, self.local_cu = [], [], [], []
+        for r, t in enumerate(lengths):
+            start, end = self.offsets[r], self.offsets[r + 1]
+            if cu is None:  # every row runs through every slice
+                rows = list(range(batch))
+                self.head.append(rows if r > 0 else [])
+                self.rest.append(rows if r == 0 else [])
+                self.head_len.append(t if r > 0 else 0)
+                self.local_cu.append(None)
+                continue
+            head = [n for n in range(len(cu) - 1) if cu[n] < start < cu[n + 1]]
+            h = min(cu[head[0] + 1], end) - start if head else 0
+            rest = [n for n in range(len(cu) - 1) if start <= cu[n] < end and cu[n + 1] > cu[n]]
+            self.head.append(head)
+            self.head_len.append(h)
+            self.rest.append(rest)
+            self.local_cu.append([start + h] + [min(cu[n + 1], end) for n in rest])
+
+
+def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_state=False,
+         backend="auto", cu_seqlens=None):
+    """``rule(*inputs, **named, cp_group=...)``: this rank's slice of the outputs, and with
+    ``output_final_state`` the global final states (see the module docstring)."""
+    if not dist.is_available() or not dist.is_initialized():
+        raise InputError("cp_group was given but torch.distributed is not initialised: call "
+                         "torch.distributed.init_process_group first (or pass cp_group=None)")
+    kinds = transitions(rule)
+    bound = rule.bind(*inputs, **named)  # checks the local tensors; cu_seqlens are global
+    world, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
+    meta = torch.tensor([bound.time, bound.batch, bound.heads], dtype=torch.int64,
+                        device=bound.device)
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta, group=cp_group)
+    metas = [m.tolist() for m in metas]
+    if any(m[1:] != metas[0][1:] for m in metas):
+        raise InputError(f"the ranks of cp_group disagree on B or H: [T, B, H] per rank = {metas}; "
+                         f"every rank passes its slice of T with the same B and H")
+    if any(m[0] == 0 for m in metas):
+        raise InputError(f"a rank of cp_group has no token (slice lengths {[m[0] for m in metas]}); "
+                         f"give every rank at least one token")
+    lengths = [m[0] for m in metas]
+    cu = _global_cu(cu_seqlens, bound.batch, sum(lengths))
+    layout = _Layout(lengths, bound.batch, cu)
+    sequences = len(cu) - 1 if cu is not None else bound.batch
+    states = rule.ir.states
+    shapes = {s.name: [bound.dim_sizes[d] for d in s.dims] for s in states}
+    initial = _initial(rule, initial_state, sequences, bound, shapes)
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in
+                                 list(bound.tensors.values()) + initial) else torch.float32
+    device = bound.device
+    initial = [t.to(dtype) for t in initial]
+    token = [v.name for v in rule.ir.inputs]
+    params = {v.name: bound.tensors[v.name] for v in rule.ir.params}
+    tokens = {n: bound.tensors[n] for n in token}
+    head, rest, h = layout.head[rank], layout.rest[rank], layout.head_len[rank]
+    n_head = bound.batch if cu is None else 1  # rows of a head: B, or the one packed sequence
+
+    # 1. the head's summary (L, F) per state; 2. the sequences starting here, exact
+    summary = None
+    if h:
+        summary = _summarise(rule, backend, kinds, shapes, {n: x[:, :h] for n, x in tokens.items()},
+                             params, dtype, device)
+    rest_out, rest_final = None, None
+    if rest:
+        out, final = rule(**{n: x[:, h:] for n, x in tokens.items()}, **params,
+                          initial_state=tuple(t[rest] for t in initial), output_final_state=True,
+                          backend=backend,
+                          cu_seqlens=None if cu is None else torch.tensor(
+                              [c - layout.local_cu[rank][0] for c in layout.local_cu[rank]],
+                              device=device))
+        rest_out, rest_final = _tuple(out), _tuple(final)
+
+    # 3. one all-gather of every rank's (L, F) of its head and finals of the sequences it starts
+    parts = []
+    for i, s in enumerate(states):
+        kind, shape = kinds[s.name], shapes[s.name]
+        lshape = [n_head, bound.heads, *_summary_shape(kind, shape)]
+        fshape = [n_head, bound.heads, *shape]
+        parts.append(summary[0][i] if summary else torch.zeros(lshape, dtype=dtype, device=device))
+        parts.append(summary[1][i] if summary else torch.zeros(fshape, dtype=dtype, device=device))
+        finals = torch.zeros([sequences, bound.heads, *shape], dtype=dtype, device=device)
+        if rest:
+            finals = finals.index_copy(0, torch.tensor(rest, device=device), rest_final[i].to(dtype))
+        parts.append(finals)
+    sizes = [p.shape for p in parts]
+    flat = torch.cat([p.reshape(-1) for p in parts])
+    if torch.is_grad_enabled():
+        from torch.distributed.nn.functional import all_gather
+        gathered = all_gather(flat, group=cp_group)
+    else:
+        gathered = [torch.empty_like(flat) for _ in range(world)]
+        dist.all_gather(gathered, flat, group=cp_group)
+
+    # 4. compose, in the same order on every rank
+    current = initial
+    incoming = None
+    for r in range(world):
+        pieces = list(torch.split(gathered[r], [math.prod(z) for z in sizes]))
+        pieces = [p.reshape(z) for p, z in zip(pieces, sizes)]
+        if r == rank and layout.head[r]:
+            incoming = [c[layout.head[r]] for c in current]
+        if layout.head[r]:
+            rows = torch.tensor(layout.head[r], device=device)
+            current = [c.index_copy(0, rows, _apply(kinds[s.name], pieces[3 * i], c[rows])
+                                    + pieces[3 * i + 1])
+                       for i, (s, c) in enumerate(zip(states, current))]
+        if layout.rest[r]:
+            rows = torch.tensor(layout.rest[r], device=device)
+            current = [c.index_copy(0, rows, pieces[3 * i + 2][rows]) for i, c in enumerate(current)]
+
+    # 5. the head again from its true incoming state
+    outs = []
+    if h:
+        out, _ = rule(**{n: x[:, :h] for n, x in tokens.items()}, **params,
+                      initial_state=tuple(incoming), backend=backend)
+        outs.append(_tuple(out))
+    if rest:
+        outs.append(rest_out)
+    outputs = tuple(torch.cat(o, dim=1) if len(o) > 1 else o[0] for o in zip(*outs))
+    if torch.is_grad_enabled() and gathered[0].requires_grad:
+        # every rank's backward must reach the collective, even where no output depends on it
+        outputs = tuple(_Tie.apply(o, gathered[0]) for o in outputs)
+    out = outputs[0] if len(outputs) == 1 else outputs
+    final = None
+    if output_final_state:
+        final = current[0] if len(current) == 1 else tuple(current)
+    return out, final
+
+
+def _summarise(rule, backend, kinds, shapes, tokens, params, dtype, device):
+    """(L per state, F per state) of the head ``tokens`` [N, h, H, ...]: runs from the zero state
+    and from the probes, batched along B, piece by piece (recomputed in backward)."""
+    n, heads = next(iter(tokens.values())).shape[0], next(iter(tokens.values())).shape[2]
+    names = list(shapes)
+    counts = {s: _probe_count(kinds[s], *_matrix(shapes[s])) for s in names}
+    count = max(counts.values())
+    carry = []
+    for s in names:
+        probes = _probes(kinds[s], shapes[s], count, dtype, device)
+        start = torch.cat([torch.zeros_like(probes[:1]), probes])  # [1 + count, *shape]
+        carry.append(start[:, None, None].expand(1 + count, n, heads, *shapes[s])
+                     .reshape((1 + count) * n, heads, *shapes[s]))
+    length = next(iter(tokens.values())).shape[1]
+    recompute = torch.is_grad_enabled() and any(
+        t.requires_grad for t in list(tokens.values()) + list(params.values()))
+    token_names = list(tokens)
+
+    def piece(*args):
+        xs = dict(zip(token_names, args[:len(token_names)]))
+        ps = dict(zip(params, args[len(token_names):len(token_names) + len(params)]))
+        init = args[len(token_names) + len(params):]
+        xs = {k: x.repeat(1 + count, *[1] * (x.dim() - 1)) for k, x in xs.items()}
+        _, final = rule(**xs, **ps, initial_state=tuple(init), output_final_state=True,
+                        backend=backend)
+        return tuple(f.to(dtype) for f in _tuple(final))
+
+    for start in range(0, length, PIECE):
+        args = [tokens[k][:, start:start + PIECE] for k in token_names] + list(params.values()) + carry
+        if recompute:
+            from torch.utils.checkpoint import checkpoint
+            carry = list(checkpoint(piece, *args, use_reentrant=False))
+        else:
+            carry = list(piece(*args))
+    ls, fs = [], []
+    for s, y in zip(names, carry):
+        y = y.reshape(1 + count, n, heads, *shapes[s])
+        fs.append(y[0])
+        ls.append(_assemble(kinds[s], shapes[s], y[1:] - y[:1]))
+    return ls, fs
+
+
+class _Tie(torch.autograd.Function):
+    """``x`` unchanged, with ``anchor`` in its graph (zero gradient): puts the all-gather's
+    backward in every rank's graph, so that every rank joins its collective."""
+
+    @staticmethod
+    def forward(ctx, x, anchor):
+        ctx.anchor_shape = anchor.shape
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, grad.new_zeros(ctx.anchor_shape)
+
+
+def _tuple(x):
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _global_cu(cu, batch, total):
+    """The global ``cu_seqlens`` as a list, checked against the global length."""
+    if cu is None:
+        return None
+    if not isinstance(cu, torch.Tensor) or cu.dim() != 1 or cu.dtype not in (torch.int32, torch.int64):
+        raise InputError("cu_seqlens must be a 1-d int32 or int64 tensor of sequence boundaries "
+                         "over the whole (global) sequence, e.g. torch.tensor([0, 5, 12])")
+    if batch != 1:
+        raise InputError(f"with cu_seqlens the batch size must be 1 (sequences packed along T); "
+                         f"got B = {batch}")
+    values = cu.tolist()
+    if len(values) < 2 or values[0] != 0 or values[-1] != total or any(b < a for a, b in zip(values, values[1:])):
+        raise InputError(f"with cp_group, cu_seqlens are global: they must rise from 0 to the sum "
+                         f"of the ranks' slice lengths, T = {total}; got {values}")
+    return values
+
+
+def _initial(rule, initial_state, sequences, bound, shapes) -> list:
+    """The global initial states, one [N, H, *dims] tensor per state (zeros where not given)."""
+    states = rule.ir.states
+    if initial_state is None:
+        initial_state = (None,) * len(states)
+    if isinstance(initial_state, torch.Tensor) and len(states) == 1:
+        initial_state = (initial_state,)
+    if not isinstance(initial_state, (tuple, list)) or len(initial_state) != len(states):
+        raise InputError(f"initial_state must be a tensor per state ({', '.join(s.name for s in states)}) "
+                         f"or None")
+    out = []
+    for s, t in zip(states, initial_state):
+        expected = [sequences, bound.heads] + shapes[s.name]
+        if t is None:
+            t = torch.zeros(expected, dtype=torch.float32, device=bound.device)
+        if not isinstance(t, torch.Tensor) or list(t.shape) != expected:
+            given = list(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise InputError(f"initial state '{s.name}' must be the global initial state "
+                             f"{expected} ([N or B, H, *dims]) on every rank of cp_group; got {given}")
+        out.append(t)
+    return out

@@ -1,0 +1,150 @@
+"""Context parallelism (``rule(..., cp_group=group)``, ``recdsl.runtime.context_parallel``)
+against the single-process call: 2 and 4 processes on the CPU with gloo, spawned here.
+
+Every rank builds the same global tensors, runs the single-process call itself (the
+reference), then its own slice with ``cp_group``; outputs (its slice), the global final states
+and the gradients of every input, param and initial state (all-reduced: summed over ranks)
+must equal the reference. The per-rank losses add up to the reference's loss (each rank weighs
+the replicated final states by 1/P). Cases: B = 2 with slices that are not multiples of the
+chunk size, an initial state, and packed sequences across rank boundaries (one spans a whole
+rank, one has no token). Spawning is slow, so one spawned run checks many cases.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import recdsl
+from recdsl.errors import BackendError
+from recdsl.runtime.sample import sample_inputs
+from tests.helpers import EXAMPLES, as_list, rms_ratio
+from tests.runtime.test_torch_chunk_dplr import KDA, RWKV7
+
+DIMS = {"K": 8, "V": 6, "N": 8, "P": 6, "M": 10, "NH": 2}
+RULES = {name: (lambda name=name: recdsl.load(EXAMPLES / f"{name}.rec"))
+         for name in ("gated_delta", "kla", "deltaproduct", "gla", "mamba2", "raven", "retention")}
+RULES["kda"] = lambda: recdsl.compile(KDA)
+RULES["rwkv7"] = lambda: recdsl.compile(RWKV7)
+# slow decays and weak erases, so that the state carried across a rank boundary matters
+SLOW = {"g": lambda x: x / 20, "gk": lambda x: x / 20, "A_log": lambda x: x - 3,
+        "beta": lambda x: x / 5, "eta": lambda x: x / 5, "gamma": lambda x: 1 - x / 50}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawn(worker, world, *args):
+    """Run ``worker(rank, world, *args)`` in ``world`` processes joined by a gloo group."""
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+    mp.spawn(_entry, args=(world, _free_port(), worker, args), nprocs=world, join=True)
+
+
+def _entry(rank, world, port, worker, args):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        worker(rank, world, *args)
+    finally:
+        dist.destroy_process_group()
+
+
+def _case(rule, lengths, *, packed, dtype, seed):
+    """Global tensors: token inputs [B, T, H, ...], params, initial states, upstream gradients."""
+    total = sum(lengths)
+    batch = 1 if packed else 2
+    tensors = sample_inputs(rule, batch=batch, time=total, heads=2, dims={d: DIMS[d] for d in rule.dims}, dtype=dtype,
+                            seed=seed)
+    tensors = {k: SLOW.get(k, lambda x: x)(x) for k, x in tensors.items()}
+    cu = None
+    sequences = batch
+    if packed:  # one of length 0; one running into the last rank (through whole ranks when
+        # there are more than 2); with more than 2 ranks, one ending at a rank boundary
+        last = sum(lengths[:-1])
+        cut = [0, 3, 3] + ([lengths[0]] if len(lengths) > 2 else []) + [last + 2, total - 1, total]
+        cu = torch.tensor(cut)
+        sequences = len(cut) - 1
+    gen = torch.Generator().manual_seed(seed + 7)
+    initial = tuple(torch.randn([sequences, 2] + [DIMS[d] for d in s.dims], generator=gen,
+                                dtype=torch.float64).to(dtype) for s in rule.states)
+    return tensors, initial, cu
+
+
+def _results(rule, tensors, initial, cu, backend, slice_=None, group=None, world=1):
+    """Outputs, finals and grads (a dict by name) of one call: the whole sequence, or this
+    rank's ``slice_`` of it with ``group``; loss = sum(out * upstream) + sum(final * up) / world."""
+    leaves = {k: v.clone().requires_grad_(True) for k, v in tensors.items()}
+    init = tuple(s.clone().requires_grad_(True) for s in initial)
+    token = {v.name for v in rule.inputs}
+    args = {k: (v[:, slice_] if k in token and slice_ is not None else v) for k, v in leaves.items()}
+    out, final = rule(**args, initial_state=init, output_final_state=True, backend=backend,
+                      cu_seqlens=cu, cp_group=group)
+    outs, finals = as_list(out), as_list(final)
+    gen = torch.Generator().manual_seed(11)
+    loss = 0
+    values = {}
+    for o, var in zip(outs, rule.outputs):
+        full = [leaves[rule.inputs[0].name].shape[0], leaves[rule.inputs[0].name].shape[1],
+                *o.shape[2:]]
+        up = torch.randn(full, generator=gen, dtype=torch.float64).to(o.dtype)
+        up = up[:, slice_] if slice_ is not None else up
+        loss = loss + (o * up).sum()
+        values[f"out {var.name}"] = o.detach()
+    for f, var in zip(finals, rule.states):
+        up = torch.randn(f.shape, generator=gen, dtype=torch.float64).to(f.dtype)
+        loss = loss + (f * up).sum() / world
+        values[f"final {var.name}"] = f.detach()
+    wrt = list(leaves.values()) + list(init)
+    grads = torch.autograd.grad(loss, wrt, allow_unused=True)
+    names = [f"d{k}" for k in leaves] + [f"d{s.name}0" for s in rule.states]
+    for n, g, w in zip(names, grads, wrt):
+        g = torch.zeros_like(w) if g is None else g.clone()
+        if group is not None:
+            dist.all_reduce(g, group=group)
+        values[n] = g
+    return values
+
+
+def _check_rules(rank, world, names, lengths, backend, dtype):
+    group = dist.new_group(list(range(world)))
+    offsets = [sum(lengths[:r]) for r in range(world + 1)]
+    mine = slice(offsets[rank], offsets[rank + 1])
+    for i, name in enumerate(names):
+        rule = RULES[name]()
+        for packed in (False, True):
+            tensors, initial, cu = _case(rule, lengths, packed=packed, dtype=dtype, seed=i)
+            golden = _results(rule, {k: v.double() for k, v in tensors.items()},
+                              tuple(s.double() for s in initial), cu, backend)
+            ref = _results(rule, tensors, initial, cu, backend)
+            got = _results(rule, tensors, initial, cu, backend, mine, group, world)
+            for key in golden:
+                want = golden[key][:, mine] if key.startswith("out") else golden[key]
+                have = got[key].double()
+                assert torch.isfinite(have).all(), f"{name} {key}: not finite"
+                own = ref[key][:, mine] if key.startswith("out") else ref[key]
+                err = rms_ratio(have, want)
+                allowed = max(10 * rms_ratio(own.double(), want), 1e-12 if dtype == torch.float64 else 3e-6)
+                assert err <= allowed, (f"{name} packed={packed} rank {rank} {key}: rms ratio "
+                                        f"{err:.2e} > {allowed:.2e}")
+
+
+@pytest.mark.parametrize("names", [("gated_delta", "gla", "mamba2", "retention"),
+                                   ("kla", "deltaproduct", "raven", "kda", "rwkv7")])
+def test_two_ranks_torch_chunk(names):
+    """2 ranks, slices of 45 and 38 tokens (torch-chunk's CPU chunk is 32), float32."""
+    _spawn(_check_rules, 2, names, [45, 38], "torch-chunk", torch.float32)
+
+
+@pytest.mark.slow
+def test_four_ranks_torch_chunk():
+    """4 ranks, slices 21, 40, 33, 17: a packed sequence runs through two whole ranks."""
+    _spawn(_check_rules, 4, tuple(RULES), [21, 40, 33, 17], "torch-chunk", torch.float32)
