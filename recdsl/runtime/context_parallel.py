@@ -306,6 +306,32 @@ def _summarise(rule, backend, kinds, shapes, tokens, params, dtype, device):
     return ls, fs
 
 
+def previous_tokens(streams: dict, count: int, group) -> dict:
+    """For each stream ``[B, T, C]`` (this rank's slice), the ``count`` tokens just before the
+    slice ``[B, count, C]``: the previous ranks' last ones, zeros before the first token (a short
+    convolution's cache). One differentiable all-gather for all streams."""
+    names = list(streams)
+    x = torch.cat([streams[n] for n in names], dim=-1)
+    batch, time, width = x.shape
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    lengths = [torch.empty(1, dtype=torch.int64, device=x.device) for _ in range(world)]
+    dist.all_gather(lengths, torch.tensor([time], dtype=torch.int64, device=x.device), group=group)
+    lengths = [min(int(t), count) for t in lengths]
+    tail = torch.cat([x.new_zeros(batch, count - lengths[rank], width), x[:, time - lengths[rank]:]], 1)
+    if torch.is_grad_enabled():
+        from torch.distributed.nn.functional import all_gather
+        tails = all_gather(tail.contiguous(), group=group)
+    else:
+        tails = [torch.empty_like(tail) for _ in range(world)]
+        dist.all_gather(tails, tail.contiguous(), group=group)
+    # the previous ranks' real tokens in order (a rank shorter than count gives fewer), last count
+    before = [x.new_zeros(batch, count, width)] + [tails[r][:, count - lengths[r]:] for r in range(rank)]
+    out = torch.cat(before, 1)[:, -count:]
+    if torch.is_grad_enabled() and tails[0].requires_grad:
+        out = _Tie.apply(out, tails[0])  # rank 0 too joins the backward collective
+    return dict(zip(names, torch.split(out, [streams[n].shape[-1] for n in names], dim=-1)))
+
+
 class _Tie(torch.autograd.Function):
     """``x`` unchanged, with ``anchor`` in its graph (zero gradient): puts the all-gather's
     backward in every rank's graph, so that every rank joins its collective."""

@@ -148,3 +148,59 @@ def test_two_ranks_torch_chunk(names):
 def test_four_ranks_torch_chunk():
     """4 ranks, slices 21, 40, 33, 17: a packed sequence runs through two whole ranks."""
     _spawn(_check_rules, 4, tuple(RULES), [21, 40, 33, 17], "torch-chunk", torch.float32)
+
+
+def _check_mixer(rank, world, lengths):
+    """The mixer (short convolutions fed the previous rank's last tokens) against one process,
+    then a few training steps under DistributedDataParallel (DDP on the default group, the
+    context parallelism on a group of its own)."""
+    group = dist.new_group(list(range(world)))
+    offsets = [sum(lengths[:r]) for r in range(world + 1)]
+    mine = slice(offsets[rank], offsets[rank + 1])
+    rule = RULES["gated_delta"]()
+    torch.manual_seed(0)
+    single = rule.mixer(16, 2, seed=0)
+    split = rule.mixer(16, 2, seed=0, cp_group=group)
+    split.load_state_dict(single.state_dict())
+    assert split.conv_names, "the test needs a mixer with short convolutions"
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, offsets[-1], 16, generator=gen)
+    up = torch.randn(2, offsets[-1], 16, generator=gen)
+    results = []
+    for model, part in ((single, slice(None)), (split, mine)):
+        leaf = x.clone().requires_grad_(True)
+        y = model(leaf[:, part])
+        grads = torch.autograd.grad((y * up[:, part]).sum(), [leaf] + list(model.parameters()))
+        grads = [g.clone() for g in grads]
+        if part is mine:
+            for g in grads:
+                dist.all_reduce(g, group=group)
+        results.append((y.detach(), grads))
+    (y1, g1), (y2, g2) = results
+    assert torch.allclose(y2, y1[:, mine], rtol=1e-4, atol=1e-5), (y2 - y1[:, mine]).abs().max()
+    for (name, _), a, b in zip([("x", None)] + list(single.named_parameters()), g1, g2):
+        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5), f"d{name}: {(a - b).abs().max():.2e}"
+
+    model = torch.nn.parallel.DistributedDataParallel(rule.mixer(16, 2, cp_group=group))
+    optimiser = torch.optim.Adam(model.parameters(), lr=1e-2)
+    target = torch.randn(2, offsets[-1], 16, generator=gen)
+    losses = []
+    for _ in range(6):
+        loss = torch.nn.functional.mse_loss(model(x[:, mine]), target[:, mine])
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        total = loss.detach().clone()
+        dist.all_reduce(total)
+        losses.append(total.item() / world)
+    assert losses[-1] < 0.95 * losses[0], losses
+    flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    every = [torch.empty_like(flat) for _ in range(world)]
+    dist.all_gather(every, flat)
+    assert all(torch.equal(every[0], f) for f in every[1:]), "parameters differ across ranks"
+
+
+def test_mixer_and_ddp_two_ranks():
+    """Rank 0 holds 2 tokens, fewer than the convolution's 3 of history: rank 1 takes them and
+    zeros. Then 6 DDP steps: the loss goes down and the parameters stay equal across ranks."""
+    _spawn(_check_mixer, 2, [2, 19])
