@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 from ..errors import BackendError, InputError
 
-PIECE = 2048  # tokens of one recomputed piece of the summary pass (step 1): memory vs launches
+PIECE = 1024  # tokens of one recomputed piece of the summary pass (step 1): memory vs launches
 
 
 # ----------------------------------------------------------------------------- transitions
@@ -221,12 +221,7 @@ def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_stat
         parts.append(finals)
     sizes = [p.shape for p in parts]
     flat = torch.cat([p.reshape(-1) for p in parts])
-    if torch.is_grad_enabled():
-        from torch.distributed.nn.functional import all_gather
-        gathered = all_gather(flat, group=cp_group)
-    else:
-        gathered = [torch.empty_like(flat) for _ in range(world)]
-        dist.all_gather(gathered, flat, group=cp_group)
+    gathered = _all_gather(flat, cp_group)
 
     # 4. compose, in the same order on every rank
     current = initial
@@ -318,18 +313,28 @@ def previous_tokens(streams: dict, count: int, group) -> dict:
     dist.all_gather(lengths, torch.tensor([time], dtype=torch.int64, device=x.device), group=group)
     lengths = [min(int(t), count) for t in lengths]
     tail = torch.cat([x.new_zeros(batch, count - lengths[rank], width), x[:, time - lengths[rank]:]], 1)
-    if torch.is_grad_enabled():
-        from torch.distributed.nn.functional import all_gather
-        tails = all_gather(tail.contiguous(), group=group)
-    else:
-        tails = [torch.empty_like(tail) for _ in range(world)]
-        dist.all_gather(tails, tail.contiguous(), group=group)
+    tails = _all_gather(tail, group)
     # the previous ranks' real tokens in order (a rank shorter than count gives fewer), last count
     before = [x.new_zeros(batch, count, width)] + [tails[r][:, count - lengths[r]:] for r in range(rank)]
     out = torch.cat(before, 1)[:, -count:]
     if torch.is_grad_enabled() and tails[0].requires_grad:
         out = _Tie.apply(out, tails[0])  # rank 0 too joins the backward collective
     return dict(zip(names, torch.split(out, [streams[n].shape[-1] for n in names], dim=-1)))
+
+
+def _all_gather(x, group) -> list:
+    """Every rank's ``x``, in rank order; differentiable when autograd records (its backward
+    sends each rank the sum of the gradients of its tensor, by all-to-all on gloo)."""
+    x = x.contiguous()
+    if not torch.is_grad_enabled():
+        out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, x, group=group)
+        return out
+    import warnings
+    from torch.distributed.nn.functional import all_gather
+    with warnings.catch_warnings():  # deprecated for a private API; still the public one
+        warnings.simplefilter("ignore", FutureWarning)
+        return list(all_gather(x, group=group))
 
 
 class _Tie(torch.autograd.Function):
