@@ -158,10 +158,10 @@ def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_stat
          backend="auto", cu_seqlens=None):
     """``rule(*inputs, **named, cp_group=...)``: this rank's slice of the outputs, and with
     ``output_final_state`` the global final states (see the module docstring)."""
+    kinds = transitions(rule)
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("cp_group was given but torch.distributed is not initialised: call "
                          "torch.distributed.init_process_group first (or pass cp_group=None)")
-    kinds = transitions(rule)
     bound = rule.bind(*inputs, **named)  # checks the local tensors; cu_seqlens are global
     world, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
     meta = torch.tensor([bound.time, bound.batch, bound.heads], dtype=torch.int64,

@@ -21,7 +21,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import recdsl
-from recdsl.errors import BackendError
+from recdsl.errors import BackendError, InputError
 from recdsl.runtime.sample import sample_inputs
 from tests.helpers import EXAMPLES, as_list, rms_ratio
 from tests.runtime.test_torch_chunk_dplr import KDA, RWKV7
@@ -150,6 +150,20 @@ def test_four_ranks_torch_chunk():
     _spawn(_check_rules, 4, tuple(RULES), [21, 40, 33, 17], "torch-chunk", torch.float32)
 
 
+def _check_errors(rule, rank, group):
+    """Bad calls fail on every rank alike (no rank left waiting in a collective), saying what
+    to pass."""
+    x = sample_inputs(rule, batch=2 + rank, time=5, heads=2, dims={"K": 4, "V": 4})
+    with pytest.raises(InputError, match="disagree on B or H"):
+        rule(**x, cp_group=group)
+    x = sample_inputs(rule, batch=1, time=5, heads=2, dims={"K": 4, "V": 4})
+    with pytest.raises(InputError, match="cu_seqlens are global.*T = 10"):
+        rule(**x, cu_seqlens=torch.tensor([0, 5]), cp_group=group)
+    with pytest.raises(InputError, match=r"global initial state \[2, 2, 4, 4\]"):
+        rule(**x, cu_seqlens=torch.tensor([0, 4, 10]), initial_state=torch.zeros(1, 2, 4, 4),
+             cp_group=group)
+
+
 def _check_mixer(rank, world, lengths):
     """The mixer (short convolutions fed the previous rank's last tokens) against one process,
     then a few training steps under DistributedDataParallel (DDP on the default group, the
@@ -158,6 +172,7 @@ def _check_mixer(rank, world, lengths):
     offsets = [sum(lengths[:r]) for r in range(world + 1)]
     mine = slice(offsets[rank], offsets[rank + 1])
     rule = RULES["gated_delta"]()
+    _check_errors(rule, rank, group)
     torch.manual_seed(0)
     single = rule.mixer(16, 2, seed=0)
     split = rule.mixer(16, 2, seed=0, cp_group=group)
@@ -212,3 +227,16 @@ def test_two_ranks_chunk_triton():
     sequence of length 0: the chunk backend's own final state for one is not its initial state
     (reported), so the single-process reference would be wrong."""
     _spawn(_check_rules, 2, ("gated_delta", "gla"), [24, 19], "chunk", torch.float32, False)
+
+
+def test_refusals_without_spawning():
+    """A rule with a state that is not affine (mLSTM's m) is refused with the reason; a call
+    before torch.distributed is initialised says what to do."""
+    mlstm = recdsl.load(EXAMPLES / "mlstm.rec")
+    x = sample_inputs(mlstm, batch=1, time=4, heads=1, dims={"K": 4, "V": 4})
+    with pytest.raises(BackendError, match="state C is not affine.*depends on state m"):
+        mlstm(**x, cp_group=object())
+    rule = RULES["gla"]()
+    x = sample_inputs(rule, batch=1, time=4, heads=1, dims={"K": 4, "V": 4})
+    with pytest.raises(InputError, match="not initialised.*init_process_group"):
+        rule(**x, cp_group=object())
