@@ -154,11 +154,23 @@ class _Layout:
             self.local_cu.append([start + h] + [min(cu[n + 1], end) for n in rest])
 
 
+class _Split:
+    """Where this call's tokens sit: the group, this rank, the layout, sizes and precision."""
+
+    def __init__(self, **values):
+        self.__dict__.update(values)
+
+
 def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_state=False,
          backend="auto", cu_seqlens=None):
     """``rule(*inputs, **named, cp_group=...)``: this rank's slice of the outputs, and with
     ``output_final_state`` the global final states (see the module docstring)."""
-    kinds = transitions(rule)
+    staging = _staging(rule)
+    if staging is None:
+        kinds = transitions(rule)
+    else:
+        from .rule import of_derived
+        kinds = transitions(of_derived(staging.derived))
     if not dist.is_available() or not dist.is_initialized():
         raise InputError("cp_group was given but torch.distributed is not initialised: call "
                          "torch.distributed.init_process_group first (or pass cp_group=None)")
@@ -177,20 +189,56 @@ def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_stat
                          f"give every rank at least one token")
     lengths = [m[0] for m in metas]
     cu = _global_cu(cu_seqlens, bound.batch, sum(lengths))
-    layout = _Layout(lengths, bound.batch, cu)
     sequences = len(cu) - 1 if cu is not None else bound.batch
-    states = rule.ir.states
-    shapes = {s.name: [bound.dim_sizes[d] for d in s.dims] for s in states}
+    shapes = {s.name: [bound.dim_sizes[d] for d in s.dims] for s in rule.ir.states}
     initial = _initial(rule, initial_state, sequences, bound, shapes)
     dtype = torch.float64 if any(t.dtype == torch.float64 for t in
                                  list(bound.tensors.values()) + initial) else torch.float32
-    device = bound.device
-    initial = [t.to(dtype) for t in initial]
-    token = [v.name for v in rule.ir.inputs]
-    params = {v.name: bound.tensors[v.name] for v in rule.ir.params}
-    tokens = {n: bound.tensors[n] for n in token}
+    split = _Split(group=cp_group, world=world, rank=rank, layout=_Layout(lengths, bound.batch, cu),
+                   cu=cu, sequences=sequences, dtype=dtype, device=bound.device, heads=bound.heads,
+                   rows=bound.batch if cu is None else 1,  # rows of a head: B, or one sequence
+                   dim_sizes=bound.dim_sizes)
+    initial = {s.name: t.to(dtype) for s, t in zip(rule.ir.states, initial)}
+    if staging is None:
+        outputs, finals, gathered = _affine(rule, kinds, bound.tensors, initial, split, backend)
+    else:
+        outputs, finals, gathered = _staged(rule, staging, kinds, bound.tensors, initial, split,
+                                            backend)
+    if torch.is_grad_enabled() and gathered.requires_grad:
+        # every rank's backward must reach the collective, even where no output depends on it
+        outputs = tuple(_Tie.apply(o, gathered) for o in outputs)
+    outputs = tuple(o.to(bound.output_dtype) for o in outputs)
+    out = outputs[0] if len(outputs) == 1 else outputs
+    final = None
+    if output_final_state:
+        finals = [finals[s.name] for s in rule.ir.states]
+        final = finals[0] if len(finals) == 1 else tuple(finals)
+    return out, final
+
+
+def _local_cu(split, skip_head: bool):
+    """This rank's local ``cu_seqlens`` (a tensor; None unpacked): of the sequences starting in
+    its slice, or (``skip_head`` False) of its head and those."""
+    layout, rank = split.layout, split.rank
+    if split.cu is None:
+        return None
+    bounds = layout.local_cu[rank]
+    if not skip_head and layout.head_len[rank]:
+        bounds = [bounds[0] - layout.head_len[rank]] + bounds
+    return torch.tensor([c - bounds[0] for c in bounds], device=split.device)
+
+
+def _affine(rule, kinds, tensors, initial, split, backend, anchor=None):
+    """Steps 1 to 5 for a rule whose states are all affine: (outputs, final states by name, the
+    all-gather's first tensor). ``anchor``: a tensor the summaries are tied to before they go
+    round, so that its collective's backward comes after this one's on every rank."""
+    states = rule.ir.states
+    shapes = {s.name: [split.dim_sizes[d] for d in s.dims] for s in states}
+    dtype, device, rank = split.dtype, split.device, split.rank
+    layout = split.layout
+    params = {v.name: tensors[v.name] for v in rule.ir.params}
+    tokens = {v.name: tensors[v.name] for v in rule.ir.inputs}
     head, rest, h = layout.head[rank], layout.rest[rank], layout.head_len[rank]
-    n_head = bound.batch if cu is None else 1  # rows of a head: B, or the one packed sequence
 
     # 1. the head's summary (L, F) per state; 2. the sequences starting here, exact
     summary = None
@@ -200,33 +248,33 @@ def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_stat
     rest_out, rest_final = None, None
     if rest:
         out, final = rule(**{n: x[:, h:] for n, x in tokens.items()}, **params,
-                          initial_state=tuple(t[rest] for t in initial), output_final_state=True,
-                          backend=backend,
-                          cu_seqlens=None if cu is None else torch.tensor(
-                              [c - layout.local_cu[rank][0] for c in layout.local_cu[rank]],
-                              device=device))
+                          initial_state=tuple(initial[s.name][rest] for s in states),
+                          output_final_state=True, backend=backend,
+                          cu_seqlens=_local_cu(split, skip_head=True))
         rest_out, rest_final = _tuple(out), _tuple(final)
 
     # 3. one all-gather of every rank's (L, F) of its head and finals of the sequences it starts
     parts = []
     for i, s in enumerate(states):
         kind, shape = kinds[s.name], shapes[s.name]
-        lshape = [n_head, bound.heads, *_summary_shape(kind, shape)]
-        fshape = [n_head, bound.heads, *shape]
+        lshape = [split.rows, split.heads, *_summary_shape(kind, shape)]
+        fshape = [split.rows, split.heads, *shape]
         parts.append(summary[0][i] if summary else torch.zeros(lshape, dtype=dtype, device=device))
         parts.append(summary[1][i] if summary else torch.zeros(fshape, dtype=dtype, device=device))
-        finals = torch.zeros([sequences, bound.heads, *shape], dtype=dtype, device=device)
+        finals = torch.zeros([split.sequences, split.heads, *shape], dtype=dtype, device=device)
         if rest:
             finals = finals.index_copy(0, torch.tensor(rest, device=device), rest_final[i].to(dtype))
         parts.append(finals)
     sizes = [p.shape for p in parts]
     flat = torch.cat([p.reshape(-1) for p in parts])
-    gathered = _all_gather(flat, cp_group)
+    if anchor is not None and torch.is_grad_enabled() and anchor.requires_grad:
+        flat = _Tie.apply(flat, anchor)
+    gathered = _all_gather(flat, split.group)
 
     # 4. compose, in the same order on every rank
-    current = initial
+    current = [initial[s.name] for s in states]
     incoming = None
-    for r in range(world):
+    for r in range(split.world):
         pieces = list(torch.split(gathered[r], [math.prod(z) for z in sizes]))
         pieces = [p.reshape(z) for p, z in zip(pieces, sizes)]
         if r == rank and layout.head[r]:
@@ -249,14 +297,110 @@ def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_stat
     if rest:
         outs.append(rest_out)
     outputs = tuple(torch.cat(o, dim=1) if len(o) > 1 else o[0] for o in zip(*outs))
-    if torch.is_grad_enabled() and gathered[0].requires_grad:
-        # every rank's backward must reach the collective, even where no output depends on it
-        outputs = tuple(_Tie.apply(o, gathered[0]) for o in outputs)
-    out = outputs[0] if len(outputs) == 1 else outputs
-    final = None
-    if output_final_state:
-        final = current[0] if len(current) == 1 else tuple(current)
-    return out, final
+    return outputs, {s.name: c for s, c in zip(states, current)}, gathered[0]
+
+
+# ----------------------------------------------------------------------------- staged rules
+
+def _staging(rule):
+    """The rule's staging when some state is not affine (None when all are); refuses a rule
+    with no staging, or whose leading states are not max-plus."""
+    if all(sa.affine for sa in rule.analysis.states.values()):
+        return None
+    staging = rule.family_info.staged
+    bad = next((l for l in staging.leading if l.form != "maxplus"), None) if staging else None
+    if staging is None or bad is not None:
+        transitions(rule)  # raises, naming the state that is not affine
+        raise BackendError(f"rule '{rule.name}' cannot run with cp_group: its leading state "
+                           f"{bad.name} is not max-plus ({bad.why}); run it on one process")
+    return staging
+
+
+def _staged(rule, staging, kinds, tensors, initial, split, backend):
+    """A staged rule (mLSTM): every leading state ``m = max(a + m, b)`` first, summarised per
+    slice as ``m_out = max(A + m_in, B)`` (A the sum of a, B the slice from m_in = -inf), the
+    summaries all-gathered and composed in float64; then each rank's leading values per token
+    from its true incoming m (``recdsl.runtime.staged.leading_values``), and the derived affine
+    rule through ``_affine`` with them as inputs."""
+    from .call import BoundCall
+    from .rule import of_derived
+    from .staged import _broadcast, leading_values
+    from .tokenwise import Tokenwise
+    wide = torch.float64
+    layout, rank, device = split.layout, split.rank, split.device
+    head, rest, h = layout.head[rank], layout.rest[rank], layout.head_len[rank]
+    local = rule.bind(**tensors)  # the slice unpacked: the per-token values need no packing
+    tw = Tokenwise(rule.ir, local)
+    bounds = _local_cu(split, skip_head=True)
+    bounds = [0, local.time] if bounds is None else [b + h for b in bounds.tolist()]
+    parts, sizes = [], []
+    for lead in staging.leading:
+        dims = rule.ir.var(lead.name).dims
+        b = _broadcast(tw.value(lead.b), local, dims, wide)
+        a = (torch.zeros_like(b) if lead.a is None
+             else lead.a_sign * _broadcast(tw.value(lead.a), local, dims, wide))
+
+        def summary(start, end):  # (A, B) of tokens [start, end)
+            total = a[:, start:end].cumsum(1)
+            return total[:, -1], total[:, -1] + (b[:, start:end] - total).max(1).values
+
+        shape = [split.rows, split.heads, *[split.dim_sizes[d] for d in dims]]
+        A, B = summary(0, h) if h else (torch.zeros(shape, dtype=wide, device=device),) * 2
+        finals = torch.zeros([split.sequences, *shape[1:]], dtype=wide, device=device)
+        segments = ([(rest, 0, local.time)] if split.cu is None and rest else
+                    [([n], start, end) for n, start, end in zip(rest, bounds[:-1], bounds[1:])])
+        for rows, start, end in segments:  # the sequences starting here, from their initial m
+            A_n, B_n = summary(start, end)
+            value = torch.maximum(A_n + initial[lead.name][rows].to(wide), B_n)
+            finals = finals.index_copy(0, torch.tensor(rows, device=device), value)
+        parts += [A, B, finals]
+        sizes += [A.shape, B.shape, finals.shape]
+    gathered = _all_gather(torch.cat([p.reshape(-1) for p in parts]), split.group)
+
+    current = {lead.name: initial[lead.name].to(wide) for lead in staging.leading}
+    incoming = {}
+    for r in range(split.world):
+        pieces = list(torch.split(gathered[r], [math.prod(z) for z in sizes]))
+        pieces = [p.reshape(z) for p, z in zip(pieces, sizes)]
+        for i, lead in enumerate(staging.leading):
+            c = current[lead.name]
+            if r == rank and layout.head[r]:
+                incoming[lead.name] = c[layout.head[r]]
+            if layout.head[r]:
+                rows = torch.tensor(layout.head[r], device=device)
+                c = c.index_copy(0, rows, torch.maximum(pieces[3 * i] + c[rows], pieces[3 * i + 1]))
+            if layout.rest[r]:
+                rows = torch.tensor(layout.rest[r], device=device)
+                c = c.index_copy(0, rows, pieces[3 * i + 2][rows])
+            current[lead.name] = c
+
+    # the leading values of every token of this slice, from the true incoming m
+    start_rows = [incoming[lead.name] if h else None for lead in staging.leading]
+    leading_initial = []
+    for var in rule.ir.states:
+        lead = next((i for i, l in enumerate(staging.leading) if l.name == var.name), None)
+        if lead is None:
+            leading_initial.append(None)
+            continue
+        own = initial[var.name][rest] if rest else None
+        rows = [x for x in (start_rows[lead], own) if x is not None]
+        leading_initial.append(torch.cat(rows).to(split.dtype))
+    call = BoundCall(rule.ir, (), dict(tensors), tuple(leading_initial),
+                     _local_cu(split, skip_head=False))
+    values = leading_values(rule, call, staging)
+    derived_tensors = dict(tensors)
+    for lead in staging.leading:
+        before, after = values[lead.name]
+        if lead.before:
+            derived_tensors[lead.before] = before
+        if lead.after:
+            derived_tensors[lead.after] = after
+    derived = of_derived(staging.derived)
+    outputs, finals, last = _affine(derived, kinds, derived_tensors,
+                                    {n: initial[n] for n in staging.rest}, split, backend,
+                                    anchor=gathered[0])
+    finals.update({n: c.to(split.dtype) for n, c in current.items()})
+    return outputs, finals, last
 
 
 def _summarise(rule, backend, kinds, shapes, tokens, params, dtype, device):

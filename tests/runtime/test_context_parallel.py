@@ -31,9 +31,11 @@ RULES = {name: (lambda name=name: recdsl.load(EXAMPLES / f"{name}.rec"))
          for name in ("gated_delta", "kla", "deltaproduct", "gla", "mamba2", "raven", "retention")}
 RULES["kda"] = lambda: recdsl.compile(KDA)
 RULES["rwkv7"] = lambda: recdsl.compile(RWKV7)
+RULES["mlstm"] = lambda: recdsl.load(EXAMPLES / "mlstm.rec")  # staged: m, then C and n
 # slow decays and weak erases, so that the state carried across a rank boundary matters
 SLOW = {"g": lambda x: x / 20, "gk": lambda x: x / 20, "A_log": lambda x: x - 3,
-        "beta": lambda x: x / 5, "eta": lambda x: x / 5, "gamma": lambda x: 1 - x / 50}
+        "beta": lambda x: x / 5, "eta": lambda x: x / 5, "gamma": lambda x: 1 - x / 50,
+        "f": lambda x: x + 4}  # mLSTM: a forget gate near 1
 
 
 def _free_port() -> int:
@@ -137,7 +139,7 @@ def _check_rules(rank, world, names, lengths, backend, dtype, empty=True):
                                         f"{err:.2e} > {allowed:.2e}")
 
 
-@pytest.mark.parametrize("names", [("gated_delta", "gla", "mamba2", "retention"),
+@pytest.mark.parametrize("names", [("mlstm", "gated_delta", "gla", "mamba2", "retention"),
                                    ("kla", "deltaproduct", "raven", "kda", "rwkv7")])
 def test_two_ranks_torch_chunk(names):
     """2 ranks, slices of 45 and 38 tokens (torch-chunk's CPU chunk is 32), float32."""
