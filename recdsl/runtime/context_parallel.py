@@ -309,8 +309,9 @@ def _staging(rule):
         return None
     staging = rule.family_info.staged
     bad = next((l for l in staging.leading if l.form != "maxplus"), None) if staging else None
-    if staging is None or bad is not None:
+    if staging is None:
         transitions(rule)  # raises, naming the state that is not affine
+    if bad is not None:
         raise BackendError(f"rule '{rule.name}' cannot run with cp_group: its leading state "
                            f"{bad.name} is not max-plus ({bad.why}); run it on one process")
     return staging

@@ -231,13 +231,35 @@ def test_two_ranks_chunk_triton():
     _spawn(_check_rules, 2, ("gated_delta", "gla"), [24, 19], "chunk", torch.float32, False)
 
 
+NOT_AFFINE = """
+rule minrnn
+dims K
+state h[K]
+input x[K]
+h = tanh(h) + x
+output o = h
+"""
+
+SEQUENTIAL_LEAD = """
+rule tanh_gate
+dims K
+state h[K], c[K]
+input x[K]
+c = tanh(c) + x
+h = c * h + x
+output o = h
+"""
+
+
 def test_refusals_without_spawning():
-    """A rule with a state that is not affine (mLSTM's m) is refused with the reason; a call
-    before torch.distributed is initialised says what to do."""
-    mlstm = recdsl.load(EXAMPLES / "mlstm.rec")
-    x = sample_inputs(mlstm, batch=1, time=4, heads=1, dims={"K": 4, "V": 4})
-    with pytest.raises(BackendError, match="state C is not affine.*depends on state m"):
-        mlstm(**x, cp_group=object())
+    """A state that is not affine and not a max-plus leading state is refused with the reason;
+    a call before torch.distributed is initialised says what to do."""
+    for text, reason in ((NOT_AFFINE, "state h is not affine"),
+                         (SEQUENTIAL_LEAD, "leading state c is not max-plus")):
+        rule = recdsl.compile(text)
+        x = sample_inputs(rule, batch=1, time=4, heads=1, dims={"K": 4})
+        with pytest.raises(BackendError, match=reason):
+            rule(**x, cp_group=object())
     rule = RULES["gla"]()
     x = sample_inputs(rule, batch=1, time=4, heads=1, dims={"K": 4, "V": 4})
     with pytest.raises(InputError, match="not initialised.*init_process_group"):
