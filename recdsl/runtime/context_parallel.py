@@ -22,7 +22,12 @@ give ``P X``; right ones ``X Q``. Each rank then
 
 Packed sequences (``cu_seqlens``, global positions, B = 1): only the sequence running into a
 slice's start takes an incoming state, and a sequence starting inside a slice cuts the chain.
-A rule with a state whose update is not affine (mLSTM's max-stabiliser ``m``) is refused.
+
+A staged rule (``recdsl.ir.stages``: mLSTM's stabiliser ``m = max(a + m, b)``) goes stage by
+stage: the max-plus leading states first (a slice's summary is ``max(A + m_in, B)``, composed
+in float64), then the derived affine rule, as above, given every token's leading values. Its
+all-gather is tied to the leading one, so that on every rank the backward of the second comes
+first. A state that is neither affine nor a max-plus leading state is refused.
 """
 from __future__ import annotations
 
