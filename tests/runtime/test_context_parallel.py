@@ -264,3 +264,8 @@ def test_refusals_without_spawning():
     x = sample_inputs(rule, batch=1, time=4, heads=1, dims={"K": 4, "V": 4})
     with pytest.raises(InputError, match="not initialised.*init_process_group"):
         rule(**x, cp_group=object())
+
+
+def test_two_ranks_naive():
+    """Any backend works the same way: the naive loop, slices of 9 and 7 tokens."""
+    _spawn(_check_rules, 2, ("gated_delta", "rwkv7"), [9, 7], "naive", torch.float32)
