@@ -181,11 +181,16 @@ def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_stat
                          "torch.distributed.init_process_group first (or pass cp_group=None)")
     bound = rule.bind(*inputs, **named)  # checks the local tensors; cu_seqlens are global
     world, rank = dist.get_world_size(cp_group), dist.get_rank(cp_group)
-    meta = torch.tensor([bound.time, bound.batch, bound.heads], dtype=torch.int64,
+    given = [t for t in (initial_state if isinstance(initial_state, (tuple, list)) else [initial_state])
+             if isinstance(t, torch.Tensor)]
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in list(bound.tensors.values()) + given)
+    meta = torch.tensor([bound.time, bound.batch, bound.heads, grad], dtype=torch.int64,
                         device=bound.device)
     metas = [torch.empty_like(meta) for _ in range(world)]
     dist.all_gather(metas, meta, group=cp_group)
-    metas = [m.tolist() for m in metas]
+    # a rank needing no gradient still joins the collectives of the backward of those that do
+    needs_grad = any(bool(m[3]) for m in metas)
+    metas = [m.tolist()[:3] for m in metas]
     if any(m[1:] != metas[0][1:] for m in metas):
         raise InputError(f"the ranks of cp_group disagree on B or H: [T, B, H] per rank = {metas}; "
                          f"every rank passes its slice of T with the same B and H")
@@ -202,14 +207,14 @@ def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_stat
     split = _Split(group=cp_group, world=world, rank=rank, layout=_Layout(lengths, bound.batch, cu),
                    cu=cu, sequences=sequences, dtype=dtype, device=bound.device, heads=bound.heads,
                    rows=bound.batch if cu is None else 1,  # rows of a head: B, or one sequence
-                   dim_sizes=bound.dim_sizes)
+                   dim_sizes=bound.dim_sizes, needs_grad=needs_grad)
     initial = {s.name: t.to(dtype) for s, t in zip(rule.ir.states, initial)}
     if staging is None:
         outputs, finals, gathered = _affine(rule, kinds, bound.tensors, initial, split, backend)
     else:
         outputs, finals, gathered = _staged(rule, staging, kinds, bound.tensors, initial, split,
                                             backend)
-    if torch.is_grad_enabled() and gathered.requires_grad:
+    if needs_grad:
         # every rank's backward must reach the collective, even where no output depends on it
         outputs = tuple(_Tie.apply(o, gathered) for o in outputs)
     outputs = tuple(o.to(bound.output_dtype) for o in outputs)
@@ -272,9 +277,9 @@ def _affine(rule, kinds, tensors, initial, split, backend, anchor=None):
         parts.append(finals)
     sizes = [p.shape for p in parts]
     flat = torch.cat([p.reshape(-1) for p in parts])
-    if anchor is not None and torch.is_grad_enabled() and anchor.requires_grad:
+    if anchor is not None and split.needs_grad:
         flat = _Tie.apply(flat, anchor)
-    gathered = _all_gather(flat, split.group)
+    gathered = _all_gather(flat, split.group, split.needs_grad)
 
     # 4. compose, in the same order on every rank
     current = [initial[s.name] for s in states]
@@ -361,7 +366,8 @@ def _staged(rule, staging, kinds, tensors, initial, split, backend):
             finals = finals.index_copy(0, torch.tensor(rows, device=device), value)
         parts += [A, B, finals]
         sizes += [A.shape, B.shape, finals.shape]
-    gathered = _all_gather(torch.cat([p.reshape(-1) for p in parts]), split.group)
+    gathered = _all_gather(torch.cat([p.reshape(-1) for p in parts]), split.group,
+                           split.needs_grad)
 
     current = {lead.name: initial[lead.name].to(wide) for lead in staging.leading}
     incoming = {}
@@ -463,7 +469,7 @@ def previous_tokens(streams: dict, count: int, group) -> dict:
     dist.all_gather(lengths, torch.tensor([time], dtype=torch.int64, device=x.device), group=group)
     lengths = [min(int(t), count) for t in lengths]
     tail = torch.cat([x.new_zeros(batch, count - lengths[rank], width), x[:, time - lengths[rank]:]], 1)
-    tails = _all_gather(tail, group)
+    tails = _all_gather(tail, group, torch.is_grad_enabled() and tail.requires_grad)
     # the previous ranks' real tokens in order (a rank shorter than count gives fewer), last count
     before = [x.new_zeros(batch, count, width)] + [tails[r][:, count - lengths[r]:] for r in range(rank)]
     out = torch.cat(before, 1)[:, -count:]
@@ -472,11 +478,13 @@ def previous_tokens(streams: dict, count: int, group) -> dict:
     return dict(zip(names, torch.split(out, [streams[n].shape[-1] for n in names], dim=-1)))
 
 
-def _all_gather(x, group) -> list:
-    """Every rank's ``x``, in rank order; differentiable when autograd records (its backward
-    sends each rank the sum of the gradients of its tensor, by all-to-all on gloo)."""
+def _all_gather(x, group, differentiable: bool) -> list:
+    """Every rank's ``x``, in rank order; ``differentiable`` (the same on every rank): its
+    backward sends each rank the sum of the gradients of its tensor (all-to-all on gloo)."""
     x = x.contiguous()
-    if not torch.is_grad_enabled():
+    if differentiable and not x.requires_grad:  # made from nothing that needs a gradient here
+        x = x.detach().requires_grad_()
+    if not differentiable:
         out = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
         dist.all_gather(out, x, group=group)
         return out

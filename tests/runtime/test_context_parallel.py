@@ -11,6 +11,7 @@ rank, one has no token). Spawning is slow, so one spawned run checks many cases.
 """
 from __future__ import annotations
 
+import datetime
 import os
 import socket
 import tempfile
@@ -53,7 +54,7 @@ def _spawn(worker, world, *args):
 def _entry(rank, world, port, worker, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(minutes=5))
     try:
         worker(rank, world, *args)
     finally:
@@ -166,6 +167,23 @@ def _check_errors(rule, rank, group):
              cp_group=group)
 
 
+def _check_grad_on_one_rank(rank, group, lengths, mine):
+    """Only rank 0's initial state needs a gradient; the other ranks need none, yet join the
+    backward's collective (else rank 0 would wait for ever) and rank 0 gets the whole gradient."""
+    rule = RULES["gla"]()
+    tensors, initial, _ = _case(rule, lengths, packed=False, dtype=torch.float32, seed=3)
+    s0 = initial[0].clone().requires_grad_(True)
+    single, _ = rule(**tensors, initial_state=s0)
+    want = torch.autograd.grad(single.sum(), s0)[0]
+    s0 = initial[0].clone().requires_grad_(rank == 0)
+    out, _ = rule(**{k: v[:, mine] for k, v in tensors.items()}, initial_state=s0, cp_group=group)
+    if rank == 0:
+        got = torch.autograd.grad(out.sum(), s0)[0]
+        assert torch.allclose(got, want, rtol=1e-4, atol=1e-5), (got - want).abs().max()
+    else:
+        out.sum().backward()
+
+
 def _check_mixer(rank, world, lengths):
     """The mixer (short convolutions fed the previous rank's last tokens) against one process,
     then a few training steps under DistributedDataParallel (DDP on the default group, the
@@ -175,6 +193,7 @@ def _check_mixer(rank, world, lengths):
     mine = slice(offsets[rank], offsets[rank + 1])
     rule = RULES["gated_delta"]()
     _check_errors(rule, rank, group)
+    _check_grad_on_one_rank(rank, group, lengths, mine)
     torch.manual_seed(0)
     single = rule.mixer(16, 2, seed=0)
     split = rule.mixer(16, 2, seed=0, cp_group=group)
