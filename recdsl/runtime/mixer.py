@@ -33,6 +33,10 @@ off the rule's text:
 * a gated RMSNorm of the rule's output per head (times SiLU of a gate projection) and an
   output projection back to ``hidden``.
 
+With ``cp_group`` (a ``torch.distributed`` group) each rank passes its slice of the time axis:
+the rule runs context parallel (``recdsl.runtime.context_parallel``) and each short
+convolution starts from the previous ranks' last inputs.
+
 ``mixer(x, past=past, use_cache=True)`` returns ``(y, past)``; ``past`` holds the last 3
 inputs of every convolved stream and the rule's recurrent state, so that feeding a sequence
 piece by piece equals one full call.
