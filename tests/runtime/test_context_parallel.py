@@ -27,12 +27,21 @@ from recdsl.runtime.sample import sample_inputs
 from tests.helpers import EXAMPLES, as_list, rms_ratio
 from tests.runtime.test_torch_chunk_dplr import KDA, RWKV7
 
-DIMS = {"K": 8, "V": 6, "N": 8, "P": 6, "M": 10, "NH": 2}
+DIMS = {"K": 8, "V": 6, "N": 8, "P": 6, "M": 10, "NH": 2, "D": 5}
 RULES = {name: (lambda name=name: recdsl.load(EXAMPLES / f"{name}.rec"))
          for name in ("gated_delta", "kla", "deltaproduct", "gla", "mamba2", "raven", "retention")}
 RULES["kda"] = lambda: recdsl.compile(KDA)
 RULES["rwkv7"] = lambda: recdsl.compile(RWKV7)
 RULES["mlstm"] = lambda: recdsl.load(EXAMPLES / "mlstm.rec")  # staged: m, then C and n
+HGRN = """
+rule hgrn
+dims D
+state h[D]
+input x[D], g[D]
+h = exp(g) * h + (1 - exp(g)) * x
+output o = h
+"""
+RULES["hgrn"] = lambda: recdsl.compile(HGRN)  # the scan family: a vector state
 # slow decays and weak erases, so that the state carried across a rank boundary matters
 SLOW = {"g": lambda x: x / 20, "gk": lambda x: x / 20, "A_log": lambda x: x - 3,
         "beta": lambda x: x / 5, "eta": lambda x: x / 5, "gamma": lambda x: 1 - x / 50,
@@ -285,6 +294,12 @@ def test_refusals_without_spawning():
         rule(**x, cp_group=object())
 
 
-def test_two_ranks_naive():
-    """Any backend works the same way: the naive loop, slices of 9 and 7 tokens."""
-    _spawn(_check_rules, 2, ("gated_delta", "rwkv7"), [9, 7], "naive", torch.float32)
+def _check_other_backends(rank, world):
+    _check_rules(rank, world, ("gated_delta", "rwkv7"), [9, 7], "naive", torch.float32)
+    _check_rules(rank, world, ("hgrn",), [40, 31], "torch-scan", torch.float32)
+
+
+def test_two_ranks_other_backends():
+    """Any backend works the same way: the naive loop (slices of 9 and 7 tokens), and the
+    elementwise scan on a vector state (HGRN)."""
+    _spawn(_check_other_backends, 2)
