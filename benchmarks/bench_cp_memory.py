@@ -4,8 +4,9 @@ the single-process call: Gated DeltaNet (examples/gated_delta.rec), backend "aut
 (gloo on this machine), forward (no_grad) and forward+backward (every input requiring grad).
 
 Memory: each process (the single one, and every rank) is fresh; it makes one small warm-up
-call (the first call imports and caches), makes its inputs, then reads its resident set size (``/proc/self/statm``), runs the call once and reports the rise
-of its peak resident set size (``getrusage(RUSAGE_SELF).ru_maxrss``) above that: the memory
+call (the first call imports and caches), makes its inputs, then reads its resident set size
+(``/proc/self/statm``), runs the call once and reports the rise of its peak resident set size
+(``getrusage(RUSAGE_SELF).ru_maxrss``) above that: the memory
 the call itself needed at its peak, inputs excluded (a rank's inputs are T/P of them). The
 table gives the largest rise over the ranks.
 

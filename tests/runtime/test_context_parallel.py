@@ -14,7 +14,6 @@ from __future__ import annotations
 import datetime
 import os
 import socket
-import tempfile
 
 import pytest
 import torch
@@ -71,18 +70,21 @@ def _entry(rank, world, port, worker, args):
 
 
 def _case(rule, lengths, *, packed, dtype, seed, empty=True):
-    """Global tensors: token inputs [B, T, H, ...], params, initial states, upstream gradients."""
+    """Global tensors by name (token inputs [B, T, H, ...], params), initial states [N, H, ...]
+    and ``cu_seqlens`` (packed, B = 1: ``empty`` adds a sequence of length 0), for slices of
+    ``lengths``."""
     total = sum(lengths)
     batch = 1 if packed else 2
-    tensors = sample_inputs(rule, batch=batch, time=total, heads=2, dims={d: DIMS[d] for d in rule.dims}, dtype=dtype,
-                            seed=seed)
+    tensors = sample_inputs(rule, batch=batch, time=total, heads=2,
+                            dims={d: DIMS[d] for d in rule.dims}, dtype=dtype, seed=seed)
     tensors = {k: SLOW.get(k, lambda x: x)(x) for k, x in tensors.items()}
     cu = None
     sequences = batch
     if packed:  # one of length 0; one running into the last rank (through whole ranks when
         # there are more than 2); with more than 2 ranks, one ending at a rank boundary
         last = sum(lengths[:-1])
-        cut = [0, 3] + [3] * empty + ([lengths[0]] if len(lengths) > 2 else []) + [last + 2, total - 1, total]
+        cut = ([0, 3] + [3] * empty + ([lengths[0]] if len(lengths) > 2 else [])
+               + [last + 2, total - 1, total])
         cu = torch.tensor(cut)
         sequences = len(cut) - 1
     gen = torch.Generator().manual_seed(seed + 7)
@@ -133,7 +135,8 @@ def _check_rules(rank, world, names, lengths, backend, dtype, empty=True):
     for i, name in enumerate(names):
         rule = RULES[name]()
         for packed in (False, True):
-            tensors, initial, cu = _case(rule, lengths, packed=packed, dtype=dtype, seed=i, empty=empty)
+            tensors, initial, cu = _case(rule, lengths, packed=packed, dtype=dtype, seed=i,
+                                         empty=empty)
             golden = _results(rule, {k: v.double() for k, v in tensors.items()},
                               tuple(s.double() for s in initial), cu, backend)
             ref = _results(rule, tensors, initial, cu, backend)
