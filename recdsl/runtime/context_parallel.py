@@ -167,7 +167,7 @@ class _Split:
 
 
 def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_state=False,
-         backend="auto", cu_seqlens=None):
+         backend="auto", cu_seqlens=None, precision="auto"):
     """``rule(*inputs, **named, cp_group=...)``: this rank's slice of the outputs, and with
     ``output_final_state`` the global final states (see the module docstring)."""
     staging = _staging(rule)
@@ -209,11 +209,12 @@ def call(rule, inputs, named, *, cp_group, initial_state=None, output_final_stat
                    rows=bound.batch if cu is None else 1,  # rows of a head: B, or one sequence
                    dim_sizes=bound.dim_sizes, needs_grad=needs_grad)
     initial = {s.name: t.to(dtype) for s, t in zip(rule.ir.states, initial)}
+    options = {"backend": backend, "precision": precision}  # for every call on a piece
     if staging is None:
-        outputs, finals, gathered = _affine(rule, kinds, bound.tensors, initial, split, backend)
+        outputs, finals, gathered = _affine(rule, kinds, bound.tensors, initial, split, options)
     else:
         outputs, finals, gathered = _staged(rule, staging, kinds, bound.tensors, initial, split,
-                                            backend)
+                                            options)
     if needs_grad:
         # every rank's backward must reach the collective, even where no output depends on it
         outputs = tuple(_Tie.apply(o, gathered) for o in outputs)
@@ -238,7 +239,7 @@ def _local_cu(split, skip_head: bool):
     return torch.tensor([c - bounds[0] for c in bounds], device=split.device)
 
 
-def _affine(rule, kinds, tensors, initial, split, backend, anchor=None):
+def _affine(rule, kinds, tensors, initial, split, options, anchor=None):
     """Steps 1 to 5 for a rule whose states are all affine: (outputs, final states by name, the
     all-gather's first tensor). ``anchor``: a tensor the summaries are tied to before they go
     round, so that its collective's backward comes after this one's on every rank."""
@@ -253,13 +254,13 @@ def _affine(rule, kinds, tensors, initial, split, backend, anchor=None):
     # 1. the head's summary (L, F) per state; 2. the sequences starting here, exact
     summary = None
     if h:
-        summary = _summarise(rule, backend, kinds, shapes, {n: x[:, :h] for n, x in tokens.items()},
+        summary = _summarise(rule, options, kinds, shapes, {n: x[:, :h] for n, x in tokens.items()},
                              params, dtype, device)
     rest_out, rest_final = None, None
     if rest:
         out, final = rule(**{n: x[:, h:] for n, x in tokens.items()}, **params,
                           initial_state=tuple(initial[s.name][rest] for s in states),
-                          output_final_state=True, backend=backend,
+                          output_final_state=True, **options,
                           cu_seqlens=_local_cu(split, skip_head=True))
         rest_out, rest_final = _tuple(out), _tuple(final)
 
@@ -302,7 +303,7 @@ def _affine(rule, kinds, tensors, initial, split, backend, anchor=None):
     outs = []
     if h:
         out, _ = rule(**{n: x[:, :h] for n, x in tokens.items()}, **params,
-                      initial_state=tuple(incoming), backend=backend)
+                      initial_state=tuple(incoming), **options)
         outs.append(_tuple(out))
     if rest:
         outs.append(rest_out)
@@ -327,7 +328,7 @@ def _staging(rule):
     return staging
 
 
-def _staged(rule, staging, kinds, tensors, initial, split, backend):
+def _staged(rule, staging, kinds, tensors, initial, split, options):
     """A staged rule (mLSTM): every leading state ``m = max(a + m, b)`` first, summarised per
     slice as ``m_out = max(A + m_in, B)`` (A the sum of a, B the slice from m_in = -inf), the
     summaries all-gathered and composed in float64; then each rank's leading values per token
@@ -409,13 +410,13 @@ def _staged(rule, staging, kinds, tensors, initial, split, backend):
             derived_tensors[lead.after] = after
     derived = of_derived(staging.derived)
     outputs, finals, last = _affine(derived, kinds, derived_tensors,
-                                    {n: initial[n] for n in staging.rest}, split, backend,
+                                    {n: initial[n] for n in staging.rest}, split, options,
                                     anchor=gathered[0])
     finals.update({n: c.to(split.dtype) for n, c in current.items()})
     return outputs, finals, last
 
 
-def _summarise(rule, backend, kinds, shapes, tokens, params, dtype, device):
+def _summarise(rule, options, kinds, shapes, tokens, params, dtype, device):
     """(L per state, F per state) of the head ``tokens`` [N, h, H, ...]: runs from the zero state
     and from the probes, batched along B, piece by piece (recomputed in backward)."""
     n, heads = next(iter(tokens.values())).shape[0], next(iter(tokens.values())).shape[2]
@@ -439,7 +440,7 @@ def _summarise(rule, backend, kinds, shapes, tokens, params, dtype, device):
         init = args[len(token_names) + len(params):]
         xs = {k: x.repeat(1 + count, *[1] * (x.dim() - 1)) for k, x in xs.items()}
         _, final = rule(**xs, **ps, initial_state=tuple(init), output_final_state=True,
-                        backend=backend)
+                        **options)
         return tuple(f.to(dtype) for f in _tuple(final))
 
     for start in range(0, length, PIECE):
