@@ -247,15 +247,16 @@ def test_show_lists_the_backends_and_why_the_chunk_paths_refuse_a_rule(tmp_path,
         f"  scan         {scan_no}",
         "  torch-chunk  yes",
         f"  torch-scan   {scan_no}",
+        "  newton       no: rule 'gk_delta' has a parallel form (the delta family): newton is for "
+        "rules without one",
         "  recurrent    yes",
         "  naive        yes",
         "  on the CPU, best first: torch-chunk, recurrent, naive",  # interpreted Triton (conftest)
         "  on a GPU, best first: recurrent, torch-chunk, naive",
     ]
     assert main(["show", str(ROOT / "examples" / "gla.rec")]) == 0
-    assert capsys.readouterr().out.split("backends:\n", 1)[1].split()[:12] == [
-        "chunk", "yes", "scan", "yes", "torch-chunk", "yes", "torch-scan", "yes", "recurrent",
-        "yes", "naive", "yes"]
+    assert capsys.readouterr().out.split("backends:\n", 1)[1].split()[:10] == [
+        "chunk", "yes", "scan", "yes", "torch-chunk", "yes", "torch-scan", "yes", "newton", "no:"]
 
 
 def test_show_grad_prints_runnable_derivative_code(capsys):

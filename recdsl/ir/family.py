@@ -136,6 +136,11 @@ def _plan_dplr(analysis: Analysis) -> str:
     return plan(analysis).describe()
 
 
+def _plan_newton(analysis: Analysis) -> str:
+    from .jacobian import plan  # the state Jacobian's structure (recdsl.ir.jacobian)
+    return plan(analysis.rule)
+
+
 PLANNERS = (
     ("delta", lambda a: _plan_chunk(a, "delta")),
     ("diagonal", lambda a: _plan_chunk(a, "diagonal")),
@@ -164,6 +169,11 @@ def _classify(checked: CheckedRule, analysis: Optional[Analysis]) -> Family:
         except _Recurrent as e:
             verdicts[name] = Verdict(name, False, e.reason, e.pos)
     accepted = next((v for v in verdicts.values() if v.accepted), None)
+    # Newton (ParaRNN) takes any rule differentiable in its states: a backend, never the family
+    try:
+        verdicts["newton"] = Verdict("newton", True, _plan_newton(analysis))
+    except _Recurrent as e:
+        verdicts["newton"] = Verdict("newton", False, e.reason, e.pos)
     if accepted is not None:
         return Family(accepted.family, accepted.reason, None, analysis, verdicts)
     # the refusal of the family closest to fitting: an erase asks for the delta form, a

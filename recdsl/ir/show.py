@@ -343,11 +343,16 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
         out += ["", "families (asked in order):"]
         width = max(map(len, family.verdicts))
         for name, v in family.verdicts.items():
+            if name == "newton":  # a backend's verdict, not a family: its own section below
+                continue
             verdict = "yes" if v.accepted else f"no: {v.reason}" + (
                 f" ({v.where(checked.filename)})" if v.pos else "")
             out.append(f"  {name:<{width}}  {verdict}")
         if family.lowered is not None:
             out.append(f"  {family.lowered.family} with its reads lowered: yes")
+    newton = family.verdicts.get("newton")
+    if newton is not None:  # the state Jacobian (recdsl.ir.jacobian) and the newton backend's plan
+        out += ["", "newton: " + (newton.reason if newton.accepted else f"no Newton form: {newton.reason}")]
     if family.staged is not None:
         out += ["", "stages:"] + [f"  {line}" for line in family.staged.describe().splitlines()]
     elif family.name == "recurrent":

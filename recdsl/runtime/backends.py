@@ -32,6 +32,7 @@ BACKENDS = (
                                    ("diagonal", "torch_chunk_diagonal"),
                                    ("dplr", "torch_chunk_dplr"))),
     Backend("torch-scan", False, (("scan", "torch_scan"),)),
+    Backend("newton", False, (("newton", "newton"),)),  # any differentiable rule (ParaRNN)
     Backend("recurrent", True, ()),
     Backend("naive", False, ()),
 )
@@ -77,6 +78,9 @@ def problem(rule, name: str):
     if backend is None or not backend.family_modules:  # runs any rule
         return None
     family = _family_of(rule, backend)
+    if family is None and name == "newton":
+        from .newton import problem as newton_problem
+        return newton_problem(rule)
     if family is None and rule.family_info.staged is not None:
         from . import staged  # the leading states first (recdsl.ir.stages), then the rest
         return staged.problem(rule, name)
@@ -151,9 +155,9 @@ def available(rule, device=None, dim_sizes=None) -> list:
     device = torch.device(device or "cpu")
     ok = {name for name in NAMES if problem(rule, name) is None}
     if device.type == "cuda":
-        order = ["chunk", "scan", "recurrent", "torch-chunk", "torch-scan"]
+        order = ["chunk", "scan", "recurrent", "torch-chunk", "torch-scan", "newton"]
     else:
-        order = ["torch-chunk", "torch-scan"]
+        order = ["torch-chunk", "torch-scan", "newton"]
         if _triton_usable(device):
             order += ["chunk", "scan", "recurrent"]
     names = [n for n in _order(rule, order, dim_sizes) if n in ok]
@@ -165,7 +169,8 @@ def _auto(rule, call) -> str:
     if call.device.type == "cuda":
         return available(rule, "cuda", call.dim_sizes)[0]
     names = available(rule, call.device, call.dim_sizes)
-    return next(n for n in names if not _BY_NAME[n].triton)
+    from .newton import pays_off  # newton only where measured faster (long T, narrow blocks)
+    return next(n for n in names if not _BY_NAME[n].triton and (n != "newton" or pays_off(rule, call)))
 
 
 _RUNNERS = {

@@ -371,7 +371,8 @@ class Mixer(nn.Module):
         B, T, _ = x.shape
         values, caches = self.inputs(x, past)
         state = (past or {}).get("state")
-        out, final = self.rule(**values, **dict(self.params), initial_state=state,
+        # params.items(), not dict(params): dynamo (torch 2.13) unpacks a ParameterDict wrongly
+        out, final = self.rule(**values, **dict(self.params.items()), initial_state=state,
                                output_final_state=use_cache, backend=self.backend,
                                cp_group=self.cp_group)
         if isinstance(out, tuple):

@@ -33,10 +33,11 @@ class RuleLayer(nn.Module):
                              f"param{'s' if len(clash) > 1 else ''} of this layer; do not pass "
                              f"{'it' if len(clash) == 1 else 'them'}")
         return self.rule(*inputs, initial_state=initial_state, output_final_state=output_final_state,
-                         backend=self.backend, cu_seqlens=cu_seqlens, **named, **dict(self.params))
+                         backend=self.backend, cu_seqlens=cu_seqlens, **named, **dict(self.params.items()))
 
     def step(self, *inputs, state=None, **named):
-        return self.rule.step(*inputs, state=state, backend=self.backend, **named, **dict(self.params))
+        return self.rule.step(*inputs, state=state, backend=self.backend, **named,
+                              **dict(self.params.items()))
 
     def extra_repr(self):
         return f"rule={self.rule.name}, heads={self.heads}, backend={self.backend!r}"

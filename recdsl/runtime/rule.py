@@ -10,7 +10,7 @@ from ..ir.checked import CheckedRule
 from ..ir.checker import check
 from ..ir.family import classify
 from ..codegen.precision import check as check_precision
-from . import backends
+from . import backends, custom_ops
 from .call import BoundCall
 
 
@@ -27,6 +27,12 @@ class Rule:
         self.family_reason = (family.reason if family.pos is None
                               else f"{family.reason} ({family.where(checked.filename)})")
         self.analysis = family.analysis
+        self.op_key = custom_ops.register(self)  # names this rule in the torch.compile op
+
+    def __setstate__(self, state):
+        # a copy (copy.deepcopy of a model, pickle) is named in the op by a key of its own
+        self.__dict__.update(state)
+        self.op_key = custom_ops.register(self)
 
     # names, in declaration order
     @property
@@ -68,6 +74,9 @@ class Rule:
             return context_parallel(self, inputs, named, cp_group=cp_group, initial_state=initial_state,
                                     output_final_state=output_final_state, backend=backend,
                                     cu_seqlens=cu_seqlens, precision=precision)
+        if custom_ops.compiling():  # under torch.compile the call is one opaque op
+            return custom_ops.call(self, inputs, named, initial_state, output_final_state, backend,
+                                   cu_seqlens, precision)
         call = self.bind(*inputs, initial_state=initial_state, cu_seqlens=cu_seqlens, **named)
         call.precision = check_precision(precision)  # the chunk kernels' products (codegen.precision)
         run = backends.resolve(self, backend, call)
