@@ -44,4 +44,5 @@ print(f"rank {rank}/{world}: tokens {mine.start}..{mine.stop - 1}, "
       f"outputs differ by {(cp_out - out[:, mine]).abs().max():.1e}, "
       f"final state by {(cp_final - final).abs().max():.1e}, "
       f"dq by {(grad_q - full['q'].grad).abs().max():.1e}", flush=True)
+dist.barrier()  # rank 0 hosts the group's store: nobody leaves while others still use it
 dist.destroy_process_group()

@@ -65,6 +65,7 @@ def _entry(rank, world, port, worker, args):
                             world_size=world, timeout=datetime.timedelta(minutes=5))
     try:
         worker(rank, world, *args)
+        dist.barrier()  # no rank tears down the group (rank 0 hosts its store) while others use it
     finally:
         dist.destroy_process_group()
 
