@@ -33,6 +33,10 @@ off the rule's text:
 * a gated RMSNorm of the rule's output per head (times SiLU of a gate projection) and an
   output projection back to ``hidden``.
 
+With ``cp_group`` (a ``torch.distributed`` group) each rank passes its slice of the time axis:
+the rule runs context parallel (``recdsl.runtime.context_parallel``) and each short
+convolution starts from the previous ranks' last inputs.
+
 ``mixer(x, past=past, use_cache=True)`` returns ``(y, past)``; ``past`` holds the last 3
 inputs of every convolved stream and the rule's recurrent state, so that feeding a sequence
 piece by piece equals one full call.
@@ -228,10 +232,11 @@ class Mixer(nn.Module):
     def __init__(self, rule, hidden_size: int, num_heads: int, dims: dict | None = None,
                  conv=True, gates: dict | None = None, allow_neg_eigval: bool = False,
                  backend: str = "auto", output: str | None = None, norm_eps: float = 1e-5,
-                 seed: int | None = None):
+                 seed: int | None = None, cp_group=None):
         super().__init__()
         ir = rule.ir
         self.rule, self.hidden_size, self.num_heads, self.backend = rule, hidden_size, num_heads, backend
+        self.cp_group = cp_group  # T split over its ranks (README, "Context parallelism")
         self.sizes = default_dims(rule, hidden_size, num_heads)
         for name, size in (dims or {}).items():
             if name not in self.sizes:
@@ -350,8 +355,12 @@ class Mixer(nn.Module):
         B, T, _ = x.shape
         caches = (past or {}).get("conv", {})
         new_caches, values = {}, {}
-        for name, proj in self.proj.items():
-            z = proj(x)
+        projected = {name: proj(x) for name, proj in self.proj.items()}
+        if self.cp_group is not None and self.convs and not caches:
+            from .context_parallel import previous_tokens  # the previous rank's last inputs
+            caches = previous_tokens({n: projected[n] for n in self.convs}, CONV_KERNEL - 1,
+                                     self.cp_group)
+        for name, z in projected.items():
             if name in self.convs:
                 z, new_caches[name] = self._conv(name, z, caches.get(name))
             z = z.reshape(B, T, *self.shapes[name])
@@ -364,7 +373,8 @@ class Mixer(nn.Module):
         state = (past or {}).get("state")
         # params.items(), not dict(params): dynamo (torch 2.13) unpacks a ParameterDict wrongly
         out, final = self.rule(**values, **dict(self.params.items()), initial_state=state,
-                               output_final_state=use_cache, backend=self.backend)
+                               output_final_state=use_cache, backend=self.backend,
+                               cp_group=self.cp_group)
         if isinstance(out, tuple):
             out = out[[v.name for v in self.rule.ir.outputs].index(self.output)]
         o = out.reshape(B, T, self.num_heads, self.out_size).to(x.dtype)

@@ -68,7 +68,12 @@ class Rule:
         return BoundCall(self.ir, inputs, named, initial_state, cu_seqlens)
 
     def __call__(self, *inputs, initial_state=None, output_final_state=False, backend="auto",
-                 cu_seqlens=None, precision="auto", **named):
+                 cu_seqlens=None, precision="auto", cp_group=None, **named):
+        if cp_group is not None:  # T split over the ranks of a process group
+            from .context_parallel import call as context_parallel
+            return context_parallel(self, inputs, named, cp_group=cp_group, initial_state=initial_state,
+                                    output_final_state=output_final_state, backend=backend,
+                                    cu_seqlens=cu_seqlens, precision=precision)
         if custom_ops.compiling():  # under torch.compile the call is one opaque op
             return custom_ops.call(self, inputs, named, initial_state, output_final_state, backend,
                                    cu_seqlens, precision)
