@@ -314,7 +314,10 @@ def chunk_delta_fwd_h(k, g, w, u_t, h0, delta, ht, states, cu_seqlens, chunk_off
             s_t = _state_tile(h0, final, o_k, m_k, o_v, m_v, VD)
         else:
             s_t = tl.zeros([BKT, BV], dtype=tl.float32)
-        _put_state(states, start, o_k, m_k, o_v, m_v, VD, s_t)
+        if n_chunks == 0:  # an empty sequence: its final state is its initial one, and its
+            _put_state(ht, final, o_k, m_k, o_v, m_v, VD, s_t)  # chunk slot is the next's
+        else:
+            _put_state(states, start, o_k, m_k, o_v, m_v, VD, s_t)
     tl.debug_barrier()
     for i_c in tl.range(0, n_chunks, num_stages=1):
         tok0 = bos + i_c * C
@@ -434,7 +437,10 @@ def chunk_delta_bwd_dh(k, beta, g, gr, t_in, dread, dht, du, dstates, dh0, cu_se
             ds_t = _state_tile(dht, final, o_k, m_k, o_v, m_v, VD)
         else:
             ds_t = tl.zeros([BKT, BV], dtype=tl.float32)
-        _put_state(dstates, last, o_k, m_k, o_v, m_v, VD, ds_t)
+        if n_chunks == 0:  # an empty sequence passes its final state's gradient through (its
+            _put_state(dh0, final, o_k, m_k, o_v, m_v, VD, ds_t)  # "last" slot is the previous's)
+        else:
+            _put_state(dstates, last, o_k, m_k, o_v, m_v, VD, ds_t)
     tl.debug_barrier()
     for i_rev in tl.range(0, n_chunks, num_stages=1):
         i_c = n_chunks - 1 - i_rev

@@ -123,6 +123,20 @@ def test_three_packed_sequences(name, nh):
     _compare(rule, tensors, initial, cu_seqlens=torch.tensor([0, 5, 21, 30]))
 
 
+def test_empty_packed_sequences_keep_their_states():
+    """Sequences with no token (first, middle, last): the final state is the initial one and
+    its gradient goes back unchanged, and their neighbours' states are untouched (an empty
+    sequence's chunk slot is the next sequence's: the walk must not write there)."""
+    rule = _load("gated_delta")
+    tensors, initial = _inputs(rule, 20, H=2, sequences=5)
+    cu = torch.tensor([0, 0, 5, 5, 20, 20])
+    _compare(rule, tensors, initial, cu_seqlens=cu)
+    _, final = rule(**{k: v.float() for k, v in tensors.items()}, initial_state=initial.float(),
+                    output_final_state=True, cu_seqlens=cu, backend="chunk")
+    for empty in (0, 2, 4):
+        assert torch.equal(final[empty], initial[empty].float())
+
+
 @pytest.mark.parametrize("gate", [0.0, -1e4])
 def test_gates_zero_and_very_negative(gate):
     rule = _load("gated_delta")
