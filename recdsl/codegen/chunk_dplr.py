@@ -155,9 +155,11 @@ def chunk_dplr_prepare(g, a, b, x, q, t_out, abx, qa, qx, bt, at, xt, qt, dl, Z,
 
 
 @triton.jit
-def chunk_dplr_fwd_h(y, t_in, abx, qa, qx, bt, at, xt, qt, dl, h0, o, states, ht, NC, Z,
+def chunk_dplr_fwd_h(y, t_in, abx, qa, qx, bt, at, xt, qt, dl, h0, o, wv, ev, states, ht, NC, Z,
                      KD: tl.constexpr, VD: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
                      BV: tl.constexpr, DOT: tl.constexpr, USE_INITIAL: tl.constexpr):
+    """The walk: per chunk W = B̃ S0 + A_bx Y, E = T W (both stored for the backward), the
+    outputs, the next state; the entry states stored."""
     i_z, i_v = tl.program_id(0), tl.program_id(1)
     o_l = tl.arange(0, L)
     o_k = tl.arange(0, BK)
@@ -179,6 +181,8 @@ def chunk_dplr_fwd_h(y, t_in, abx, qa, qx, bt, at, xt, qt, dl, h0, o, states, ht
         w = (tl.dot(_rows_tile(bt, kbase, o_l, o_k, m_k, KD), s, input_precision=DOT)
              + tl.dot(_square(abx, sbase, L), y_t, input_precision=DOT))
         e = tl.dot(_square(t_in, sbase, L), w, input_precision="ieee")
+        _put_rows(wv, vbase, o_l, o_v, m_v, VD, w)
+        _put_rows(ev, vbase, o_l, o_v, m_v, VD, e)
         out = (tl.dot(_rows_tile(qt, kbase, o_l, o_k, m_k, KD), s, input_precision=DOT)
                + tl.dot(_square(qa, sbase, L), e, input_precision=DOT)
                + tl.dot(_square(qx, sbase, L), y_t, input_precision=DOT))
@@ -194,10 +198,11 @@ def chunk_dplr_fwd_h(y, t_in, abx, qa, qx, bt, at, xt, qt, dl, h0, o, states, ht
 
 
 @triton.jit
-def chunk_dplr_bwd_dh(t_in, qa, bt, at, qt, dl, do, dht, dstates, dh0, NC, Z,
+def chunk_dplr_bwd_dh(t_in, qa, bt, at, qt, dl, do, dht, dwv, dev, dstates, dh0, NC, Z,
                       KD: tl.constexpr, VD: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DOT: tl.constexpr, USE_FINAL_GRAD: tl.constexpr):
-    """dE = Q_aᵀ dO + Ã dS_L, dW = Tᵀ dE, dS0 = Q̃ᵀ dO + exp(γ_L) ⊙ dS_L + B̃ᵀ dW."""
+    """The walk back, dS_L the gradient of a chunk's exit state (stored): dE = Q_aᵀ dO + Ã dS_L,
+    dW = Tᵀ dE (both stored), dS0 = Q̃ᵀ dO + exp(γ_L) ⊙ dS_L + B̃ᵀ dW."""
     i_z, i_v = tl.program_id(0), tl.program_id(1)
     o_l = tl.arange(0, L)
     o_k = tl.arange(0, BK)
@@ -219,6 +224,8 @@ def chunk_dplr_bwd_dh(t_in, qa, bt, at, qt, dl, do, dht, dstates, dh0, NC, Z,
         de = (tl.dot(tl.trans(_square(qa, sbase, L)), do_t, input_precision=DOT)
               + tl.dot(_rows_tile(at, kbase, o_l, o_k, m_k, KD), dh, input_precision=DOT))
         dw = tl.dot(tl.trans(_square(t_in, sbase, L)), de, input_precision="ieee")
+        _put_rows(dev, vbase, o_l, o_v, m_v, VD, de)
+        _put_rows(dwv, vbase, o_l, o_v, m_v, VD, dw)
         d = tl.load(dl + cz * KD + o_k, mask=m_k, other=0.0)
         dh = (d[:, None] * dh
               + tl.dot(tl.trans(_rows_tile(qt, kbase, o_l, o_k, m_k, KD)), do_t, input_precision=DOT)
@@ -227,30 +234,37 @@ def chunk_dplr_bwd_dh(t_in, qa, bt, at, qt, dl, do, dht, dstates, dh0, NC, Z,
 
 
 @triton.jit
-def chunk_dplr_bwd_dv(y, t_in, abx, qa, qx, bt, at, xt, qt, states, dstates, do, dy,
-                      d_aab, d_abx, d_qa, d_qx, d_bt, d_at, d_xt, d_qt, d_dl, Z,
+def chunk_dplr_bwd_dv(abx, qx, xt, dstates, do, dwv, dy, Z,
                       KD: tl.constexpr, VD: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
                       BV: tl.constexpr, DOT: tl.constexpr):
-    """Per chunk, over V tiles: recompute W = B̃ S0 + A_bx Y and E = T W from the stored
-    entry state; dY, and the gradients of the prepared quantities (dA_ab = Tᵀ dT Tᵀ)."""
-    i_c, i_z = tl.program_id(0), tl.program_id(1)
+    """dY = Q_xᵀ dO + X̃ dS_L + A_bxᵀ dW on a V tile."""
+    i_c, i_z, i_v = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cz = tl.cast(i_c, tl.int64) * Z + i_z
-    kbase, vbase, sbase, zk = cz * L * KD, cz * L * VD, cz * L * L, cz * KD * VD
+    kbase, vbase, sbase = cz * L * KD, cz * L * VD, cz * L * L
     o_l = tl.arange(0, L)
     o_k = tl.arange(0, BK)
     m_k = o_k < KD
-    t = _square(t_in, sbase, L)
-    a_bx = _square(abx, sbase, L)
-    q_a = _square(qa, sbase, L)
-    q_x = _square(qx, sbase, L)
-    b_t = _rows_tile(bt, kbase, o_l, o_k, m_k, KD)
-    a_t = _rows_tile(at, kbase, o_l, o_k, m_k, KD)
-    x_t = _rows_tile(xt, kbase, o_l, o_k, m_k, KD)
-    g_bt = tl.zeros([L, BK], dtype=tl.float32)
-    g_at = tl.zeros([L, BK], dtype=tl.float32)
-    g_xt = tl.zeros([L, BK], dtype=tl.float32)
-    g_qt = tl.zeros([L, BK], dtype=tl.float32)
-    g_dl = tl.zeros([BK], dtype=tl.float32)
+    o_v = i_v * BV + tl.arange(0, BV)
+    m_v = o_v < VD
+    dh = tl.load(dstates + cz * KD * VD + o_k[:, None] * VD + o_v[None, :],
+                 mask=m_k[:, None] & m_v[None, :], other=0.0)
+    _put_rows(dy, vbase, o_l, o_v, m_v, VD,
+              tl.dot(tl.trans(_square(qx, sbase, L)), _rows_tile(do, vbase, o_l, o_v, m_v, VD),
+                     input_precision=DOT)
+              + tl.dot(_rows_tile(xt, kbase, o_l, o_k, m_k, KD), dh, input_precision=DOT)
+              + tl.dot(tl.trans(_square(abx, sbase, L)), _rows_tile(dwv, vbase, o_l, o_v, m_v, VD),
+                       input_precision=DOT))
+
+
+@triton.jit
+def chunk_dplr_bwd_dm(y, t_in, wv, ev, do, dwv, dev, d_aab, d_abx, d_qa, d_qx, Z,
+                      VD: tl.constexpr, L: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
+    """The [L, L] gradients, over V tiles: dQ_a = dO Eᵀ, dQ_x = dO Yᵀ, dA_bx = dW Yᵀ, and
+    dA_ab = Tᵀ (dE Wᵀ) Tᵀ below the diagonal (T = (I - A_ab)^{-1})."""
+    i_c, i_z = tl.program_id(0), tl.program_id(1)
+    cz = tl.cast(i_c, tl.int64) * Z + i_z
+    vbase, sbase = cz * L * VD, cz * L * L
+    o_l = tl.arange(0, L)
     g_t = tl.zeros([L, L], dtype=tl.float32)
     g_abx = tl.zeros([L, L], dtype=tl.float32)
     g_qa = tl.zeros([L, L], dtype=tl.float32)
@@ -258,74 +272,67 @@ def chunk_dplr_bwd_dv(y, t_in, abx, qa, qx, bt, at, xt, qt, states, dstates, do,
     for v0 in range(0, VD, BV):
         o_v = v0 + tl.arange(0, BV)
         m_v = o_v < VD
-        m_s = m_k[:, None] & m_v[None, :]
-        s_offs = o_k[:, None] * VD + o_v[None, :]
-        s = tl.load(states + zk + s_offs, mask=m_s, other=0.0)
-        dh = tl.load(dstates + zk + s_offs, mask=m_s, other=0.0)
-        y_t = _rows_tile(y, vbase, o_l, o_v, m_v, VD)
+        y_t = tl.trans(_rows_tile(y, vbase, o_l, o_v, m_v, VD))
         do_t = _rows_tile(do, vbase, o_l, o_v, m_v, VD)
-        w = tl.dot(b_t, s, input_precision=DOT) + tl.dot(a_bx, y_t, input_precision=DOT)
-        e = tl.dot(t, w, input_precision="ieee")
-        de = (tl.dot(tl.trans(q_a), do_t, input_precision=DOT)
-              + tl.dot(a_t, dh, input_precision=DOT))
-        dw = tl.dot(tl.trans(t), de, input_precision="ieee")
-        _put_rows(dy, vbase, o_l, o_v, m_v, VD,
-                  tl.dot(tl.trans(q_x), do_t, input_precision=DOT)
-                  + tl.dot(x_t, dh, input_precision=DOT)
-                  + tl.dot(tl.trans(a_bx), dw, input_precision=DOT))
-        g_qt += tl.dot(do_t, tl.trans(s), input_precision=DOT)
-        g_bt += tl.dot(dw, tl.trans(s), input_precision=DOT)
-        g_at += tl.dot(e, tl.trans(dh), input_precision=DOT)
-        g_xt += tl.dot(y_t, tl.trans(dh), input_precision=DOT)
-        g_dl += tl.sum(s * dh, axis=1)
-        g_qa += tl.dot(do_t, tl.trans(e), input_precision=DOT)
-        g_qx += tl.dot(do_t, tl.trans(y_t), input_precision=DOT)
-        g_t += tl.dot(de, tl.trans(w), input_precision="ieee")
-        g_abx += tl.dot(dw, tl.trans(y_t), input_precision=DOT)
+        dw = _rows_tile(dwv, vbase, o_l, o_v, m_v, VD)
+        g_qa += tl.dot(do_t, tl.trans(_rows_tile(ev, vbase, o_l, o_v, m_v, VD)), input_precision=DOT)
+        g_qx += tl.dot(do_t, y_t, input_precision=DOT)
+        g_abx += tl.dot(dw, y_t, input_precision=DOT)
+        g_t += tl.dot(_rows_tile(dev, vbase, o_l, o_v, m_v, VD),
+                      tl.trans(_rows_tile(wv, vbase, o_l, o_v, m_v, VD)), input_precision="ieee")
+    t = _square(t_in, sbase, L)
     g_aab = tl.dot(tl.trans(t), tl.dot(g_t, tl.trans(t), input_precision="ieee"),
                    input_precision="ieee")
     _put_square(d_aab, sbase, L, tl.where(o_l[:, None] > o_l[None, :], g_aab, 0.0))
     _put_square(d_abx, sbase, L, g_abx)
     _put_square(d_qa, sbase, L, g_qa)
     _put_square(d_qx, sbase, L, g_qx)
-    _put_rows(d_bt, kbase, o_l, o_k, m_k, KD, g_bt)
-    _put_rows(d_at, kbase, o_l, o_k, m_k, KD, g_at)
-    _put_rows(d_xt, kbase, o_l, o_k, m_k, KD, g_xt)
-    _put_rows(d_qt, kbase, o_l, o_k, m_k, KD, g_qt)
-    tl.store(d_dl + cz * KD + o_k, g_dl, mask=m_k)
 
 
 @triton.jit
-def chunk_dplr_bwd_dk(g, a, b, x, q, d_aab, d_abx, d_qa, d_qx, d_bt, d_at, d_xt, d_qt, d_dl,
-                      dg, da, db, dx, dq, Z,
-                      KD: tl.constexpr, L: tl.constexpr, BKT: tl.constexpr):
-    """The chain rule from the prepared quantities to g, a, b, x, q on one K tile. The
+def chunk_dplr_bwd_dk(g, a, b, x, q, y, ev, do, dwv, states, dstates, d_aab, d_abx, d_qa, d_qx,
+                      dg, da, db, dx, dq, Z, KD: tl.constexpr, VD: tl.constexpr,
+                      L: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr):
+    """On one K tile: the gradients of B̃, Ã, X̃, Q̃ and exp(γ_L) (over V tiles: dB̃ = dW S0ᵀ,
+    dÃ = E dS_Lᵀ, dX̃ = Y dS_Lᵀ, dQ̃ = dO S0ᵀ), then the chain rule to g, a, b, x, q. The
     exponents' gradients go to the log-decays of their spans: a pair (i, j) of A_ab / A_bx to
     j < k < i, of Q_a / Q_x to j < k <= t (reverse running sums of each column's terms)."""
     i_c, i_z, i_k = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     cz = tl.cast(i_c, tl.int64) * Z + i_z
-    base, sbase = cz * L * KD, cz * L * L
+    base, vbase, sbase, zk = cz * L * KD, cz * L * VD, cz * L * L, cz * KD * VD
     o_l = tl.arange(0, L)
     o_k = i_k * BKT + tl.arange(0, BKT)
     m_k = o_k < KD
+    g_bt = tl.zeros([L, BKT], dtype=tl.float32)
+    g_at = tl.zeros([L, BKT], dtype=tl.float32)
+    g_xt = tl.zeros([L, BKT], dtype=tl.float32)
+    g_qt = tl.zeros([L, BKT], dtype=tl.float32)
+    g_dl = tl.zeros([BKT], dtype=tl.float32)
+    for v0 in range(0, VD, BV):
+        o_v = v0 + tl.arange(0, BV)
+        m_v = o_v < VD
+        m_s = m_k[:, None] & m_v[None, :]
+        s_offs = o_k[:, None] * VD + o_v[None, :]
+        s = tl.trans(tl.load(states + zk + s_offs, mask=m_s, other=0.0))
+        dh = tl.trans(tl.load(dstates + zk + s_offs, mask=m_s, other=0.0))
+        g_qt += tl.dot(_rows_tile(do, vbase, o_l, o_v, m_v, VD), s, input_precision=DOT)
+        g_bt += tl.dot(_rows_tile(dwv, vbase, o_l, o_v, m_v, VD), s, input_precision=DOT)
+        g_at += tl.dot(_rows_tile(ev, vbase, o_l, o_v, m_v, VD), dh, input_precision=DOT)
+        g_xt += tl.dot(_rows_tile(y, vbase, o_l, o_v, m_v, VD), dh, input_precision=DOT)
+        g_dl += tl.sum(s * dh, axis=0)
     gam, gpre, suf, tot = _decays(g, base, o_k, m_k, KD, L)
     e_pre, e_suf, e_gam, e_tot = tl.exp(gpre), tl.exp(suf), tl.exp(gam), tl.exp(tot)
     a_t = _rows_tile(a, base, o_l, o_k, m_k, KD)
     b_t = _rows_tile(b, base, o_l, o_k, m_k, KD)
     x_t = _rows_tile(x, base, o_l, o_k, m_k, KD)
     q_t = _rows_tile(q, base, o_l, o_k, m_k, KD)
-    g_bt = _rows_tile(d_bt, base, o_l, o_k, m_k, KD) * e_pre
-    g_at = _rows_tile(d_at, base, o_l, o_k, m_k, KD) * e_suf
-    g_xt = _rows_tile(d_xt, base, o_l, o_k, m_k, KD) * e_suf
-    g_qt = _rows_tile(d_qt, base, o_l, o_k, m_k, KD) * e_gam
+    d_b, d_a, d_x, d_q = g_bt * e_pre, g_at * e_suf, g_xt * e_suf, g_qt * e_gam
     # exponents: γ_{i-1} of B̃ (to k < i), the suffix of Ã, X̃ (to k > j), γ_t of Q̃ (k <= t)
-    v_b = g_bt * b_t
-    v_a = g_at * a_t + g_xt * x_t
-    v_q = g_qt * q_t
+    v_b = d_b * b_t
+    v_a = d_a * a_t + d_x * x_t
+    v_q = d_q * q_t
     d_g = (tl.cumsum(v_b, axis=0, reverse=True) - v_b + tl.cumsum(v_a, axis=0) - v_a
-           + tl.cumsum(v_q, axis=0, reverse=True)
-           + (tl.load(d_dl + cz * KD + o_k, mask=m_k, other=0.0) * e_tot)[None, :])
-    d_b, d_a, d_x, d_q = g_bt, g_at, g_xt, g_qt
+           + tl.cumsum(v_q, axis=0, reverse=True) + (g_dl * e_tot)[None, :])
     m_aab = _square(d_aab, sbase, L)
     m_abx = _square(d_abx, sbase, L)
     m_qa = _square(d_qa, sbase, L)
@@ -380,33 +387,29 @@ _PARAMS = {  # each kernel's constexprs (the rest of config is not its business)
     "chunk_dplr_fwd_h": ("KD", "VD", "L", "BK", "BV", "DOT"),
     "chunk_dplr_bwd_dh": ("KD", "VD", "L", "BK", "BV", "DOT"),
     "chunk_dplr_bwd_dv": ("KD", "VD", "L", "BK", "BV", "DOT"),
-    "chunk_dplr_bwd_dk": ("KD", "L", "BKT"),
+    "chunk_dplr_bwd_dm": ("VD", "L", "BV", "DOT"),
+    "chunk_dplr_bwd_dk": ("KD", "VD", "L", "BKT", "BV", "DOT"),
 }
-_WIDE = ("chunk_dplr_bwd_dv",)  # many live [L, K] tiles: 8 warps
-_TILE_CAPS = {"chunk_dplr_bwd_dv": 16}  # its V tile (it holds two [K, BV] state tiles)
 
 
 def num_warps(kernel: str, cfg: dict) -> int:
-    return 8 if kernel in _WIDE else 4
+    return 4
 
 
 def constexprs(kernel: str, cfg: dict) -> dict:
-    out = {k: cfg[k] for k in _PARAMS[kernel]}
-    if kernel in _TILE_CAPS:
-        out["BV"] = min(out["BV"], _TILE_CAPS[kernel])
-    return out
+    return {k: cfg[k] for k in _PARAMS[kernel]}
 
 
 _P = "*fp32"
 KERNELS = {  # pointer arguments, then the int arguments, and the variant built
     "chunk_dplr_prepare": ("g a b x q t_out abx qa qx bt at xt qt dl", "Z", {}),
-    "chunk_dplr_fwd_h": ("y t_in abx qa qx bt at xt qt dl h0 o states ht", "NC Z",
+    "chunk_dplr_fwd_h": ("y t_in abx qa qx bt at xt qt dl h0 o wv ev states ht", "NC Z",
                          {"USE_INITIAL": True}),
-    "chunk_dplr_bwd_dh": ("t_in qa bt at qt dl do dht dstates dh0", "NC Z",
+    "chunk_dplr_bwd_dh": ("t_in qa bt at qt dl do dht dwv dev dstates dh0", "NC Z",
                           {"USE_FINAL_GRAD": True}),
-    "chunk_dplr_bwd_dv": ("y t_in abx qa qx bt at xt qt states dstates do dy d_aab d_abx d_qa "
-                          "d_qx d_bt d_at d_xt d_qt d_dl", "Z", {}),
-    "chunk_dplr_bwd_dk": ("g a b x q d_aab d_abx d_qa d_qx d_bt d_at d_xt d_qt d_dl "
+    "chunk_dplr_bwd_dv": ("abx qx xt dstates do dwv dy", "Z", {}),
+    "chunk_dplr_bwd_dm": ("y t_in wv ev do dwv dev d_aab d_abx d_qa d_qx", "Z", {}),
+    "chunk_dplr_bwd_dk": ("g a b x q y ev do dwv states dstates d_aab d_abx d_qa d_qx "
                           "dg da db dx dq", "Z", {}),
 }
 

@@ -86,6 +86,20 @@ def chunk_delta_modules(rule: CheckedRule, sizes: dict) -> list:
                                    read=plan.read_log is not None)]
 
 
+def chunk_dplr_modules(rule: CheckedRule, sizes: dict) -> list:
+    """The fixed DPLR chunk core, for a rule the chunk backend runs in the DPLR family, at
+    each of its states' (K, V) and the rows of a chunk at the rule's sizes; else none."""
+    from ..runtime import backends
+    from ..runtime import chunk_dplr as runtime
+    from ..runtime.rule import Rule
+    from . import chunk_dplr
+    full = Rule(rule)
+    if backends._family_of(full, backends._BY_NAME["chunk"]) != "dplr" \
+            or runtime.problem(full) is not None:
+        return []
+    return [chunk_dplr.aot_module(k, v, rows) for k, v, rows in runtime.core_shapes(full, sizes)]
+
+
 def _kernel_args(source: str) -> dict:
     """Function name -> its non-constexpr argument names, read from generated source."""
     import ast as pyast
@@ -160,7 +174,7 @@ def derived_modules(rule: CheckedRule, sizes: dict) -> list:
 
 # Each generator gives a list of modules for (checked rule, sizes): empty where it does not apply.
 GENERATORS = (lambda rule, sizes: [recurrent_module(rule, sizes)], chunk_delta_modules,
-              chunk_diagonal_modules, scan_modules, derived_modules)
+              chunk_diagonal_modules, chunk_dplr_modules, scan_modules, derived_modules)
 
 
 def generated_modules(rule: CheckedRule, sizes: dict) -> list:

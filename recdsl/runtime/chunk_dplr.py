@@ -48,43 +48,43 @@ class _ChunkDplrFunction(torch.autograd.Function):
         kern = _kernels()
         nc, Z, L, K = g.shape
         V = y.shape[-1]
+        nv = triton.cdiv(V, cfg["BV"])
         f32 = dict(dtype=torch.float32, device=g.device)
         sq = [torch.empty(nc, Z, L, L, **f32) for _ in range(4)]  # T, A_bx, Q_a, Q_x
         rows = [torch.empty(nc, Z, L, K, **f32) for _ in range(4)]  # B̃, Ã, X̃, Q̃
         dl = torch.empty(nc, Z, K, **f32)
         _launch(kern, "chunk_dplr_prepare", cfg, (nc, Z), g, a, b, x, q, *sq, *rows, dl, Z)
-        o = torch.empty(nc, Z, L, V, **f32)
+        o, w, e = (torch.empty_like(y) for _ in range(3))
         states = torch.empty(nc, Z, K, V, **f32)
         ht = torch.empty(Z, K, V, **f32)
-        _launch(kern, "chunk_dplr_fwd_h", cfg, (Z, triton.cdiv(V, cfg["BV"])), y, *sq, *rows, dl,
-                s0, o, states, ht, nc, Z, USE_INITIAL=True)
+        _launch(kern, "chunk_dplr_fwd_h", cfg, (Z, nv), y, *sq, *rows, dl, s0, o, w, e, states,
+                ht, nc, Z, USE_INITIAL=True)
         ctx.cfg = cfg
-        ctx.save_for_backward(g, a, b, x, y, q, *sq, *rows, dl, states)
+        ctx.save_for_backward(g, a, b, x, y, q, *sq, *rows, dl, w, e, states)
         return o, ht
 
     @staticmethod
     def backward(ctx, do, dht):
         kern = _kernels()
         cfg = ctx.cfg
-        g, a, b, x, y, q, t, abx, qa, qx, bt, at, xt, qt, dl, states = ctx.saved_tensors
+        g, a, b, x, y, q, t, abx, qa, qx, bt, at, xt, qt, dl, w, e, states = ctx.saved_tensors
         nc, Z, L, K = g.shape
         V = y.shape[-1]
+        nv = triton.cdiv(V, cfg["BV"])
         f32 = dict(dtype=torch.float32, device=g.device)
         do = do.contiguous() if do is not None else torch.zeros(nc, Z, L, V, **f32)
         dht = dht.contiguous() if dht is not None else torch.zeros(Z, K, V, **f32)
+        dw, de, dy = (torch.empty_like(y) for _ in range(3))
         dstates = torch.empty_like(states)
         dh0 = torch.empty(Z, K, V, **f32)
-        _launch(kern, "chunk_dplr_bwd_dh", cfg, (Z, triton.cdiv(V, cfg["BV"])),
-                t, qa, bt, at, qt, dl, do, dht, dstates, dh0, nc, Z, USE_FINAL_GRAD=True)
-        dy = torch.empty_like(y)
-        d_sq = [torch.empty_like(t) for _ in range(4)]
-        d_rows = [torch.empty_like(bt) for _ in range(4)]
-        d_dl = torch.empty_like(dl)
-        _launch(kern, "chunk_dplr_bwd_dv", cfg, (nc, Z), y, t, abx, qa, qx, bt, at, xt, qt,
-                states, dstates, do, dy, *d_sq, *d_rows, d_dl, Z)
+        _launch(kern, "chunk_dplr_bwd_dh", cfg, (Z, nv), t, qa, bt, at, qt, dl, do, dht, dw, de,
+                dstates, dh0, nc, Z, USE_FINAL_GRAD=True)
+        _launch(kern, "chunk_dplr_bwd_dv", cfg, (nc, Z, nv), abx, qx, xt, dstates, do, dw, dy, Z)
+        d_sq = [torch.empty_like(t) for _ in range(4)]  # of A_ab, A_bx, Q_a, Q_x
+        _launch(kern, "chunk_dplr_bwd_dm", cfg, (nc, Z), y, t, w, e, do, dw, de, *d_sq, Z)
         grads = [torch.empty_like(g) for _ in range(5)]  # g, a, b, x, q
         _launch(kern, "chunk_dplr_bwd_dk", cfg, (nc, Z, triton.cdiv(K, cfg["BKT"])),
-                g, a, b, x, q, *d_sq, *d_rows, d_dl, *grads, Z)
+                g, a, b, x, q, y, e, do, dw, states, dstates, *d_sq, *grads, Z)
         dg, da, db, dx, dq = grads
         return None, dg, da, db, dx, dy, dq, dh0
 
@@ -144,6 +144,25 @@ def _core(cfg):
     return core
 
 
+def _layout(rule, sizes, chunk_size=None):
+    """(tokens per chunk, rows per chunk, the states' (K, V)) at these dim sizes: a chunk
+    takes as many tokens as fill the core's rows at the largest rows-per-token of the states."""
+    the_plan = dplr.plan(rule.analysis)
+    per_token = 1
+    for name, sp in the_plan.states.items():
+        readers = sum(any(rp.state == name for rp in op.reads) for op in the_plan.outputs)
+        per_token = max(per_token, _rows_per_token(sp, sizes, readers))
+    chunk = chunk_size or max(1, _kernels().ROWS // per_token)
+    shapes = {(sizes[sp.key_dim], sizes[sp.value_dim]) for sp in the_plan.states.values()}
+    return chunk, chunk * per_token, sorted(shapes)
+
+
+def core_shapes(rule, sizes) -> list:
+    """(K, V, rows) of every core a call at these sizes launches (for the AOT build)."""
+    _, rows, shapes = _layout(rule, sizes)
+    return [(k, v, rows) for k, v in shapes]
+
+
 def run(rule, call, chunk_size=None):
     """Outputs and final states of ``rule`` on a bound call (``chunk_size``: tokens per chunk;
     default as many as fill the core's rows)."""
@@ -151,14 +170,8 @@ def run(rule, call, chunk_size=None):
     reason = problem(rule)
     if reason is not None:
         raise BackendError(f"backend 'chunk' is not available for rule '{rule.name}': {reason}")
-    the_plan = dplr.plan(rule.analysis)
-    sizes = call.dim_sizes
-    per_token = 1
-    for name, sp in the_plan.states.items():
-        readers = sum(any(rp.state == name for rp in op.reads) for op in the_plan.outputs)
-        per_token = max(per_token, _rows_per_token(sp, sizes, readers))
-    chunk = chunk_size or max(1, _kernels().ROWS // per_token)
-    return torch_chunk_dplr.run(rule, call, chunk, core=_core_for(chunk * per_token, call.device),
+    chunk, rows, _ = _layout(rule, call.dim_sizes, chunk_size)
+    return torch_chunk_dplr.run(rule, call, chunk, core=_core_for(rows, call.device),
                                 backend="chunk")
 
 
