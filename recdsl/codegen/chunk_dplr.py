@@ -156,42 +156,62 @@ def chunk_dplr_prepare(g, a, b, x, q, t_out, abx, qa, qx, bt, at, xt, qt, dl, Z,
 
 @triton.jit
 def chunk_dplr_fwd_h(y, t_in, abx, qa, qx, bt, at, xt, qt, dl, h0, o, wv, ev, states, ht, NC, Z,
-                     KD: tl.constexpr, VD: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+                     KD: tl.constexpr, VD: tl.constexpr, L: tl.constexpr, BKT: tl.constexpr,
                      BV: tl.constexpr, DOT: tl.constexpr, USE_INITIAL: tl.constexpr):
-    """The walk: per chunk W = B̃ S0 + A_bx Y, E = T W (both stored for the backward), the
-    outputs, the next state; the entry states stored."""
+    """The walk over the chunks for one V tile: per chunk W = B̃ S0 + A_bx Y, E = T W (both
+    stored for the backward), the outputs, the next state. The state entering chunk c is
+    states[c], carried there K tile by K tile (the next chunk's written from it; the last
+    state to ht): no [K, V] state lives in registers."""
     i_z, i_v = tl.program_id(0), tl.program_id(1)
     o_l = tl.arange(0, L)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < KD
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < VD
-    m_s = m_k[:, None] & m_v[None, :]
-    s_offs = o_k[:, None] * VD + o_v[None, :]
     zk = tl.cast(i_z, tl.int64) * KD * VD
-    if USE_INITIAL:
-        s = tl.load(h0 + zk + s_offs, mask=m_s, other=0.0)
-    else:
-        s = tl.zeros([BK, BV], dtype=tl.float32)
-    for c in range(NC):
+    step = tl.cast(Z, tl.int64) * KD * VD  # from one chunk's state to the next's
+    for k0 in tl.range(0, KD, BKT, num_stages=1):
+        o_k = k0 + tl.arange(0, BKT)
+        m_s = (o_k < KD)[:, None] & m_v[None, :]
+        offs = o_k[:, None] * VD + o_v[None, :]
+        if USE_INITIAL:
+            s = tl.load(h0 + zk + offs, mask=m_s, other=0.0)
+        else:
+            s = tl.zeros([BKT, BV], dtype=tl.float32)
+        tl.store(states + zk + offs, s, mask=m_s)
+    tl.debug_barrier()
+    for c in tl.range(NC, num_stages=1):
         cz = tl.cast(c, tl.int64) * Z + i_z
-        kbase, vbase, sbase = cz * L * KD, cz * L * VD, cz * L * L
-        tl.store(states + cz * KD * VD + s_offs, s, mask=m_s)
+        kbase, vbase, sbase, cur = cz * L * KD, cz * L * VD, cz * L * L, cz * KD * VD
         y_t = _rows_tile(y, vbase, o_l, o_v, m_v, VD)
-        w = (tl.dot(_rows_tile(bt, kbase, o_l, o_k, m_k, KD), s, input_precision=DOT)
-             + tl.dot(_square(abx, sbase, L), y_t, input_precision=DOT))
+        w = tl.dot(_square(abx, sbase, L), y_t, input_precision=DOT)
+        out = tl.dot(_square(qx, sbase, L), y_t, input_precision=DOT)
+        for k0 in tl.range(0, KD, BKT, num_stages=1):
+            o_k = k0 + tl.arange(0, BKT)
+            m_k = o_k < KD
+            s = tl.load(states + cur + o_k[:, None] * VD + o_v[None, :],
+                        mask=m_k[:, None] & m_v[None, :], other=0.0)
+            w += tl.dot(_rows_tile(bt, kbase, o_l, o_k, m_k, KD), s, input_precision=DOT)
+            out += tl.dot(_rows_tile(qt, kbase, o_l, o_k, m_k, KD), s, input_precision=DOT)
         e = tl.dot(_square(t_in, sbase, L), w, input_precision="ieee")
         _put_rows(wv, vbase, o_l, o_v, m_v, VD, w)
         _put_rows(ev, vbase, o_l, o_v, m_v, VD, e)
-        out = (tl.dot(_rows_tile(qt, kbase, o_l, o_k, m_k, KD), s, input_precision=DOT)
-               + tl.dot(_square(qa, sbase, L), e, input_precision=DOT)
-               + tl.dot(_square(qx, sbase, L), y_t, input_precision=DOT))
-        _put_rows(o, vbase, o_l, o_v, m_v, VD, out)
-        d = tl.load(dl + cz * KD + o_k, mask=m_k, other=0.0)
-        s = (d[:, None] * s
-             + tl.dot(tl.trans(_rows_tile(at, kbase, o_l, o_k, m_k, KD)), e, input_precision=DOT)
-             + tl.dot(tl.trans(_rows_tile(xt, kbase, o_l, o_k, m_k, KD)), y_t, input_precision=DOT))
-    tl.store(ht + zk + s_offs, s, mask=m_s)
+        _put_rows(o, vbase, o_l, o_v, m_v, VD,
+                  out + tl.dot(_square(qa, sbase, L), e, input_precision=DOT))
+        for k0 in tl.range(0, KD, BKT, num_stages=1):
+            o_k = k0 + tl.arange(0, BKT)
+            m_k = o_k < KD
+            m_s = m_k[:, None] & m_v[None, :]
+            offs = o_k[:, None] * VD + o_v[None, :]
+            d = tl.load(dl + cz * KD + o_k, mask=m_k, other=0.0)
+            s = (d[:, None] * tl.load(states + cur + offs, mask=m_s, other=0.0)
+                 + tl.dot(tl.trans(_rows_tile(at, kbase, o_l, o_k, m_k, KD)), e,
+                          input_precision=DOT)
+                 + tl.dot(tl.trans(_rows_tile(xt, kbase, o_l, o_k, m_k, KD)), y_t,
+                          input_precision=DOT))
+            if c + 1 < NC:
+                tl.store(states + cur + step + offs, s, mask=m_s)
+            else:
+                tl.store(ht + zk + offs, s, mask=m_s)
+        tl.debug_barrier()
 
 
 # ------------------------------------------------------------------ backward
@@ -199,38 +219,59 @@ def chunk_dplr_fwd_h(y, t_in, abx, qa, qx, bt, at, xt, qt, dl, h0, o, wv, ev, st
 
 @triton.jit
 def chunk_dplr_bwd_dh(t_in, qa, bt, at, qt, dl, do, dht, dwv, dev, dstates, dh0, NC, Z,
-                      KD: tl.constexpr, VD: tl.constexpr, L: tl.constexpr, BK: tl.constexpr,
+                      KD: tl.constexpr, VD: tl.constexpr, L: tl.constexpr, BKT: tl.constexpr,
                       BV: tl.constexpr, DOT: tl.constexpr, USE_FINAL_GRAD: tl.constexpr):
-    """The walk back, dS_L the gradient of a chunk's exit state (stored): dE = Q_aᵀ dO + Ã dS_L,
-    dW = Tᵀ dE (both stored), dS0 = Q̃ᵀ dO + exp(γ_L) ⊙ dS_L + B̃ᵀ dW."""
+    """The walk back, dS_L the gradient of a chunk's exit state (dstates[c], carried there K
+    tile by K tile as the forward walk carries S): dE = Q_aᵀ dO + Ã dS_L, dW = Tᵀ dE (both
+    stored), dS0 = Q̃ᵀ dO + exp(γ_L) ⊙ dS_L + B̃ᵀ dW (to the previous chunk, or dh0)."""
     i_z, i_v = tl.program_id(0), tl.program_id(1)
     o_l = tl.arange(0, L)
-    o_k = tl.arange(0, BK)
-    m_k = o_k < KD
     o_v = i_v * BV + tl.arange(0, BV)
     m_v = o_v < VD
-    m_s = m_k[:, None] & m_v[None, :]
-    s_offs = o_k[:, None] * VD + o_v[None, :]
     zk = tl.cast(i_z, tl.int64) * KD * VD
-    if USE_FINAL_GRAD:
-        dh = tl.load(dht + zk + s_offs, mask=m_s, other=0.0)
-    else:
-        dh = tl.zeros([BK, BV], dtype=tl.float32)
-    for cc in range(NC):
-        cz = tl.cast(NC - 1 - cc, tl.int64) * Z + i_z
-        kbase, vbase, sbase = cz * L * KD, cz * L * VD, cz * L * L
-        tl.store(dstates + cz * KD * VD + s_offs, dh, mask=m_s)
+    step = tl.cast(Z, tl.int64) * KD * VD
+    last = tl.cast(NC - 1, tl.int64) * step + zk
+    for k0 in tl.range(0, KD, BKT, num_stages=1):
+        o_k = k0 + tl.arange(0, BKT)
+        m_s = (o_k < KD)[:, None] & m_v[None, :]
+        offs = o_k[:, None] * VD + o_v[None, :]
+        if USE_FINAL_GRAD:
+            dh = tl.load(dht + zk + offs, mask=m_s, other=0.0)
+        else:
+            dh = tl.zeros([BKT, BV], dtype=tl.float32)
+        tl.store(dstates + last + offs, dh, mask=m_s)
+    tl.debug_barrier()
+    for cc in tl.range(NC, num_stages=1):
+        c = NC - 1 - cc
+        cz = tl.cast(c, tl.int64) * Z + i_z
+        kbase, vbase, sbase, cur = cz * L * KD, cz * L * VD, cz * L * L, cz * KD * VD
         do_t = _rows_tile(do, vbase, o_l, o_v, m_v, VD)
-        de = (tl.dot(tl.trans(_square(qa, sbase, L)), do_t, input_precision=DOT)
-              + tl.dot(_rows_tile(at, kbase, o_l, o_k, m_k, KD), dh, input_precision=DOT))
+        de = tl.dot(tl.trans(_square(qa, sbase, L)), do_t, input_precision=DOT)
+        for k0 in tl.range(0, KD, BKT, num_stages=1):
+            o_k = k0 + tl.arange(0, BKT)
+            m_k = o_k < KD
+            dh = tl.load(dstates + cur + o_k[:, None] * VD + o_v[None, :],
+                         mask=m_k[:, None] & m_v[None, :], other=0.0)
+            de += tl.dot(_rows_tile(at, kbase, o_l, o_k, m_k, KD), dh, input_precision=DOT)
         dw = tl.dot(tl.trans(_square(t_in, sbase, L)), de, input_precision="ieee")
         _put_rows(dev, vbase, o_l, o_v, m_v, VD, de)
         _put_rows(dwv, vbase, o_l, o_v, m_v, VD, dw)
-        d = tl.load(dl + cz * KD + o_k, mask=m_k, other=0.0)
-        dh = (d[:, None] * dh
-              + tl.dot(tl.trans(_rows_tile(qt, kbase, o_l, o_k, m_k, KD)), do_t, input_precision=DOT)
-              + tl.dot(tl.trans(_rows_tile(bt, kbase, o_l, o_k, m_k, KD)), dw, input_precision=DOT))
-    tl.store(dh0 + zk + s_offs, dh, mask=m_s)
+        for k0 in tl.range(0, KD, BKT, num_stages=1):
+            o_k = k0 + tl.arange(0, BKT)
+            m_k = o_k < KD
+            m_s = m_k[:, None] & m_v[None, :]
+            offs = o_k[:, None] * VD + o_v[None, :]
+            d = tl.load(dl + cz * KD + o_k, mask=m_k, other=0.0)
+            dh = (d[:, None] * tl.load(dstates + cur + offs, mask=m_s, other=0.0)
+                  + tl.dot(tl.trans(_rows_tile(qt, kbase, o_l, o_k, m_k, KD)), do_t,
+                           input_precision=DOT)
+                  + tl.dot(tl.trans(_rows_tile(bt, kbase, o_l, o_k, m_k, KD)), dw,
+                           input_precision=DOT))
+            if c > 0:
+                tl.store(dstates + cur - step + offs, dh, mask=m_s)
+            else:
+                tl.store(dh0 + zk + offs, dh, mask=m_s)
+        tl.debug_barrier()
 
 
 @triton.jit
@@ -384,16 +425,20 @@ def config(key_dim: int, value_dim: int, rows: int = ROWS, gpu: bool = True) -> 
 
 _PARAMS = {  # each kernel's constexprs (the rest of config is not its business)
     "chunk_dplr_prepare": ("KD", "L", "BKT"),
-    "chunk_dplr_fwd_h": ("KD", "VD", "L", "BK", "BV", "DOT"),
-    "chunk_dplr_bwd_dh": ("KD", "VD", "L", "BK", "BV", "DOT"),
+    "chunk_dplr_fwd_h": ("KD", "VD", "L", "BKT", "BV", "DOT"),
+    "chunk_dplr_bwd_dh": ("KD", "VD", "L", "BKT", "BV", "DOT"),
     "chunk_dplr_bwd_dv": ("KD", "VD", "L", "BK", "BV", "DOT"),
     "chunk_dplr_bwd_dm": ("VD", "L", "BV", "DOT"),
     "chunk_dplr_bwd_dk": ("KD", "VD", "L", "BKT", "BV", "DOT"),
 }
 
 
+# fwd_h at 4 warps: ptxas held it to 128 registers on sm_90 and spilled 8 bytes (K = V = 128)
+_WIDE = ("chunk_dplr_fwd_h",)
+
+
 def num_warps(kernel: str, cfg: dict) -> int:
-    return 4
+    return 8 if kernel in _WIDE else 4
 
 
 def constexprs(kernel: str, cfg: dict) -> dict:
