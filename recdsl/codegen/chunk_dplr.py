@@ -25,13 +25,17 @@ substitution in fp32 registers (chunk_delta's ``_solve``). Its cost is L column 
 [L, K] element-wise work per chunk (the price of exactness without reference points).
 
 Kernels (grids in brackets; Z = sequences x heads, every chunk of every sequence stored
-[NC, Z, L, *], NC the chunks of the longest sequence, shorter ones padded with identity rows):
-  forward   prepare  [chunk, z]       T, A_bx, Q_a, Q_x; B̃, Ã, X̃, Q̃, exp(γ_L)
-            fwd_h    [z, V tile]      the walk over chunks: entry states, outputs, final state
-  backward  bwd_dh   [z, V tile]      the walk back: the gradient of each chunk's exit state
-            bwd_dv   [chunk, z]       dy; the gradients of T (as of A_ab), A_bx, Q_a, Q_x,
-                                      B̃, Ã, X̃, Q̃, exp(γ_L), summed over V tiles
-            bwd_dk   [chunk, z, K tile]  the chain rule to g, a, b, x, q (the same span walk)
+[NC, Z, L, *], NC the chunks of the longest sequence, shorter ones padded with identity rows),
+each holding few large tiles so that they build without register spills (K and V walked in
+tiles BKT, BV; the walks carry the state through its per-chunk store, tile by tile, as
+chunk_delta's do):
+  forward   prepare  [chunk, z]          T, A_bx, Q_a, Q_x; B̃, Ã, X̃, Q̃, exp(γ_L)
+            fwd_h    [z, V tile]         the walk: entry states, W, E, outputs, final state
+  backward  bwd_dh   [z, V tile]         the walk back: dS_L per chunk, dE, dW, dS0
+            bwd_dv   [chunk, z, V tile]  dY = Q_xᵀ dO + X̃ dS_L + A_bxᵀ dW
+            bwd_dm   [chunk, z]          the [L, L] gradients; dA_ab = Tᵀ (dE Wᵀ) Tᵀ
+            bwd_dk   [chunk, z, K tile]  dB̃, dÃ, dX̃, dQ̃, d exp(γ_L) from the states, then the
+                                         chain rule to g, a, b, x, q (the same span walk)
 
 ``DOT`` is the input precision of the products: "ieee" under the interpreter, "tf32x3" on a
 GPU (one constexpr, so a precision policy can set it). The solve and the span sums never use a
