@@ -65,7 +65,7 @@ def test_chunk_comes_first_on_cuda(name):
 
 @pytest.mark.parametrize("name,time", [
     ("kda_fla_gate", 1), ("kda_fla_gate", 37), pytest.param("kda_fla_gate", 63, marks=SLOW),
-    pytest.param("kda_fla_gate", 64, marks=SLOW), ("kda_fla_gate", 65),
+    pytest.param("kda_fla_gate", 64, marks=SLOW), pytest.param("kda_fla_gate", 65, marks=SLOW),
     pytest.param("kda_fla_gate", 130, marks=SLOW),
     ("rwkv7", 1), ("rwkv7", 37), pytest.param("rwkv7", 65, marks=SLOW),
     pytest.param("rwkv7", 130, marks=SLOW),
@@ -94,6 +94,7 @@ def test_gates_of_minus_1e4(name):
         assert (got[key] - want).abs().max().item() <= 1e-5 * scale, key
 
 
+@SLOW
 @pytest.mark.parametrize("name", ["kda_fla_gate", "deltaproduct"])
 def test_packed_sequences(name):
     rule = recdsl.compile(RULES[name])
@@ -101,6 +102,7 @@ def test_packed_sequences(name):
     _compare(rule, name, 90, gate="mixed", cu_seqlens=cu, batch=1, sequences=4)
 
 
+@SLOW
 def test_two_writes_a_step_and_two_reads():
     """A step of two writes (two core rows) and two outputs of the state (an extra read row),
     with a decay after the writes."""
@@ -118,6 +120,7 @@ def test_a_decay_that_may_be_negative_runs_the_pytorch_core(monkeypatch):
     assert used
 
 
+@SLOW
 @pytest.mark.parametrize("name", ["kda_fla_gate", "rwkv7"])
 def test_gpu_tiling_under_the_interpreter(name, monkeypatch):
     """The GPU walks K and V in tiles (32 there; 16 here, so K = 48 and V = 40 take three,
