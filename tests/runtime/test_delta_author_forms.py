@@ -274,6 +274,8 @@ def test_chunk_refuses_a_later_erase_beside_a_decay():
     assert reason is not None and "\n" not in reason and "first erase" in reason
     from recdsl.runtime import backends
     assert backends._family_of(rule, backends._BY_NAME["chunk"]) == "dplr"
+    tensors, initial = _inputs(rule, 20, B=1, sizes=CHUNK_SIZES[0])
+    _check(rule, tensors, initial, backend="chunk")
 
 
 def test_non_scalar_decay_beside_an_erase_stays_recurrent():
