@@ -10,8 +10,8 @@ the prologue generated into the kernels, as the delta family has it: not done ye
 ``_core`` lays the sub-steps out as the core's rows (one rank-one factor, one write and one read
 per row): a sub-step with r writes becomes r rows (the later ones write only), a state read by
 R outputs gets R - 1 identity rows after each token's last sub-step, and each chunk is padded
-with identity rows to the core's L rows. A state whose decays may be negative (a sign to carry,
-``tanh(c) * S``) runs on the PyTorch core: the Triton core has no signs.
+with identity rows to the core's L rows. Decays that may be negative (``tanh(c) * S``): the core
+has no signs; ``_fold_signs`` moves them into a, b, the writes and the reads (exactly).
 """
 from __future__ import annotations
 
@@ -104,12 +104,13 @@ def _zeros_like_rows(t, n):
 
 def _core(cfg):
     def core(g, neg, a, b, x, y, q, s0, m):
-        if neg is not None:  # signs of negative decays: the PyTorch core carries them
-            return torch_chunk_dplr.chunk_dplr(g, neg, a, b, x, y, q, s0, m)
         dt = a.dtype
         nc, Z, L0, K = a.shape
         C, r, V = L0 // m, x.shape[-2], y.shape[-1]
         R = 1 if q is None else q.shape[3]
+        sign_last = None
+        if neg is not None:
+            a, b, x, q, sign_last = _fold_signs(neg, a, b, x, q, m)
 
         def rows(t, first_only):  # [nc, Z, C m, (r,) n] -> [nc, Z, C, m r + R - 1, n]
             n = t.shape[-1]
@@ -140,8 +141,27 @@ def _core(cfg):
             o = o[:, :, : C * mp].reshape(nc, Z, C, mp, V)[:, :, :, m * r - 1:].to(dt)
         else:
             o = None
-        return o, S.to(dt)
+        S = S.to(dt)
+        return o, S if sign_last is None else S * sign_last.unsqueeze(-1)
     return core
+
+
+def _fold_signs(neg, a, b, x, q, m):
+    """The core without signs for decays that may be negative: with σ_h the product of the
+    decays' signs over the sequence's sub-steps up to h (per channel), the state
+    S'_h = Diag(σ_h) S_h follows the same form with |λ_h|, a_h σ_h, b_h σ_{h-1}, x_h σ_h and
+    reads q σ_h (σ_h = s_h σ_{h-1}, Diag(σ)^2 = I); S_0' = S_0 and the final state is
+    Diag(σ_last) S'. Multiplications by ±1: exact, and constants to autograd. Returns (a, b, x,
+    q, σ_last [Z, K])."""
+    nc, Z, L0, K = a.shape
+    counts = neg.detach().transpose(0, 1).reshape(Z, nc * L0, K).to(torch.int64).cumsum(1)
+    flat = (1 - 2 * torch.remainder(counts, 2)).to(a.dtype)  # σ_h, in sequence order
+    prev = torch.cat([flat.new_ones(Z, 1, K), flat[:, :-1]], 1)  # σ_{h-1}
+    sig = flat.reshape(Z, nc, L0, K).transpose(0, 1)
+    sig_prev = prev.reshape(Z, nc, L0, K).transpose(0, 1)
+    if q is not None:  # token t reads after its last sub-step
+        q = q * sig[:, :, m - 1::m].unsqueeze(-2)
+    return a * sig, b * sig_prev, x * sig.unsqueeze(-2), q, flat[:, -1]
 
 
 def _layout(rule, sizes, chunk_size=None):

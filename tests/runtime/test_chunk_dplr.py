@@ -110,14 +110,19 @@ def test_two_writes_a_step_and_two_reads():
     _compare(rule, "two_writes", 37)
 
 
-def test_a_decay_that_may_be_negative_runs_the_pytorch_core(monkeypatch):
-    """tanh(c) * S: a sign the Triton core does not carry; that state takes torch-chunk's
-    core (and still matches)."""
+def test_decays_that_may_be_negative(monkeypatch):
+    """tanh(c) * S: signs the Triton core does not carry, folded into a, b, the writes and the
+    reads (the PyTorch core is not used); about half the decays negative, over 4 chunks (two
+    writes a step and two reads: 3 rows a token, 5 tokens a chunk)."""
     used = []
     real = torch_chunk_dplr.chunk_dplr
     monkeypatch.setattr(torch_chunk_dplr, "chunk_dplr", lambda *a: used.append(1) or real(*a))
-    _compare(recdsl.compile(RULES["two_writes"]), "two_writes", 20)
-    assert used
+    rule = recdsl.compile(RULES["two_writes"])
+    tensors, initial = _args(rule, "two_writes", 20)
+    assert (tensors["c"] < 0).float().mean() > 0.3
+    rule_results(rule, tensors, initial, "chunk", torch.float32, grads=False)
+    assert not used
+    _compare(rule, "two_writes", 20)
 
 
 @SLOW
