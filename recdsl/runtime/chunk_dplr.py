@@ -12,6 +12,10 @@ per row): a sub-step with r writes becomes r rows (the later ones write only), a
 R outputs gets R - 1 identity rows after each token's last sub-step, and each chunk is padded
 with identity rows to the core's L rows. Decays that may be negative (``tanh(c) * S``): the core
 has no signs; ``_fold_signs`` moves them into a, b, the writes and the reads (exactly).
+
+Inputs of any float dtype are computed in fp32 and returned in the call's compute dtype. For
+the backward the forward keeps, per chunk, the entry state, T, A_bx, Q_a, Q_x ([L, L]), B̃, Ã,
+X̃, Q̃ ([L, K]), W and E ([L, V]): about 4x the canonical inputs plus one state a chunk.
 """
 from __future__ import annotations
 

@@ -16,7 +16,7 @@ import recdsl
 from recdsl.codegen import chunk_dplr as core
 from recdsl.ir.builtins import L2NORM_EPS
 from recdsl.runtime import backends, torch_chunk_dplr
-from tests.helpers import as_list, rms_ratio, rule_results
+from tests.helpers import as_list, assert_matches_naive, rms_ratio, rule_results
 from tests.runtime.test_torch_chunk_dplr import KDA, RULES, SIZES, _args, naive_recurrent_kda
 
 FLOOR = 3e-6
@@ -134,6 +134,18 @@ def test_gpu_tiling_under_the_interpreter(name, monkeypatch):
     monkeypatch.setattr(core, "config", lambda *a, gpu=True, **k: dict(
         config(*a, gpu=True, **k), BKT=16, BV=16, DOT="ieee"))
     _compare(recdsl.compile(RULES[name]), name, 37)
+
+
+def test_bfloat16_and_float64_inputs():
+    """Inputs of other dtypes are computed in fp32 and returned in their own dtype: bf16 by
+    TESTING.md's half-precision rule; fp64 to fp32 accuracy."""
+    rule = recdsl.compile(KDA)
+    tensors, initial = _args(rule, "kda", 20)
+    assert_matches_naive(rule, tensors, initial, backend="chunk", dtype=torch.bfloat16)
+    golden = rule_results(rule, tensors, initial, "naive", torch.float64)
+    out, _ = rule(**tensors, initial_state=initial, backend="chunk")
+    assert out.dtype == torch.float64
+    assert rms_ratio(out.double(), golden["out o"]) < 1e-6
 
 
 def test_no_output_depends_on_a_later_gate():
