@@ -167,8 +167,8 @@ def derived_modules(rule: CheckedRule, sizes: dict) -> list:
     if derived is None:
         return []
     inner = {d: sizes.get(d, 1) for d in derived.ir.dims}
-    modules = [m for make in (chunk_delta_modules, chunk_diagonal_modules, scan_modules,
-                              derived_modules) for m in make(derived.ir, inner)]
+    modules = [m for make in (chunk_delta_modules, chunk_diagonal_modules, chunk_dplr_modules,
+                              scan_modules, derived_modules) for m in make(derived.ir, inner)]
     return modules
 
 
