@@ -77,6 +77,18 @@ def speedups(name, text, dims, T, loop_t, reps):
     return rows
 
 
+def one_pass_floor(T, reps):
+    """What a single elementwise pass over Mamba-1's per-token states costs here: ``exp`` and
+    ``mul`` over a [B T H, D, N] tensor. Any Mamba-1 path that forms every token's decay (exp),
+    scans (mul, add) and reads (mul, sum) spends several of these; the ratio to the naive
+    loop's time bounds the speed-up a PyTorch path can reach on this machine."""
+    x = -torch.rand(B * T * H, 64, 16)
+    y = torch.empty_like(x)
+    t = timed({"exp": lambda: torch.exp(x, out=y), "mul": lambda: torch.mul(x, y, out=y)},
+              reps, budget=30)
+    return t["exp"][0], t["mul"][0]
+
+
 def crossover(T, reps):
     rule = recdsl.compile(GLA_LIKE)
     rows = []
@@ -105,6 +117,9 @@ def main(argv=None) -> int:
         for row in speedups(name, text, dims, args.T, args.loop_t, reps):
             print(f"{row[0]:<8} {row[1]:<8} {row[2]:>6} {'~%.3f s' % row[3]:>10} "
                   f"{'%.3f s' % row[4]:>11} {row[5]:>8.1f}x")
+    exp, mul = one_pass_floor(args.T, reps)
+    print(f"one pass over Mamba-1's [B T H, D, N] states at T={args.T}: exp {exp:.3f} s, "
+          f"mul {mul:.3f} s")
     if args.long:
         for name, text, dims in (("minGRU", MINGRU, {"D": 64}), ("Mamba-1", MAMBA1, {"D": 64, "N": 16})):
             rule = recdsl.compile(text)

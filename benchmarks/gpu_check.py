@@ -5,10 +5,17 @@
     and gradients) and bfloat16 (forward), at T = 1, 65, 2048 and packed sequences with
     initial states, through recdsl's autotester (``recdsl.runtime.autotest``: TESTING.md's
     pass rule, a backend's error at most 10x (float32) or 2x (bfloat16) the naive loop's own
-    error in that dtype); the report lists each rule x backend x dtype's worst case;
+    error in that dtype); the report lists each rule x backend x dtype's worst case; and the
+    chunk backend of gated_delta and gla in bfloat16 under every precision policy
+    (``rule(..., precision=)``), outputs and gradients by the same rule (the autotester
+    checks half types forward only, and the default policy's half operands are in the
+    backward);
 (b) timing: the chunk, scan and recurrent kernels at B=8 T=4096 H=16 K=V=128 bfloat16,
-    forward and forward+backward, and fla's Triton kernels where fla is installed
-    (chunk_gated_delta_rule, chunk_gla, chunk_simple_gla, chunk_kda, chunk_rwkv7);
+    forward and forward+backward; the chunk kernels of gated_delta and gla under each other
+    precision policy (``rule(..., precision=)``, recdsl.codegen.precision: the plain item is
+    "auto", i.e. "mixed" for bfloat16 inputs; items ``chunk@half`` etc.); and fla's Triton
+    kernels where fla is installed (chunk_gated_delta_rule, chunk_gla, chunk_simple_gla,
+    chunk_kda, chunk_rwkv7);
 (c) a markdown report (--out).
 
     python benchmarks/gpu_check.py --out gpu_report.md            # on a CUDA machine
@@ -34,6 +41,7 @@ sys.path.insert(0, str(ROOT))
 
 import recdsl  # noqa: E402
 from recdsl.bench import run_once, timed  # noqa: E402
+from recdsl.codegen.precision import NAMES as PRECISIONS  # noqa: E402
 from recdsl.runtime.autotest import Shape, run_autotest  # noqa: E402
 from recdsl.runtime.sample import sample_inputs  # noqa: E402
 
@@ -46,6 +54,9 @@ SHAPES = (Shape(2, 1, 2), Shape(2, 65, 2, initial_state=True), Shape(1, 2048, 2)
 TB, TT, TH, TK = 8, 4096, 16, 128
 TIMED_RULES = ("gated_delta", "delta", "gla", "retention", "mamba2", "mlstm")
 TIMED_BACKENDS = ("chunk", "scan", "recurrent")
+# the chunk kernels timed under every precision policy besides the default (auto = mixed here)
+POLICY_RULES = ("gated_delta", "gla")
+POLICIES = tuple(p for p in PRECISIONS if p not in ("auto", "mixed"))
 FLA_KERNELS = ("chunk_gated_delta_rule", "chunk_gla", "chunk_simple_gla", "chunk_kda", "chunk_rwkv7")
 
 
@@ -74,6 +85,9 @@ def plan():
         if name in rules:
             cuda = load(rules[name]).backends("cuda")
             timings += [(name, b) for b in TIMED_BACKENDS if b in cuda]
+    for name in POLICY_RULES:
+        if name in rules and "chunk" in load(rules[name]).backends("cuda"):
+            timings += [(name, f"chunk@{p}") for p in POLICIES]
     timings += [("fla", k) for k in FLA_KERNELS]
     return checks, timings
 
@@ -118,6 +132,47 @@ def correctness(deadline, log):
     return rows, skipped
 
 
+def _outputs_and_grads(rule, x, dtype, backend, **options):
+    """name -> tensor: the output and the gradient of every input under fixed random upstream
+    gradients, the inputs ``x`` cast to ``dtype``."""
+    leaves = {k: v.to(dtype).clone().requires_grad_(True) for k, v in x.items()}
+    out, _ = rule(**leaves, backend=backend, **options)
+    up = torch.randn(out.shape, generator=torch.Generator(out.device).manual_seed(1),
+                     dtype=torch.float64, device=out.device)
+    grads = torch.autograd.grad((out.double() * up).sum(), list(leaves.values()))
+    return {"o": out.detach(), **{f"d{k}": g for k, g in zip(x, grads)}}
+
+
+def policy_checks(deadline, log):
+    """rows: (rule, policy, quantities, failed, worst quantity, worst x ref) for the chunk
+    backend in bfloat16 under each precision policy, at B=1 T=2048 H=2 and the timing dims,
+    against the float64 naive loop with the naive loop in bfloat16 as the reference."""
+    from recdsl.runtime.autotest import measure
+    rows = []
+    for name in POLICY_RULES:
+        rule = load(example_rules()[name])
+        if time.perf_counter() > deadline or "chunk" not in rule.backends("cuda"):
+            rows += [(name, p, 0, 0, "skipped", math.nan) for p in PRECISIONS]
+            continue
+        x = sample_inputs(rule, batch=1, time=2048, heads=2, dims=_dims(rule), dtype=torch.float64,
+                          device="cuda")
+        golden = _outputs_and_grads(rule, x, torch.float64, "naive")
+        reference = _outputs_and_grads(rule, x, torch.bfloat16, "naive")
+        for policy in PRECISIONS:
+            try:
+                got = _outputs_and_grads(rule, x, torch.bfloat16, "chunk", precision=policy)
+                qs = [measure(q, got[q], golden[q], reference[q], torch.bfloat16) for q in golden]
+                worst = max(qs, key=lambda q: (not q.passed, _finite(q.score)))
+                rows.append((name, policy, len(qs), sum(not q.passed for q in qs),
+                             worst.note or worst.name, worst.score))
+            except Exception as err:  # noqa: BLE001 - a crash is a result
+                rows.append((name, policy, 0, 1, f"crashed: {type(err).__name__}: {str(err)[:100]}",
+                             math.nan))
+            log(f"  {name} chunk precision={policy}: {rows[-1][3]} failed, worst {rows[-1][4]} "
+                f"{rows[-1][5]:.2f}x")
+    return rows
+
+
 def _finite(x):
     return x if math.isfinite(x) else math.inf
 
@@ -131,10 +186,12 @@ def _dims(rule):
 
 
 def time_recdsl(name, backend):
+    """``backend`` or ``backend@policy`` (a precision policy, default auto)."""
+    backend, _, policy = backend.partition("@")
     rule = load(example_rules()[name])
     x = sample_inputs(rule, batch=TB, time=TT, heads=TH, dims=_dims(rule), dtype=torch.bfloat16,
                       device="cuda")
-    fn = lambda a: rule(**a, backend=backend)[0]  # noqa: E731
+    fn = lambda a: rule(**a, backend=backend, precision=policy or "auto")[0]  # noqa: E731
     return {bw: timed({"f": run_once(fn, x, bw)}, 3, 30.0)["f"][0] for bw in (False, True)}
 
 
@@ -196,7 +253,7 @@ def timings(items, deadline, log):
 # ---------------------------------------------------------------- (c) the report
 
 
-def report(path, checks, skipped, times, sections, total):
+def report(path, checks, skipped, times, sections, total, policies=()):
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     import triton
     lines = [f"# recdsl GPU check", "",
@@ -216,8 +273,20 @@ def report(path, checks, skipped, times, sections, total):
     failed = sum(r[4] for r in checks)
     lines += ["", f"{failed} failing case(s)." + (f" Skipped (over budget): {', '.join(skipped)}."
                                                    if skipped else "")]
+    lines += ["", "## Precision policies: chunk, bfloat16, outputs and gradients", "",
+              "B=1 T=2048 H=2, timing dims; `x ref` as above (limit 2). Policies: "
+              "recdsl/codegen/precision.py (auto = mixed for bfloat16); only auto's failures "
+              "count as failing cases (the others are opt-in trade-offs: half rounds the "
+              "outputs' products too).", "",
+              "| rule | policy | quantities | failed | worst | x ref |", "|---|---|---:|---:|---|---:|"]
+    for r in policies:
+        score = f"{r[5]:.2f}" if math.isfinite(r[5]) else "-"
+        lines.append(f"| {r[0]} | {r[1]} | {r[2]} | {r[3]} | {r[4]} | {score} |")
+    failed += sum(r[3] for r in policies if r[1] == "auto")  # the others are opt-in trade-offs
     lines += ["", f"## Timing, B={TB} T={TT} H={TH} K=V={TK} (N=P for mamba2), bfloat16", "",
-              "Median of 3 after a warm-up, wall ms (CUDA synchronised).", "",
+              "Median of 3 after a warm-up, wall ms (CUDA synchronised). `chunk` runs the "
+              "default precision policy (auto: `mixed` for bfloat16, half operands in the "
+              "backward's chunk products, tf32x3 elsewhere); `chunk@P` the policy P.", "",
               "| who | kernel | fwd ms | fwd+bwd ms | note |", "|---|---|---:|---:|---|"]
     for who, what, f, b, note in times:
         ms = lambda s: f"{s * 1e3:.2f}" if s is not None else "-"  # noqa: E731
@@ -248,7 +317,12 @@ def main(argv=None) -> int:
         log(f"correctness plan: {len(checks)} cases (rule backend dtype shape)")
         for c in checks:
             log("  check " + " ".join(c))
-        log(f"timing plan: B={TB} T={TT} H={TH} K=V={TK} bfloat16, fwd and fwd+bwd")
+        log(f"precision plan: chunk, bfloat16, B=1 T=2048 H=2, outputs and gradients")
+        for name in POLICY_RULES:
+            for policy in PRECISIONS:
+                log(f"  policy {name} {policy}")
+        log(f"timing plan: B={TB} T={TT} H={TH} K=V={TK} bfloat16, fwd and fwd+bwd; "
+            f"kernel@policy: a precision policy other than auto")
         for who, what in timing_items:
             log(f"  time {who} {what}")
         return 0
@@ -260,6 +334,8 @@ def main(argv=None) -> int:
     log(f"(a) correctness: {len(checks)} cases")
     t0 = time.perf_counter()
     rows, skipped = correctness(start + 0.6 * args.budget, log)
+    log("(a) precision policies")
+    policies = policy_checks(start + 0.6 * args.budget, log)
     sections["correctness"] = time.perf_counter() - t0
     log(f"(a) done in {sections['correctness']:.0f} s")
     t0 = time.perf_counter()
@@ -268,7 +344,8 @@ def main(argv=None) -> int:
     sections["timing"] = time.perf_counter() - t0
     log(f"(b) done in {sections['timing']:.0f} s")
     try:
-        text, failed = report(args.out, rows, skipped, times, sections, time.perf_counter() - start)
+        text, failed = report(args.out, rows, skipped, times, sections, time.perf_counter() - start,
+                              policies)
     except Exception:  # noqa: BLE001
         traceback.print_exc()
         return 1

@@ -10,6 +10,12 @@ gla, retention and kda; mlstm_kernels' chunkwise PyTorch kernel for mlstm); ``ta
 the result and ``plot`` draws time against T when matplotlib is importable. Nothing here
 imports matplotlib, fla or mlstm_kernels at module level.
 
+Ops per call (CPU): the number of ATen operators one call dispatches (``count_ops``: a
+``TorchDispatchMode`` that counts them, the backward's included for forward+backward). On a
+busy machine each op can be a stall (an OpenMP barrier; README, "Threads on the CPU"), so a
+CPU path should have few and large ones; a count that grows with T faster than its chunks or
+windows is worth a look.
+
 Peak memory: on CUDA the rise of ``torch.cuda.max_memory_allocated`` over the memory already
 allocated before the run; on the CPU the rise of a fresh process's max RSS (``getrusage``)
 over its level after importing torch and building the inputs, one process per method and
@@ -77,6 +83,22 @@ def run_once(fn, inputs, backward):
             with torch.no_grad():
                 fn(x)
     return go
+
+
+def count_ops(fn) -> int:
+    """How many ATen operators ``fn()`` dispatches (below autograd: what actually runs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Counter(TorchDispatchMode):
+        count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            Counter.count += 1
+            return func(*args, **(kwargs or {}))
+
+    with Counter():
+        fn()
+    return Counter.count
 
 
 # ---------------------------------------------------------------- peers
@@ -206,6 +228,7 @@ class Entry:
     cpu: float  # median CPU seconds of this process
     extrapolated: bool = False  # a loop timed at a smaller T, scaled linearly
     memory: float | None = None  # peak bytes (see the module docstring), None: not measured
+    ops: int | None = None  # ATen ops a call dispatches (CPU only; count_ops)
 
 
 @dataclass
@@ -283,6 +306,9 @@ def bench(rule, lengths, backends=None, dims=None, batch=2, heads=4, device=None
             done += 1
             if progress:
                 progress(done, total, f"{m} T={T} {'fwd+bwd' if backward else 'fwd'} {wall:.3g}s")
+        if not cuda:  # after the timings: counting slows each op down
+            for m, go in here.items():
+                measured[(m, T, backward)].ops = count_ops(go)
         if memory and cuda:
             for m, go in here.items():
                 torch.cuda.synchronize()
@@ -311,7 +337,9 @@ def bench(rule, lengths, backends=None, dims=None, batch=2, heads=4, device=None
                 if at == T:
                     result.entries[(m, T, backward)] = e
                 else:
-                    result.entries[(m, T, backward)] = Entry(e.seconds * T / at, e.cpu * T / at, True)
+                    ops = round(e.ops * T / at) if e.ops is not None else None
+                    result.entries[(m, T, backward)] = Entry(e.seconds * T / at, e.cpu * T / at, True,
+                                                             ops=ops)
     result.methods = [m for m in fns if any(k[0] == m for k in result.entries)]
     return result
 
@@ -414,6 +442,13 @@ def _mib(e: Entry | None) -> str:
     return f"{mib:.1f}" if mib >= 10 else f"{mib:.2f}"
 
 
+def _ops(fwd: Entry | None, both: Entry | None) -> str:
+    counts = [e for e in (fwd, both) if e is not None and e.ops is not None]
+    if not counts:
+        return "-"
+    return ", ".join(("~" if e.extrapolated else "") + f"{e.ops:,}" for e in counts)
+
+
 def table(result: BenchResult) -> str:
     """A markdown table: one row per T and method."""
     lines = []
@@ -425,8 +460,8 @@ def table(result: BenchResult) -> str:
     vs = result.vs
     lines.append("")
     lines.append(f"| T | method | fwd ms | fwd tok/s | fwd+bwd ms | fwd+bwd tok/s | fwd peak MiB "
-                 f"| fwd+bwd peak MiB | {vs} / this: fwd | fwd+bwd |")
-    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+                 f"| fwd+bwd peak MiB | {vs} / this: fwd | fwd+bwd | ops/call fwd, fwd+bwd |")
+    lines.append("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for T in result.lengths:
         tokens = result.batch * T
         for m in result.methods:
@@ -440,12 +475,13 @@ def table(result: BenchResult) -> str:
             cells = [str(T), m,
                      _ms(fwd) if fwd else "-", _rate(fwd, tokens) if fwd else "-",
                      _ms(both) if both else "-", _rate(both, tokens) if both else "-",
-                     _mib(fwd), _mib(both), *ratios]
+                     _mib(fwd), _mib(both), *ratios, _ops(fwd, both)]
             lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"~: a per-token loop timed at T={result.loop_t} (or less) and extrapolated "
                  f"linearly in T. Times are medians of wall time; tok/s = B*T / time. "
-                 f"{result.memory_note}.")
+                 f"{result.memory_note}. ops/call: ATen operators one call dispatches "
+                 f"(CPU; the backward's included in fwd+bwd).")
     return "\n".join(lines)
 
 

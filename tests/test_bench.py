@@ -40,6 +40,9 @@ def test_bench_quick_gated_delta(capsys, tmp_path, monkeypatch):
         for T in (64, 128):
             assert any(r.startswith(f"| {T} | {backend} |") for r in rows), (backend, T, out.out)
     assert "[" in out.err  # progress on stderr
+    for r in rows:  # ops per call (fwd, fwd+bwd) for every CPU method; the backward adds ops
+        fwd, both = (int(n.replace(",", "").lstrip("~")) for n in r.split(" | ")[-1].rstrip(" |").split(", "))
+        assert 0 < fwd < both, r
     if importlib.util.find_spec("matplotlib") is not None:
         assert plot.exists() and plot.stat().st_size > 0
     else:
@@ -59,6 +62,17 @@ def test_bench_no_parallel_path_times_naive_with_memory(capsys, tmp_path):
     assert "~" in rows[1]  # T=32 extrapolated from T=16
     mem = rows[0].split(" | ")[6]  # the fresh-process RSS figure of the measured row
     assert mem != "-" and float(mem) >= 0
+
+
+def test_count_ops_counts_aten_operators_below_autograd():
+    import torch
+    from recdsl.bench import count_ops
+
+    a = torch.randn(4, 3)
+    assert count_ops(lambda: (a * 2).sum()) == 2
+    w = torch.randn(3, requires_grad=True)
+    # forward: mul, sum; backward: the ones seed, sum's expand and mul's gradient (a mul)
+    assert count_ops(lambda: (a * w).sum().backward()) > count_ops(lambda: (a * w).sum())
 
 
 def test_timed_and_run_once():
@@ -86,3 +100,11 @@ def test_gpu_check_dry_run_covers_every_rule_and_backend():
             if backend in parallel:
                 assert (path.stem, backend) in planned, (path.stem, backend)
     assert "time fla chunk_gated_delta_rule" in proc.stdout
+    # the chunk kernels under every precision policy besides auto (the plain item)
+    from recdsl.codegen.precision import NAMES
+    for name in ("gated_delta", "gla"):
+        assert f"time {name} chunk\n" in proc.stdout
+        for policy in set(NAMES) - {"auto", "mixed"}:
+            assert f"time {name} chunk@{policy}\n" in proc.stdout, policy
+        for policy in NAMES:  # and checks each one's outputs and gradients in bfloat16
+            assert f"policy {name} {policy}\n" in proc.stdout, policy

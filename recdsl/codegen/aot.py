@@ -10,6 +10,10 @@ cubin, with the ptxas that Triton bundles. The figures in the report come from t
   registers and the stack frame, and a stack frame counts as spilling;
 - shared memory from the build's metadata (``shared``: what a launch asks for).
 
+From these and num_warps ``occupancy`` estimates the resident warps per SM (the report's
+``warps/SM``), and a kernel entry's ``dots`` names the operand formats of its products
+(``recdsl.codegen.precision``).
+
 The build must not run under the Triton interpreter: a kernel decorated while
 ``TRITON_INTERPRET=1`` is an ``InterpretedFunction``, which ``triton.compile`` cannot take.
 Switching the knob off before importing the generated module is not enough: Triton's own
@@ -47,14 +51,38 @@ class Arch:
     name: str  # sm_90
     capability: int  # 90
     max_shared: int  # bytes of shared memory one program may use
+    sm_shared: int  # bytes of shared memory of one SM (all its resident programs)
+    sm_registers: int = 65536  # 32-bit registers of one SM
+    sm_warps: int = 64  # resident warps of one SM at most
+    sm_programs: int = 32  # resident programs (thread blocks) of one SM at most
 
     @property
     def limit_text(self) -> str:
         return f"{self.max_shared // 1024} KiB"
 
 
-# the opt-in maximum of dynamic shared memory per block: H100 227 KiB, A100 163 KiB
-ARCHS = {"sm_80": Arch("sm_80", 80, 163 * 1024), "sm_90": Arch("sm_90", 90, 227 * 1024)}
+# the opt-in maximum of dynamic shared memory per block: H100 227 KiB, A100 163 KiB; per SM
+# 164 KiB and 228 KiB
+ARCHS = {"sm_80": Arch("sm_80", 80, 163 * 1024, 164 * 1024),
+         "sm_90": Arch("sm_90", 90, 227 * 1024, 228 * 1024)}
+
+# registers are given to warps in units of 256 (8 a thread); the driver keeps 1 KiB of shared
+# memory per resident program
+_REGISTER_UNIT = 256
+_RESERVED_SHARED = 1024
+
+
+def occupancy(build: "KernelBuild", arch: Arch) -> tuple:
+    """(resident warps per SM, what limits them: "registers", "shared", "warps" or "programs")
+    for ``build``'s registers a thread, shared memory and num_warps: an estimate, as CUDA's
+    occupancy calculator makes it (no other kernel running beside it)."""
+    per_warp = -(-build.registers * 32 // _REGISTER_UNIT) * _REGISTER_UNIT
+    limits = {"registers": (arch.sm_registers // max(per_warp, 1)) // build.num_warps,
+              "shared": arch.sm_shared // (build.shared + _RESERVED_SHARED),
+              "warps": arch.sm_warps // build.num_warps,
+              "programs": arch.sm_programs}
+    limiter = min(limits, key=limits.get)
+    return limits[limiter] * build.num_warps, limiter
 
 DTYPES = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
 
@@ -71,6 +99,7 @@ class KernelEntry:
     constexprs: dict
     num_warps: int
     variant: str = ""  # a few words on which variant the constexprs select
+    dots: str = ""  # the formats of its products (recdsl.codegen.precision), for the report
 
 
 @dataclass
@@ -106,6 +135,7 @@ class KernelBuild:
     source_of_figures: str  # "ptxas log" or "cuobjdump"
     variant: str = ""
     cubin: bytes = field(default=b"", repr=False)
+    dots: str = ""  # the formats of its products (KernelEntry.dots)
 
     @property
     def spill_bytes(self) -> int:
@@ -329,7 +359,8 @@ def _build_kernel(fn, entry: KernelEntry, kind: str, arch: Arch, data: str) -> K
         kernel=entry.name, kind=kind, num_warps=entry.num_warps, registers=usage.registers,
         spill_stores=usage.spill_stores or 0, spill_loads=usage.spill_loads or 0,
         stack=usage.stack or 0, shared=int(compiled.metadata.shared), seconds=seconds,
-        source_of_figures=origin, variant=entry.variant, cubin=compiled.asm["cubin"])
+        source_of_figures=origin, variant=entry.variant, cubin=compiled.asm["cubin"],
+        dots=entry.dots)
 
 
 def cuobjdump_usage(cubin: bytes, name: str) -> Usage:
@@ -380,21 +411,35 @@ def label(build: KernelBuild, repeated: set) -> str:
     return f"{build.kernel} [{build.variant}]" if build.kernel in repeated and build.variant else build.kernel
 
 
-def format_table(builds: list) -> str:
+def format_table(builds: list, arch: Arch | None = None) -> str:
+    """The report's table; with ``arch``, each kernel's estimated resident warps per SM (and
+    what limits them) and the formats of its products (``recdsl.codegen.precision``)."""
     header = ["kernel", "warps", "registers", "spill bytes (st+ld)", "shared", "build"]
+    if arch is not None:
+        header += ["warps/SM", "dots"]
     rows = [header]
     repeated = repeated_names(builds)
     for b in builds:
         spill = f"{b.spill_bytes} ({b.spill_stores}+{b.spill_loads})"
         if b.source_of_figures == "cuobjdump":
             spill = f"stack {b.stack}*"
-        rows.append([label(b, repeated), str(b.num_warps), str(b.registers), spill, _bytes(b.shared),
-                     f"{b.seconds:.1f} s"])
+        row = [label(b, repeated), str(b.num_warps), str(b.registers), spill, _bytes(b.shared),
+               f"{b.seconds:.1f} s"]
+        if arch is not None:
+            warps, limiter = occupancy(b, arch)
+            row += [f"{warps} ({limiter})", b.dots or "-"]
+        rows.append(row)
     widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    align = ["<", ">", ">", ">", ">", ">"]
+    align = ["<", ">", ">", ">", ">", ">", ">", "<"]
     lines = ["  ".join(f"{c:{a}{w}}" for c, a, w in zip(r, align, widths)).rstrip() for r in rows]
     if any(b.source_of_figures == "cuobjdump" for b in builds):
         lines.append("* no ptxas log: figures from cuobjdump, which gives the stack frame, not spills")
+    if arch is not None:
+        lines.append(f"warps/SM: resident warps per SM estimated from registers, shared memory "
+                     f"and num_warps ({arch.name}: {arch.sm_registers} registers, {arch.sm_warps} "
+                     f"warps, {arch.sm_shared // 1024} KiB shared a SM); dots: operand formats of "
+                     f"its products by class (read, chunk, state, solve; recdsl.codegen.precision), '-' for "
+                     f"a kernel without tl.dot")
     return "\n".join(lines)
 
 

@@ -57,9 +57,12 @@ tile by tile. Grids in brackets:
 Layouts (NTOK = all tokens, packed; every sequence is a range of ``cu_seqlens``):
 rows [NTOK, H, NH, *] (k, W: KD; u, Ũ, Δ: VD; beta), tokens [NTOK, H, *] (q: KD; o, do: VD;
 g, gr); T [chunks, H, R, R]; states [chunks, H, KD, VD]; h0 / ht [N, H, KD, VD].
-``DOT`` is the input precision of most products: "ieee" under the interpreter, "tf32x3"
-(fp32-accurate, on tensor cores) on a GPU. The solve never uses a tensor-core product, and
-K Kᵀ entering it is ieee everywhere.
+Products take their operand format from the call's precision policy
+(``recdsl.codegen.precision``), by class: ``DOT_R`` fwd_o's (the outputs), ``DOT`` the
+backward's products inside a chunk, ``DOT_S`` those with a state (or its gradient) as an
+operand or carrying it (fwd_h, bwd_dh's walk, bwd_dq's dO S0ᵀ, bwd_dk's), ``DOT_T`` those with
+T (prepare's W and Ũ, bwd_dh's Tᵀ dΔ); ``PRODUCTS`` lists each kernel's. The solve never uses
+a tensor-core product, and K Kᵀ entering it is ieee everywhere.
 """
 from __future__ import annotations
 
@@ -67,6 +70,21 @@ import triton
 import triton.language as tl
 
 # ------------------------------------------------------------------ shared pieces
+# The products, by operand format (DOT_R: the read, DOT: chunk products, DOT_S: state, DOT_T:
+# the solve's).
+
+
+@triton.jit
+def _dot(a, b, P: tl.constexpr):
+    """a @ b with fp32 accumulation, operands in format P (see recdsl.codegen.precision)."""
+    if P == "fp16":
+        return tl.dot(a.to(tl.float16), b.to(tl.float16), out_dtype=tl.float32)
+    elif P == "bf16":
+        return tl.dot(a.to(tl.bfloat16), b.to(tl.bfloat16), out_dtype=tl.float32)
+    else:
+        return tl.dot(a, b, input_precision=P)
+
+
 # Addresses: a 64-bit scalar base per chunk plus 32-bit offsets inside it (registers are the
 # budget: a tile of 64-bit offsets costs twice as many).
 
@@ -217,7 +235,7 @@ def _kk(k, rbase, roffs, m_r, KD: tl.constexpr, R: tl.constexpr, BKT: tl.constex
     for kt in tl.range(0, KD, BKT, num_stages=1):
         o_k = kt + tl.arange(0, BKT)
         k_t = _tile(k, rbase, roffs, m_r, o_k, o_k < KD, KD)
-        kk += tl.dot(k_t, tl.trans(k_t), input_precision=DOT)
+        kk += _dot(k_t, tl.trans(k_t), DOT)
     return kk
 
 
@@ -229,8 +247,8 @@ def _qk(q, k, tbase, toffs, m_c, rbase, roffs, m_r, KD: tl.constexpr, C: tl.cons
     for kt in tl.range(0, KD, BKT, num_stages=1):
         o_k = kt + tl.arange(0, BKT)
         m_k = o_k < KD
-        qk += tl.dot(_tile(q, tbase, toffs, m_c, o_k, m_k, KD),
-                     tl.trans(_tile(k, rbase, roffs, m_r, o_k, m_k, KD)), input_precision=DOT)
+        qk += _dot(_tile(q, tbase, toffs, m_c, o_k, m_k, KD),
+                     tl.trans(_tile(k, rbase, roffs, m_r, o_k, m_k, KD)), DOT)
     return qk
 
 
@@ -241,7 +259,7 @@ def _qk(q, k, tbase, toffs, m_c, rbase, roffs, m_r, KD: tl.constexpr, C: tl.cons
 def chunk_delta_prepare(k, beta, u, g, gr, t_out, w, u_t, chunk_starts, chunk_ends, H,
                         KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
                         C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
-                        DOT: tl.constexpr, READ: tl.constexpr = False):
+                        DOT_T: tl.constexpr, READ: tl.constexpr = False):
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
@@ -262,20 +280,20 @@ def chunk_delta_prepare(k, beta, u, g, gr, t_out, w, u_t, chunk_starts, chunk_en
     for kt in tl.range(0, KD, BKT, num_stages=1):
         o_k = kt + tl.arange(0, BKT)
         m_k = o_k < KD
-        b_w = tl.dot(t, _tile(k, rbase, roffs, m_r, o_k, m_k, KD) * bg[:, None], input_precision=DOT)
+        b_w = _dot(t, _tile(k, rbase, roffs, m_r, o_k, m_k, KD) * bg[:, None], DOT_T)
         _put(w, rbase, roffs, m_r, o_k, m_k, KD, b_w)
     for vt in tl.range(0, VD, BV, num_stages=1):
         o_v = vt + tl.arange(0, BV)
         m_v = o_v < VD
         b_u = _tile(u, rbase, roffs, m_r, o_v, m_v, VD)
-        _put(u_t, rbase, roffs, m_r, o_v, m_v, VD, tl.dot(t, b_u, input_precision=DOT))
+        _put(u_t, rbase, roffs, m_r, o_v, m_v, VD, _dot(t, b_u, DOT_T))
 
 
 @triton.jit
 def chunk_delta_fwd_h(k, g, w, u_t, h0, delta, ht, states, cu_seqlens, chunk_offsets, H,
                       KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
                       C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
-                      DOT: tl.constexpr, USE_INITIAL: tl.constexpr):
+                      DOT_S: tl.constexpr, USE_INITIAL: tl.constexpr):
     """The walk over a sequence's chunks for one V tile. The state entering chunk c is
     states[c] (the next chunk's is written tile by tile from it; the last one goes to ht)."""
     i_n = tl.program_id(0)
@@ -306,8 +324,8 @@ def chunk_delta_fwd_h(k, g, w, u_t, h0, delta, ht, states, cu_seqlens, chunk_off
         for kt in tl.range(0, KD, BKT, num_stages=1):
             o_k = kt + tl.arange(0, BKT)
             m_k = o_k < KD
-            ws += tl.dot(_tile(w, rbase, roffs, m_r, o_k, m_k, KD),
-                         _state_tile(states, cur, o_k, m_k, o_v, m_v, VD), input_precision=DOT)
+            ws += _dot(_tile(w, rbase, roffs, m_r, o_k, m_k, KD),
+                         _state_tile(states, cur, o_k, m_k, o_v, m_v, VD), DOT_S)
         b_delta = _tile(u_t, rbase, roffs, m_r, o_v, m_v, VD) - ws
         _put(delta, rbase, roffs, m_r, o_v, m_v, VD, b_delta)
         g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
@@ -318,7 +336,7 @@ def chunk_delta_fwd_h(k, g, w, u_t, h0, delta, ht, states, cu_seqlens, chunk_off
             m_k = o_k < KD
             k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD) * dec[:, None]
             s_t = carry * _state_tile(states, cur, o_k, m_k, o_v, m_v, VD) \
-                + tl.dot(tl.trans(k_t), b_delta, input_precision=DOT)
+                + _dot(tl.trans(k_t), b_delta, DOT_S)
             if i_c + 1 < n_chunks:
                 _put_state(states, cur + H * KD * VD, o_k, m_k, o_v, m_v, VD, s_t)
             else:
@@ -330,7 +348,7 @@ def chunk_delta_fwd_h(k, g, w, u_t, h0, delta, ht, states, cu_seqlens, chunk_off
 def chunk_delta_fwd_o(k, g, q, delta, states, o, chunk_starts, chunk_ends, H,
                       KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
                       C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
-                      DOT: tl.constexpr):
+                      DOT_R: tl.constexpr):
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     i_v = tl.program_id(2)
@@ -347,12 +365,12 @@ def chunk_delta_fwd_o(k, g, q, delta, states, o, chunk_starts, chunk_ends, H,
         o_k = kt + tl.arange(0, BKT)
         m_k = o_k < KD
         q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD)
-        qs += tl.dot(q_t, _state_tile(states, state, o_k, m_k, o_v, m_v, VD), input_precision=DOT)
-        qk += tl.dot(q_t, tl.trans(_tile(k, rbase, roffs, m_r, o_k, m_k, KD)), input_precision=DOT)
+        qs += _dot(q_t, _state_tile(states, state, o_k, m_k, o_v, m_v, VD), DOT_R)
+        qk += _dot(q_t, tl.trans(_tile(k, rbase, roffs, m_r, o_k, m_k, KD)), DOT_R)
     g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
     p = qk * _read_decays(g_c, NHP, C, R)
     b_o = tl.exp(gam_c)[:, None] * qs \
-        + tl.dot(p, _tile(delta, rbase, roffs, m_r, o_v, m_v, VD), input_precision=DOT)
+        + _dot(p, _tile(delta, rbase, roffs, m_r, o_v, m_v, VD), DOT_R)
     _put(o, tbase, toffs, m_c, o_v, m_v, VD, b_o.to(o.dtype.element_ty))
 
 
@@ -379,20 +397,20 @@ def chunk_delta_bwd_dv(k, g, q, do, du, dread, chunk_starts, chunk_ends, H, KD: 
     b_do = _tile(do, tbase, toffs, m_c, o_v, m_v, VD)
     p = _qk(q, k, tbase, toffs, m_c, rbase, roffs, m_r, KD, C, R, BKT, DOT) \
         * _read_decays(g_c, NHP, C, R)
-    _put(du, rbase, roffs, m_r, o_v, m_v, VD, tl.dot(tl.trans(p), b_do, input_precision=DOT))
+    _put(du, rbase, roffs, m_r, o_v, m_v, VD, _dot(tl.trans(p), b_do, DOT))
     e_c = tl.exp(gam_c)
     for kt in tl.range(0, KD, BKT, num_stages=1):
         o_k = kt + tl.arange(0, BKT)
         m_k = o_k < KD
         q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD) * e_c[:, None]
-        _put_state(dread, state, o_k, m_k, o_v, m_v, VD, tl.dot(tl.trans(q_t), b_do, input_precision=DOT))
+        _put_state(dread, state, o_k, m_k, o_v, m_v, VD, _dot(tl.trans(q_t), b_do, DOT))
 
 
 @triton.jit
 def chunk_delta_bwd_dh(k, beta, g, gr, t_in, dread, dht, du, dstates, dh0, cu_seqlens,
                        chunk_offsets, H, KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr,
                        NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr,
-                       BV: tl.constexpr, DOT: tl.constexpr, USE_FINAL_GRAD: tl.constexpr,
+                       BV: tl.constexpr, DOT_S: tl.constexpr, DOT_T: tl.constexpr, USE_FINAL_GRAD: tl.constexpr,
                        READ: tl.constexpr = False):
     """The walk back over a sequence's chunks for one V tile. dstates[c] is the gradient of
     the state leaving chunk c (the previous chunk's is written from it; the first's goes to
@@ -429,12 +447,12 @@ def chunk_delta_bwd_dh(k, beta, g, gr, t_in, dread, dht, du, dstates, dh0, cu_se
         for kt in tl.range(0, KD, BKT, num_stages=1):
             o_k = kt + tl.arange(0, BKT)
             m_k = o_k < KD
-            kds += tl.dot(_tile(k, rbase, roffs, m_r, o_k, m_k, KD),
-                          _state_tile(dstates, cur, o_k, m_k, o_v, m_v, VD), input_precision=DOT)
+            kds += _dot(_tile(k, rbase, roffs, m_r, o_k, m_k, KD),
+                          _state_tile(dstates, cur, o_k, m_k, o_v, m_v, VD), DOT_S)
         # du holds Pᵀ dO (from bwd_dv); it is replaced by dY
         ddelta = _tile(du, rbase, roffs, m_r, o_v, m_v, VD) + tl.exp(suf_r)[:, None] * kds
         t = tl.load(t_in + chunk * R * R + o_r[:, None] * R + o_r[None, :])
-        dy = tl.dot(tl.trans(t), ddelta, input_precision=DOT)
+        dy = _dot(tl.trans(t), ddelta, DOT_T)
         _put(du, rbase, roffs, m_r, o_v, m_v, VD, dy)
         if READ:
             e_r, lr_r, gp_r = _erase_gates(g, gr, g_c, gam_c, tok0, eos, i_h, H, NHP, C, R)
@@ -448,7 +466,7 @@ def chunk_delta_bwd_dh(k, beta, g, gr, t_in, dread, dht, du, dstates, dh0, cu_se
             k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD) * bg[:, None]
             ds_t = carry * _state_tile(dstates, cur, o_k, m_k, o_v, m_v, VD) \
                 + _state_tile(dread, cur, o_k, m_k, o_v, m_v, VD) \
-                - tl.dot(tl.trans(k_t), dy, input_precision=DOT)
+                - _dot(tl.trans(k_t), dy, DOT_S)
             if i_c > 0:
                 _put_state(dstates, cur - H * KD * VD, o_k, m_k, o_v, m_v, VD, ds_t)
             else:
@@ -475,8 +493,8 @@ def chunk_delta_bwd_dm(k, beta, g, gr, delta, du, dbeta, dg, dgr, sym_out, chunk
     for vt in tl.range(0, VD, BV, num_stages=1):
         o_v = vt + tl.arange(0, BV)
         m_v = o_v < VD
-        d_m -= tl.dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD),
-                      tl.trans(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD)), input_precision=DOT)
+        d_m -= _dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD),
+                      tl.trans(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD)), DOT)
     g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
     b_beta = tl.load(beta + rbase + roffs, mask=m_r, other=0.0)
     kk = _kk(k, rbase, roffs, m_r, KD, R, BKT, DOT)
@@ -507,11 +525,12 @@ def chunk_delta_bwd_dm(k, beta, g, gr, delta, du, dbeta, dg, dgr, sym_out, chunk
 def chunk_delta_bwd_dk(k, beta, g, gr, delta, du, states, dstates, dk, dbeta, dg, dgr,
                        chunk_starts, chunk_ends, H, KD: tl.constexpr, VD: tl.constexpr,
                        NH: tl.constexpr, NHP: tl.constexpr, C: tl.constexpr, R: tl.constexpr,
-                       BKT: tl.constexpr, BV: tl.constexpr, DOT: tl.constexpr,
+                       BKT: tl.constexpr, BV: tl.constexpr, DOT_S: tl.constexpr,
                        READ: tl.constexpr = False):
     """Through B (in Y = U - B S0) and the write of S1: dk (bwd_dk_tail adds the rest), and
-    the parts of dbeta and dg these carry (added to bwd_dm's). Its products are ieee on every
-    target: small tiles (16 x 16 on a GPU, see _TILE_CAPS), and tf32x3 here spilled on sm_80."""
+    the parts of dbeta and dg these carry (added to bwd_dm's). Its products are ieee unless
+    half (``constexprs``): small tiles (16 x 16 on a GPU, see _TILE_CAPS), and tf32x3 here
+    spilled on sm_80."""
     i_chunk = tl.program_id(0)
     i_h = tl.program_id(1)
     tok0 = tl.load(chunk_starts + i_chunk).to(tl.int64)
@@ -540,8 +559,8 @@ def chunk_delta_bwd_dk(k, beta, g, gr, delta, du, states, dstates, dk, dbeta, dg
             m_v = o_v < VD
             s0 = _state_tile(states, state, o_k, m_k, o_v, m_v, VD)
             ds1 = _state_tile(dstates, state, o_k, m_k, o_v, m_v, VD)
-            a1 += tl.dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(s0), input_precision="ieee")
-            a2 += tl.dot(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(ds1), input_precision="ieee")
+            a1 += _dot(_tile(du, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(s0), DOT_S)
+            a2 += _dot(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD), tl.trans(ds1), DOT_S)
             d_carry += tl.sum(tl.sum(s0 * ds1, axis=1), axis=0)
         _put(dk, rbase, roffs, m_r, o_k, m_k, KD, dec[:, None] * a2 - bg[:, None] * a1)
         k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD)
@@ -574,7 +593,7 @@ def chunk_delta_bwd_dk(k, beta, g, gr, delta, du, states, dstates, dk, dbeta, dg
 def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dg, dpm_out, chunk_starts, chunk_ends, H,
                        KD: tl.constexpr, VD: tl.constexpr, NH: tl.constexpr, NHP: tl.constexpr,
                        C: tl.constexpr, R: tl.constexpr, BKT: tl.constexpr, BV: tl.constexpr,
-                       DOT: tl.constexpr):
+                       DOT: tl.constexpr, DOT_S: tl.constexpr):
     """Through the read O = diag(exp γ) Q S0 + P Δ: dq (bwd_dk_tail adds dpm K), the part of
     dg through it (added to bwd_dk's), and dpm = dP ⊙ exp(γ_t - γ_r) for bwd_dk_tail."""
     i_chunk = tl.program_id(0)
@@ -588,8 +607,8 @@ def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dg, dpm_out, chunk_starts
     for vt in tl.range(0, VD, BV, num_stages=1):
         o_v = vt + tl.arange(0, BV)
         m_v = o_v < VD
-        d_p += tl.dot(_tile(do, tbase, toffs, m_c, o_v, m_v, VD),
-                      tl.trans(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD)), input_precision=DOT)
+        d_p += _dot(_tile(do, tbase, toffs, m_c, o_v, m_v, VD),
+                      tl.trans(_tile(delta, rbase, roffs, m_r, o_v, m_v, VD)), DOT)
     g_c, g_r, gam_c, gam_r, suf_r, gam_last = _gates(g, tok0, eos, i_h, H, NHP, C, R)
     dpm = d_p * _read_decays(g_c, NHP, C, R)
     o_c = tl.arange(0, C)
@@ -605,8 +624,8 @@ def chunk_delta_bwd_dq(k, g, q, delta, states, do, dq, dg, dpm_out, chunk_starts
         for vt in tl.range(0, VD, BV, num_stages=1):
             o_v = vt + tl.arange(0, BV)
             m_v = o_v < VD
-            b += tl.dot(_tile(do, tbase, toffs, m_c, o_v, m_v, VD),
-                        tl.trans(_state_tile(states, state, o_k, m_k, o_v, m_v, VD)), input_precision=DOT)
+            b += _dot(_tile(do, tbase, toffs, m_c, o_v, m_v, VD),
+                        tl.trans(_state_tile(states, state, o_k, m_k, o_v, m_v, VD)), DOT_S)
         q_t = _tile(q, tbase, toffs, m_c, o_k, m_k, KD)
         _put(dq, tbase, toffs, m_c, o_k, m_k, KD, e_c[:, None] * b)
         d_gam_c += e_c * tl.sum(q_t * b, axis=1)
@@ -635,11 +654,11 @@ def chunk_delta_bwd_dk_tail(k, q, sym, dpm, dk, dq, chunk_starts, chunk_ends, H,
     base = (tl.cast(i_chunk, tl.int64) * H + i_h) * R * R
     k_t = _tile(k, rbase, roffs, m_r, o_k, m_k, KD)
     _put(dq, tbase, toffs, m_c, o_k, m_k, KD, _tile(dq, tbase, toffs, m_c, o_k, m_k, KD)
-         + tl.dot(tl.load(dpm + base + o_c[:, None] * R + o_r[None, :]), k_t, input_precision=DOT))
+         + _dot(tl.load(dpm + base + o_c[:, None] * R + o_r[None, :]), k_t, DOT))
     d_k = _tile(dk, rbase, roffs, m_r, o_k, m_k, KD) \
-        + tl.dot(tl.load(sym + base + o_r[:, None] * R + o_r[None, :]), k_t, input_precision=DOT)
-    d_k += tl.dot(tl.load(dpm + base + o_r[:, None] + o_c[None, :] * R),
-                  _tile(q, tbase, toffs, m_c, o_k, m_k, KD), input_precision=DOT)
+        + _dot(tl.load(sym + base + o_r[:, None] * R + o_r[None, :]), k_t, DOT)
+    d_k += _dot(tl.load(dpm + base + o_r[:, None] + o_c[None, :] * R),
+                  _tile(q, tbase, toffs, m_c, o_k, m_k, KD), DOT)
     _put(dk, rbase, roffs, m_r, o_k, m_k, KD, d_k)
 
 
@@ -650,25 +669,53 @@ ROWS = 64  # step rows per chunk by default: 64 tokens of one step, 32 of two, 1
 
 
 def config(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = None,
-           gpu: bool = True) -> dict:
+           gpu: bool = True, precision: Precision | None = None) -> dict:
     """The constexprs of every core kernel for these sizes. On a GPU, K and V are walked in
-    tiles of 32 and products run on tensor cores at fp32 accuracy (tf32x3); under the
-    interpreter (``gpu=False``) one tile covers K or V (fewer, larger steps) and DOT is ieee."""
+    tiles of 32; under the interpreter (``gpu=False``) one tile covers K or V (fewer, larger
+    steps). DOT_R, DOT, DOT_S and DOT_T are ``precision``'s formats of the read, chunk, state
+    and solve products (default: the "auto" policy for fp32 inputs)."""
     steps_p2 = triton.next_power_of_2(steps)
     chunk = chunk_size or max(16, ROWS // steps_p2)
     if chunk not in CHUNK_SIZES:
         raise ValueError(f"chunk_size must be one of {', '.join(map(str, CHUNK_SIZES))}; got {chunk}")
     bk = max(16, triton.next_power_of_2(key_dim))
     bv = max(16, triton.next_power_of_2(value_dim))
+    if precision is None:  # imported here: AOT builds load this file alone, outside the package
+        import torch
+
+        from .precision import resolve
+        precision = resolve("auto", torch.float32, interpreted=not gpu)
     return dict(KD=key_dim, VD=value_dim, NH=steps, NHP=steps_p2, C=chunk, R=chunk * steps_p2,
                 BKT=min(bk, 32) if gpu else bk, BV=min(bv, 32) if gpu else bv,
-                DOT="tf32x3" if gpu else "ieee")
+                DOT_R=precision.read, DOT=precision.chunk, DOT_S=precision.state,
+                DOT_T=precision.solve)
+
+
+# The classes of products in each kernel (recdsl.codegen.precision), hence its DOT constexprs.
+# prepare's K Kᵀ (entering the solve) is ieee whatever the policy.
+PRODUCTS = {
+    "chunk_delta_prepare": ("solve",),
+    "chunk_delta_fwd_h": ("state",),
+    "chunk_delta_fwd_o": ("read",),
+    "chunk_delta_bwd_dv": ("chunk",),
+    "chunk_delta_bwd_dh": ("state", "solve"),
+    "chunk_delta_bwd_dm": ("chunk",),
+    "chunk_delta_bwd_dk": ("state",),
+    "chunk_delta_bwd_dq": ("chunk", "state"),
+    "chunk_delta_bwd_dk_tail": ("chunk",),
+}
+_CONSTEXPR = {"read": "DOT_R", "chunk": "DOT", "state": "DOT_S", "solve": "DOT_T"}
+_HALF = ("fp16", "bf16")
 
 
 # the kernels with the most live tiles take 8 warps (ptxas reports spills at 4); the others 4.
 # bwd_dq is not one of them: at 8 warps ptxas capped it at 128 registers and spilled on sm_80
 # (NH=2), at 4 it builds without spills for NH = 1..3, K = V = 64 and 128, on sm_80 and sm_90.
+# With half operands (DOT fp16 or bf16) bwd_dv and bwd_dq take 8 too: at 4 they spilled on
+# sm_80 at NH = 1 (255 registers, 16 and 40 bytes); at 8 they take 190 and 186 ("mixed"; 156
+# for bwd_dq under "half"), no spills, for NH = 1..3 on sm_80 and sm_90.
 _WIDE = ("chunk_delta_bwd_dm", "chunk_delta_bwd_dk")
+_WIDE_HALF = ("chunk_delta_bwd_dv", "chunk_delta_bwd_dq")
 
 # Caps (BKT, BV) on config's tiles for kernels that walk K and V inside one program. bwd_dk
 # holds two [R, BKT] accumulators and multiplies with ieee (FMA) products: at 32 x 32 ptxas held
@@ -680,16 +727,29 @@ _TILE_CAPS = {"chunk_delta_bwd_dk": (16, 16)}
 
 
 def num_warps(kernel: str, cfg: dict) -> int:
-    return 8 if kernel in _WIDE else 4
+    return 8 if kernel in _WIDE or (kernel in _WIDE_HALF and cfg["DOT"] in _HALF) else 4
 
 
 def constexprs(kernel: str, cfg: dict) -> dict:
-    """The constexprs of ``kernel``: ``cfg`` (from ``config``) with its tile caps applied.
-    Only kernels whose grid has no K or V axis have caps: the others' tiles are the grid's."""
-    if kernel not in _TILE_CAPS:
-        return cfg
-    bk, bv = _TILE_CAPS[kernel]
-    return dict(cfg, BKT=min(cfg["BKT"], bk), BV=min(cfg["BV"], bv))
+    """The constexprs of ``kernel``: ``cfg`` (from ``config``) with its tile caps applied and
+    the DOT formats of its products only. Only kernels whose grid has no K or V axis have
+    caps: the others' tiles are the grid's. bwd_dk's products are ieee unless half: its
+    tf32x3 spilled on sm_80 (see _TILE_CAPS)."""
+    used = {_CONSTEXPR[c] for c in PRODUCTS[kernel]}
+    out = {k: v for k, v in cfg.items() if k not in _CONSTEXPR.values() or k in used}
+    if kernel == "chunk_delta_bwd_dk" and out["DOT_S"] not in _HALF:
+        out["DOT_S"] = "ieee"
+    if kernel in _TILE_CAPS:
+        bk, bv = _TILE_CAPS[kernel]
+        out.update(BKT=min(cfg["BKT"], bk), BV=min(cfg["BV"], bv))
+    return out
+
+
+def dots(kernel: str, cfg: dict) -> str:
+    """The formats of ``kernel``'s products, for build reports."""
+    ce = constexprs(kernel, cfg)
+    text = ", ".join(f"{c} {ce[_CONSTEXPR[c]]}" for c in PRODUCTS[kernel])
+    return text + (", K Kᵀ ieee" if kernel == "chunk_delta_prepare" else "")
 
 
 # argument types of each kernel for ahead-of-time builds (pointers to fp32 buffers, int64
@@ -718,19 +778,19 @@ _READ_KERNELS = ("chunk_delta_prepare", "chunk_delta_bwd_dh", "chunk_delta_bwd_d
 
 
 def aot_module(key_dim: int, value_dim: int, steps: int, chunk_size: int | None = None,
-               read: bool = False):
+               read: bool = False, precision=None):
     """This file's kernels as an ``aot.GeneratedModule`` for a build report at these sizes
     (``read``: the READ variants of the kernels that have one, for a rule whose first erase
-    stands beside a decay; the variant text says so)."""
+    stands beside a decay; the variant text says so; ``precision``: a
+    ``recdsl.codegen.precision.Precision``, default the "auto" policy for fp32 inputs)."""
     from pathlib import Path
 
     from . import aot
-    cfg = config(key_dim, value_dim, steps, chunk_size)
+    cfg = config(key_dim, value_dim, steps, chunk_size, precision=precision)
     variant = (f"K={key_dim} V={value_dim} NH={steps} chunk {cfg['C']} (rows {cfg['R']}), "
                f"K x V tiles {cfg['BKT']} x {cfg['BV']}"
                + "".join(f" ({k.removeprefix('chunk_delta_')} {min(cfg['BKT'], bk)} x {min(cfg['BV'], bv)})"
-                         for k, (bk, bv) in _TILE_CAPS.items())
-               + f", {cfg['DOT']}")
+                         for k, (bk, bv) in _TILE_CAPS.items()))
     entries = []
     for name, (pointers, bounds, flags) in KERNELS.items():
         types = {a: _P for a in pointers.split()}
@@ -741,5 +801,5 @@ def aot_module(key_dim: int, value_dim: int, steps: int, chunk_size: int | None 
             flags = {**flags, "READ": read}
             text += ", READ" if read else ""
         entries.append(aot.KernelEntry(name, types, {**constexprs(name, cfg), **flags},
-                                       num_warps(name, cfg), text))
+                                       num_warps(name, cfg), text, dots(name, cfg)))
     return aot.GeneratedModule("chunk-delta", "chunk_delta_core.py", Path(__file__).read_text(), entries)

@@ -21,7 +21,7 @@ from ..ir.checked import CheckedRule
 from ..ir.ssa import lower
 from ..ir.vjp import adjoint
 from ..options import add_const_option, add_dims_option, merged
-from . import aot
+from . import aot, precision
 from .printers import torch_program
 from .recurrent import generate as generate_recurrent
 
@@ -72,9 +72,10 @@ def recurrent_module(rule: CheckedRule, sizes: dict) -> aot.GeneratedModule:
     return aot.GeneratedModule("recurrent", f"{rule.name}_recurrent.py", spec.source, kernels)
 
 
-def chunk_delta_modules(rule: CheckedRule, sizes: dict) -> list:
+def chunk_delta_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
     """The chunkwise kernels of a delta-family rule: its generated prologue and the fixed
-    WY core at the rule's sizes (none for a rule the chunk backend refuses)."""
+    WY core at the rule's sizes, its products in ``precision``'s formats (none for a rule the
+    chunk backend refuses)."""
     from ..runtime.rule import Rule
     from . import chunk_delta, prologue
     full = Rule(rule)
@@ -83,12 +84,14 @@ def chunk_delta_modules(rule: CheckedRule, sizes: dict) -> list:
     plan = prologue.plan(full, sizes)
     return [prologue.aot_module(full, sizes),
             chunk_delta.aot_module(sizes[plan.key_dim], sizes[plan.value_dim], plan.steps,
-                                   read=plan.read_log is not None)]
+                                   read=plan.read_log is not None, precision=precision)]
 
 
-def chunk_dplr_modules(rule: CheckedRule, sizes: dict) -> list:
+def chunk_dplr_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
     """The fixed DPLR chunk core, for a rule the chunk backend runs in the DPLR family, at
-    each of its states' (K, V) and the rows of a chunk at the rule's sizes; else none."""
+    each of its states' (K, V) and the rows of a chunk at the rule's sizes; else none. Its
+    products are tf32x3 whatever ``precision`` says (the core has one DOT constexpr; the
+    policy is not plugged in yet)."""
     from ..runtime import backends
     from ..runtime import chunk_dplr as runtime
     from ..runtime.rule import Rule
@@ -107,7 +110,7 @@ def _kernel_args(source: str) -> dict:
             for f in pyast.parse(source).body if isinstance(f, pyast.FunctionDef)}
 
 
-def chunk_diagonal_modules(rule: CheckedRule, sizes: dict) -> list:
+def chunk_diagonal_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
     """The chunkwise kernels of a diagonal-family rule: its generated stage prologues and the
     fixed pass kernels, once per distinct pass shape at the rule's sizes (the GPU tiles and the
     default chunk of ``recdsl.runtime.chunk_diagonal``); none for a rule the backend refuses."""
@@ -138,11 +141,11 @@ def chunk_diagonal_modules(rule: CheckedRule, sizes: dict) -> list:
         shapes.setdefault(p.shape(sizes, runtime.CHUNK_SIZE), []).append(p)
     for shape, same in shapes.items():
         name = "pass " + ", ".join(f"{p.index} ({p.x_dim} x {p.y_dim})" for p in same)
-        passes.kernels += chunk_diagonal.aot_module(shape, name).kernels
+        passes.kernels += chunk_diagonal.aot_module(shape, name, precision).kernels
     return modules + [passes]
 
 
-def scan_modules(rule: CheckedRule, sizes: dict) -> list:
+def scan_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
     """The fixed linear-scan kernels of a scan-family rule, for the channels of its widest
     state (a head's entries; the launch multiplies them by the heads); none for other rules."""
     import math
@@ -156,7 +159,7 @@ def scan_modules(rule: CheckedRule, sizes: dict) -> list:
     return [scan_kernels.aot_module(channels)]
 
 
-def derived_modules(rule: CheckedRule, sizes: dict) -> list:
+def derived_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
     """The kernels of the derived rule a staged rule (mLSTM: C and n given m) or a rule with
     its reads lowered runs on the chunk and scan backends: that rule's chunk and scan modules
     (a dim the derivation adds, the lifted vector states' ONE, has size 1)."""
@@ -168,17 +171,20 @@ def derived_modules(rule: CheckedRule, sizes: dict) -> list:
         return []
     inner = {d: sizes.get(d, 1) for d in derived.ir.dims}
     modules = [m for make in (chunk_delta_modules, chunk_diagonal_modules, chunk_dplr_modules,
-                              scan_modules, derived_modules) for m in make(derived.ir, inner)]
+                              scan_modules, derived_modules)
+               for m in make(derived.ir, inner, precision)]
     return modules
 
 
-# Each generator gives a list of modules for (checked rule, sizes): empty where it does not apply.
-GENERATORS = (lambda rule, sizes: [recurrent_module(rule, sizes)], chunk_delta_modules,
-              chunk_diagonal_modules, chunk_dplr_modules, scan_modules, derived_modules)
+# Each generator gives a list of modules for (checked rule, sizes, the chunk kernels'
+# ``recdsl.codegen.precision.Precision`` or None): empty where it does not apply.
+GENERATORS = (lambda rule, sizes, precision=None: [recurrent_module(rule, sizes)],
+              chunk_delta_modules, chunk_diagonal_modules, chunk_dplr_modules, scan_modules,
+              derived_modules)
 
 
-def generated_modules(rule: CheckedRule, sizes: dict) -> list:
-    return [module for make in GENERATORS for module in make(rule, sizes)]
+def generated_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
+    return [module for make in GENERATORS for module in make(rule, sizes, precision)]
 
 
 def torch_programs(rule: CheckedRule, sizes: dict) -> str:
@@ -283,6 +289,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=sorted(aot.DTYPES), default="float32",
                         help="dtype of the inputs and outputs the kernels are built for "
                         "(default float32)")
+    parser.add_argument("--precision", choices=precision.NAMES, default="auto",
+                        help="the chunk kernels' precision policy (as rule(..., precision=); "
+                        "default auto: by --dtype)")
 
 
 def command(args) -> int:
@@ -303,19 +312,23 @@ def command(args) -> int:
             print(f"wrote {path}")
     failed = False
     for name in args.arch or ():
-        failed |= not report(rule, sizes, aot.ARCHS[name], args.dtype, verbose=args.report)
+        failed |= not report(rule, sizes, aot.ARCHS[name], args.dtype, verbose=args.report,
+                             policy=args.precision)
     return 1 if failed else 0
 
 
 def report(rule: CheckedRule, sizes: dict, arch: aot.Arch, dtype: str = "float32",
-           verbose: bool = True, out=None, err=None) -> bool:
-    """Build every kernel for ``arch``; print the table (``verbose``) to ``out`` and any
-    problem to ``err``. True when no kernel spills or needs more shared memory than ``arch``
-    has."""
+           verbose: bool = True, out=None, err=None, policy: str = "auto") -> bool:
+    """Build every kernel for ``arch``, the chunk kernels' products in the formats of the
+    precision ``policy`` for ``dtype`` inputs; print the table (``verbose``) to ``out`` and
+    any problem to ``err``. True when no kernel spills or needs more shared memory than
+    ``arch`` has."""
+    import torch
     out, err = out or sys.stdout, err or sys.stderr
     dims = " ".join(f"{d}={n}" for d, n in sizes.items())
+    dots = precision.resolve(policy, getattr(torch, dtype), interpreted=False)
     builds = []
-    for module in generated_modules(rule, sizes):
+    for module in generated_modules(rule, sizes, dots):
         builds += aot.build_module(module, arch, dtype,
                                    progress=lambda text: print(f"  {text} ...", file=err, flush=True))
     found = aot.problems(builds, arch)
@@ -323,10 +336,11 @@ def report(rule: CheckedRule, sizes: dict, arch: aot.Arch, dtype: str = "float32
     variants = list(dict.fromkeys(b.variant for b in builds if b.variant and b.kernel not in repeated))
     if verbose:
         print(f"rule {rule.name} ({rule.filename}) on {arch.name}: {dims}, {dtype} inputs, "
+              f"precision {policy} ({dots.policy}: {dots.describe()}), "
               f"built with {aot.ptxas_version(arch)}", file=out)
         for v in variants:
             print(f"variant built: {v}", file=out)
-        print(aot.format_table(builds), file=out)
+        print(aot.format_table(builds, arch), file=out)
     out.flush()
     for text in found:
         print(f"error: {text}", file=err)

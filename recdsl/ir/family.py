@@ -190,7 +190,14 @@ def _affine(analysis: Analysis):
                 break
             seen.add(nxt.name)
             root = nxt
-        reason = f"the update of {root.name} is not affine in the states: {root.problem.message}"
+        coupled = root.problem.kind == "cross" and all(
+            states[s].affine for s in root.problem.states if s in states)
+        if coupled:  # affine in the states together, which no family takes (yet)
+            reason = (f"the states are coupled: {root.problem.message} (affine in the states "
+                      f"together, but each parallel family takes a state's update in that "
+                      f"state alone)")
+        else:
+            reason = f"the update of {root.name} is not affine in the states: {root.problem.message}"
         fed = [s.name for s in states.values() if s is not root and not s.affine
                and root.name in s.problem.states]
         if fed:

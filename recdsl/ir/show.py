@@ -372,7 +372,10 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
             out += [f"  {line}" for line in _recurrence(sa, p.math())]
             continue
         pb = sa.problem
-        out.append(f"  {sa.name}: not affine in the states: {pb.message} "
+        coupled = pb.kind == "cross" and all(
+            analysis.states[s].affine for s in pb.states if s in analysis.states)
+        verdict = "coupled to other states" if coupled else "not affine in the states"
+        out.append(f"  {sa.name}: {verdict}: {pb.message} "
                    f"({checked.filename}:{pb.line}:{pb.column})")
         updates = [(st, loop) for st, loop in _walk(checked.body)
                    if isinstance(st, ast.Update) and st.state == sa.name]

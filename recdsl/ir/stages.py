@@ -288,6 +288,11 @@ class _Stager:
                         else f"the gate {lets[0]} of {first} reads")
             else:
                 what = f"the update of {first} reads"
+            if self.analysis.states[other].affine and problem is not None \
+                    and problem.kind == "cross":  # coupled affine states (momentum)
+                return (f"{what} state {other}, whose own update is affine: a leading stage "
+                        f"is a non-affine scalar or vector state; coupled affine states are "
+                        f"not staged", pos)
             return f"{what} state {other}: no stage can go first", pos
         return (f"state {first} is a {'matrix' if self.rank[first] == 2 else 'tensor'}: a "
                 f"leading stage takes scalar and vector states", pos)

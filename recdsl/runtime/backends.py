@@ -119,8 +119,8 @@ def _prefer_scan(rule, dim_sizes=None) -> bool:
     states = rule.ir.states
     if staging is not None:  # the states the derived rule runs (mLSTM's C and n, not m)
         states = staging.derived.ir.states
-        if any(v.rank == 2 for v in states):
-            states = [v for v in states if v.rank == 2]
+    if any(v.rank == 2 for v in states):  # the matrix states cost the most: a normaliser
+        states = [v for v in states if v.rank == 2]  # vector beside them does not decide
     for var in states:
         if var.rank < 2:
             return True

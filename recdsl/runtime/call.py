@@ -56,6 +56,7 @@ class BoundCall:
         for d in token_dtypes[1:]:
             out = torch.promote_types(out, d)
         self.output_dtype = out
+        self.precision = "auto"  # the Triton chunk kernels' policy (recdsl.codegen.precision)
         # no sequence, no head or no token: nothing to compute (see empty_result)
         self.empty = self.num_sequences == 0 or self.heads == 0 or self.time == 0
 

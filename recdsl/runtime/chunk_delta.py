@@ -9,13 +9,15 @@ parallel) -> prologue's adjoint (gradients of the rule's inputs and params).
 
 Every sequence, packed or not, is a token range: a batch [B, T] is the packed layout with
 boundaries 0, T, 2T, ... so one code path serves both. fp16/bf16/fp64 inputs are read as
-fp32; everything is computed and accumulated in fp32.
+fp32; everything is accumulated in fp32, the products' operands in the formats of the call's
+precision policy (``recdsl.codegen.precision``; half operands for half inputs by default).
 """
 from __future__ import annotations
 
 import torch
 import triton
 
+from ..codegen import precision
 from ..codegen import prologue as prologue_gen
 from ..errors import BackendError
 from .cache import cache_key, load_generated
@@ -51,8 +53,11 @@ class _Launch:
         self.KD = call.dim_sizes[spec.key_dim]
         self.VD = call.dim_sizes[spec.value_dim]
         self.NH = spec.steps
+        gpu = call.device.type != "cpu"
+        self.precision = precision.for_call(call, interpreted=not gpu)
         try:
-            cfg = self.core.config(self.KD, self.VD, self.NH, chunk_size, gpu=call.device.type != "cpu")
+            cfg = self.core.config(self.KD, self.VD, self.NH, chunk_size, gpu=gpu,
+                                   precision=self.precision)
         except ValueError as err:
             raise BackendError(str(err)) from None
         self.R, self.BV, self.NHP, self.C = cfg["R"], cfg["BV"], cfg["NHP"], cfg["C"]

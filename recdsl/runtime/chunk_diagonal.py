@@ -30,6 +30,7 @@ import torch
 import triton
 
 from ..codegen import chunk_diagonal as codegen
+from ..codegen import precision as dot_precision
 from ..codegen.chunk_diagonal import CHANNEL, PassShape
 from ..errors import BackendError
 from .cache import cache_key, load_generated, load_module
@@ -40,8 +41,6 @@ CHUNK_SIZE = 64
 # Tile caps (BX, BV) of the passes: None takes PassShape's (sized for GPU registers) on CUDA
 # and whole axes under the interpreter, where fewer, larger programs run faster.
 TILE_CAPS = None
-# Dot precision on GPUs ("tf32x3", "tf32" or "ieee"); the interpreter computes exactly.
-PRECISION = codegen.GPU_PRECISION
 
 
 def kernels():
@@ -66,6 +65,7 @@ class PassLaunch:
     chunk_offsets: torch.Tensor  # int64 [N + 1]: each sequence's first slot of chunk states
     chunk_bounds: torch.Tensor  # int64 [chunks, 3]: first token, its sequence's end, state slot
     state_dims: tuple  # the rule's layout of the state: (DX, DY) or (DY, DX) when transposed
+    precision: dot_precision.Precision  # the dots' formats: the call's policy for its dtype
 
     @staticmethod
     def make(shape: PassShape, call) -> "PassLaunch":
@@ -82,7 +82,8 @@ class PassLaunch:
         chunk_bounds = torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
         dims = (shape.dy, shape.dx) if shape.transposed else (shape.dx, shape.dy)
         return PassLaunch(shape, call.batch, call.time, call.heads, call.num_sequences, cu,
-                          offsets, chunk_bounds, dims)
+                          offsets, chunk_bounds, dims,
+                          dot_precision.for_call(call, interpreted=device.type == "cpu"))
 
     @property
     def total_chunks(self) -> int:
@@ -146,7 +147,7 @@ class _PassFunction(torch.autograd.Function):
             out, ht, ckpt, *launch.sequences(device), B * T * H,
             **shape.constexprs(USE_INITIAL=h0 is not None, HAS_EXTRA=extra is not None,
                                STORE_CKPT=needs_grad, IS_VARLEN=launch.cu is not None,
-                               PRECISION=PRECISION),
+                               **codegen.precision_flags("chunk_fwd", launch.precision)),
             num_warps=shape.num_warps)
         ctx.launch = launch
         ctx.meta = [(t.dtype, t.shape) if t is not None else None
@@ -177,8 +178,8 @@ class _PassFunction(torch.autograd.Function):
             d_ht.contiguous() if use_final else dummy, dckpt, dh0, *launch.sequences(device),
             B * T * H,
             **{k: v for k, v in shape.constexprs().items() if k != "EXACT"},
-            USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None, PRECISION=PRECISION,
-            num_warps=shape.num_warps)
+            USE_FINAL_GRAD=use_final, IS_VARLEN=launch.cu is not None,
+            **codegen.precision_flags("chunk_bwd_dh", launch.precision), num_warps=shape.num_warps)
         # 2. every chunk's gradients at once (X side, Y side)
         dux = torch.empty([2, NY, B, T, H, shape.dx], **f32)  # du, dkx
         dvy = torch.empty([NX, B, T, H, shape.dy], **f32)
@@ -189,7 +190,8 @@ class _PassFunction(torch.autograd.Function):
         grid = (launch.total_chunks, NX * NY, H)
         tensors = (u, kx, vy, gxc if gxc is not None else dummy, gyc if gyc is not None else dummy,
                    ckpt, dckpt, d_out)
-        flags = {k: v for k, v in shape.constexprs(PRECISION=PRECISION).items() if k != "TRANSPOSED"}
+        flags = {k: v for k, v in shape.constexprs(
+            **codegen.precision_flags("chunk_bwd_x", launch.precision)).items() if k != "TRANSPOSED"}
         for side in (0, 1):
             module.chunk_bwd_x[grid](*tensors, dux[side], dgx[side], launch.chunk_bounds, H,
                                      B * T * H, **flags, SIDE=side, num_warps=shape.num_warps)

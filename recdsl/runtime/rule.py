@@ -9,6 +9,7 @@ from ..grammar.parser import parse
 from ..ir.checked import CheckedRule
 from ..ir.checker import check
 from ..ir.family import classify
+from ..codegen.precision import check as check_precision
 from . import backends
 from .call import BoundCall
 
@@ -61,8 +62,9 @@ class Rule:
         return BoundCall(self.ir, inputs, named, initial_state, cu_seqlens)
 
     def __call__(self, *inputs, initial_state=None, output_final_state=False, backend="auto",
-                 cu_seqlens=None, **named):
+                 cu_seqlens=None, precision="auto", **named):
         call = self.bind(*inputs, initial_state=initial_state, cu_seqlens=cu_seqlens, **named)
+        call.precision = check_precision(precision)  # the chunk kernels' products (codegen.precision)
         run = backends.resolve(self, backend, call)
         if call.empty:
             outputs, finals = call.empty_result()

@@ -175,6 +175,32 @@ def _parity(n):
     return 1 - 2 * torch.remainder(n, 2)
 
 
+class _Scores(torch.autograd.Function):
+    """``R @ Cᵀ`` of the rescaled rows and columns of the factored scores, computed in the
+    input dtype ``dt`` from ``R`` and ``C`` given in float64, with its backward in float64.
+
+    A span's decay exp(γ_i - γ_j) is split into a row scale and a column scale, so the
+    gradient of a gate g_t (the reverse cumulative sum of the scales' log-gradients) is the
+    difference of the row and column parts of every span that starts after t: they cancel,
+    leaving the spans across t. In float32 each part keeps the rounding of its own size,
+    which the cancellation leaves behind (gate and decay-param gradients at 10x the naive
+    loop's error). So the scaled rows and columns are formed in float64 (the exps too: a
+    factor exp(±60) rounded from a float32 argument would be off by 60 ulp) and their
+    gradients come back in float64; only the forward product runs in the input's dtype.
+    Without autograd the rows and columns come in ``dt`` and nothing is widened."""
+
+    @staticmethod
+    def forward(ctx, R, C, dt):
+        ctx.save_for_backward(R, C)
+        return R.to(dt) @ C.to(dt).transpose(-1, -2)
+
+    @staticmethod
+    def backward(ctx, dout):
+        R, C = ctx.saved_tensors
+        d = dout.double()
+        return d @ C, d.transpose(-1, -2) @ R, None
+
+
 def _scores_factored(gam, gprev, ncum, nprev, a, b, x, q, m, dt):
     """The same four score matrices as ``_scores_pairwise`` for decays <= 1 (every log-decay
     <= 0, so ``γ`` falls along the chunk), as plain batched matmuls of rescaled rows.
@@ -212,32 +238,31 @@ def _scores_factored(gam, gprev, ncum, nprev, a, b, x, q, m, dt):
         rexp_a = gprev - ref.repeat_interleave(Ls, 2)
         rexp_q = gh - ref.repeat_interleave(sub, 2)
         cexp = (ref.unsqueeze(3) - gam.unsqueeze(2)).clamp(max=limit)  # [nc, Z, P, L, K]
-    # exp in float64, then rounded: a factor exp(±60) rounded from its float32 argument would
-    # be off by 60 ulp
-    rs_a, rs_q, cs = rexp_a.exp().to(dt), rexp_q.exp().to(dt), cexp.exp().to(dt)
-    if ncum is not None:
-        rs_a = rs_a * _parity(nprev).to(dt)
-        rs_q = rs_q * _parity(nh).to(dt)
-        cs = cs * _parity(ncum).to(dt).unsqueeze(2)
-    ah = cs * a.unsqueeze(2)  # [nc, Z, P, L, K]
-    xh = (cs.unsqueeze(-2) * x.unsqueeze(2)).reshape(nc, Z, P, L * r, K)
-    bh = (b * rs_a).reshape(nc, Z, P, Ls, K)
+    # the rows and columns rescaled, in float64 where gradients will flow (``_Scores``),
+    # signed where decays are negative; the scales' exps in float64 either way
+    wide = torch.float64 if torch.is_grad_enabled() else dt
+    signed = lambda scale, n: (scale if n is None else scale * _parity(n)).to(wide)
+    cs = signed(cexp.exp(), None if ncum is None else ncum.unsqueeze(2))
+    rows_b = (b.to(wide) * signed(rexp_a.exp(), nprev)).reshape(nc, Z, P, Ls, K)
+    cols_a = a.unsqueeze(2).to(wide) * cs  # [nc, Z, P, L, K]
+    cols_x = (x.unsqueeze(2).to(wide) * cs.unsqueeze(-2)).reshape(nc, Z, P, L * r, K)
     zero = torch.zeros((), dtype=dt, device=dev)
     strict = idx[None, :] < idx[:, None]  # [i, j]: j < i
-    A_ab = torch.where(strict, (bh @ ah.transpose(-1, -2)).reshape(nc, Z, L, L), zero)
+    A_ab = torch.where(strict, _Scores.apply(rows_b, cols_a, dt).reshape(nc, Z, L, L), zero)
     A_bx = torch.where(strict.repeat_interleave(r, 1),
-                       (bh @ xh.transpose(-1, -2)).reshape(nc, Z, L, L * r), zero)
+                       _Scores.apply(rows_b, cols_x, dt).reshape(nc, Z, L, L * r), zero)
     bad_a = rexp_a.detach().amin(-1) < -limit  # [nc, Z, L]
     if bool(bad_a.any()):
         A_ab, A_bx = _exact_rows(bad_a, gprev, nprev, b, idx, gam, ncum, a, x, dt, A_ab, A_bx)
     Qa = Qx = None
     if q is not None:
         Rn = q.shape[3]
-        qh = (q * rs_q.unsqueeze(-2)).reshape(nc, Z, P, sub * Rn, K)
+        rows_q = (q.to(wide) * signed(rexp_q.exp(), nh).unsqueeze(-2)).reshape(
+            nc, Z, P, sub * Rn, K)
         incl = (idx[None, :] <= h[:, None]).repeat_interleave(Rn, 0)  # [t R, j]
-        Qa = torch.where(incl, (qh @ ah.transpose(-1, -2)).reshape(nc, Z, C * Rn, L), zero)
+        Qa = torch.where(incl, _Scores.apply(rows_q, cols_a, dt).reshape(nc, Z, C * Rn, L), zero)
         Qx = torch.where(incl.repeat_interleave(r, 1),
-                         (qh @ xh.transpose(-1, -2)).reshape(nc, Z, C * Rn, L * r), zero)
+                         _Scores.apply(rows_q, cols_x, dt).reshape(nc, Z, C * Rn, L * r), zero)
         bad_q = rexp_q.detach().amin(-1) < -limit  # [nc, Z, C]
         if bool(bad_q.any()):
             Qa, Qx = _exact_rows(bad_q.repeat_interleave(Rn, 2),

@@ -134,6 +134,20 @@ def test_a_product_of_two_states_is_recurrent():
     assert (f.pos.line, f.pos.column) == (7, 9)
 
 
+def test_coupled_affine_states_are_called_coupled_not_non_affine():
+    """Momentum (Titans-style): S reads M, M is affine on its own. The update is affine in
+    the two states together; the reason says so instead of "not affine"."""
+    f = family("rule m\n" + HEAD + "state M[K, V]\ninput q[K], k[K], v[V], eta, th\n"
+               "M = sigmoid(eta) * M + outer(k, v)\nS = sigmoid(th) * S + M\n"
+               "output o = q @ S\n")
+    assert f.name == "recurrent"
+    assert f.reason == ("the states are coupled: the update of S reads state M (affine in the "
+                        "states together, but each parallel family takes a state's update in "
+                        "that state alone)")
+    assert (f.pos.line, f.pos.column) == (7, 23)
+    assert f.staged is None
+
+
 def test_a_gate_depending_on_a_state_is_recurrent():
     f = family("rule g\n" + HEAD + "input q[K], k[K], v[V]\nlet g = sigmoid(sum(k @ S))\n"
                "S = g * S + outer(k, v)\noutput o = q @ S\n")

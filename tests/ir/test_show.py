@@ -93,3 +93,15 @@ def test_written_rules_value_axis_decay_and_a_write_before_a_decay():
             "S = S @ diag(exp(gv)) + outer(k, v)\nS = exp(g) * S\noutput o = q @ S\n")
     out = lines(render(check(parse(text, "wf.rec"))))
     assert "S_t = exp(g_t) S_{t-1} diag(exp(gv_t)) + exp(g_t) k_t v_tᵀ" in out
+
+
+def test_coupled_affine_states_say_coupled_in_the_recurrence_and_the_stages():
+    text = ("rule momentum\ndims K, V\nstate S[K, V], M[K, V]\ninput q[K], k[K], v[V], eta, th\n"
+            "M = sigmoid(eta) * M + outer(k, v)\nS = sigmoid(th) * S + M\noutput o = q @ S\n")
+    out = render(check(parse(text, "momentum.rec")))
+    assert ("S: coupled to other states: the update of S reads state M (momentum.rec:6:23)"
+            in lines(out))
+    assert ("stages: none: the update of S reads state M, whose own update is affine: a leading "
+            "stage is a non-affine scalar or vector state; coupled affine states are not staged"
+            in lines(out))
+    assert "M_t = sigmoid(eta_t) M_{t-1} + k_t v_tᵀ" in lines(out)
