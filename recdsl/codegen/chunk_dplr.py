@@ -449,6 +449,7 @@ def constexprs(kernel: str, cfg: dict) -> dict:
     return {k: cfg[k] for k in _PARAMS[kernel]}
 
 
+_WITH_T = ("chunk_dplr_fwd_h", "chunk_dplr_bwd_dh", "chunk_dplr_bwd_dm")  # products with T: ieee
 _P = "*fp32"
 KERNELS = {  # pointer arguments, then the int arguments, and the variant built
     "chunk_dplr_prepare": ("g a b x q t_out abx qa qx bt at xt qt dl", "Z", {}),
@@ -476,7 +477,8 @@ def aot_module(key_dim: int, value_dim: int, rows: int = ROWS):
         cx = constexprs(name, cfg)
         variant = (f"K={key_dim} V={value_dim} rows {cfg['L']}, "
                    + ", ".join(f"{k} {v}" for k, v in cx.items() if k not in ("KD", "VD", "L")))
+        dots = "none" if "DOT" not in cx else cx["DOT"] + (", T ieee" if name in _WITH_T else "")
         entries.append(aot.KernelEntry(name, types, {**cx, **flags}, num_warps(name, cfg),
-                                       variant))
+                                       variant, dots))
     return aot.GeneratedModule("chunk-dplr", "chunk_dplr_core.py", Path(__file__).read_text(),
                                entries)
