@@ -230,8 +230,8 @@ output o = q @ S
 
 
 def test_show_lists_the_backends_and_why_the_chunk_paths_refuse_a_rule(tmp_path, capsys):
-    """A per-channel decay before the erase stays on the recurrent backend (issue 5's
-    choice), and `recdsl show` says so."""
+    """A per-channel decay before the erase: the delta family's chunk paths refuse it, the
+    DPLR family's run it (chunk and torch-chunk), and `recdsl show` says so."""
     path = tmp_path / "gk_delta.rec"
     path.write_text(PER_CHANNEL_DECAY_DELTA)
     assert main(["show", str(path)]) == 0
@@ -240,10 +240,9 @@ def test_show_lists_the_backends_and_why_the_chunk_paths_refuse_a_rule(tmp_path,
     scan_no = (f"no: rule 'gk_delta' has no elementwise scan form: beta * outer(k, k @ S) is a "
                f"rank-one factor of S: its transition is not elementwise, so no elementwise scan "
                f"({path}:6:9)")
-    # torch-chunk runs it through the DPLR family's module (the delta module refuses it)
+    # chunk and torch-chunk run it through the DPLR family's modules (the delta ones refuse it)
     assert lines == [
-        "  chunk        no: the per-channel decay diag(exp(gk)) @ S before the erase is not supported "
-        "chunkwise (use the recurrent backend)",
+        "  chunk        yes",
         f"  scan         {scan_no}",
         "  torch-chunk  yes",
         f"  torch-scan   {scan_no}",
@@ -251,8 +250,8 @@ def test_show_lists_the_backends_and_why_the_chunk_paths_refuse_a_rule(tmp_path,
         "rules without one",
         "  recurrent    yes",
         "  naive        yes",
-        "  on the CPU, best first: torch-chunk, recurrent, naive",  # interpreted Triton (conftest)
-        "  on a GPU, best first: recurrent, torch-chunk, naive",
+        "  on the CPU, best first: torch-chunk, chunk, recurrent, naive",  # interpreted (conftest)
+        "  on a GPU, best first: chunk, recurrent, torch-chunk, naive",
     ]
     assert main(["show", str(ROOT / "examples" / "gla.rec")]) == 0
     assert capsys.readouterr().out.split("backends:\n", 1)[1].split()[:10] == [

@@ -87,6 +87,22 @@ def chunk_delta_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
                                    read=plan.read_log is not None, precision=precision)]
 
 
+def chunk_dplr_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
+    """The fixed DPLR chunk core, for a rule the chunk backend runs in the DPLR family, at
+    each of its states' (K, V) and the rows of a chunk at the rule's sizes; else none. Its
+    products are tf32x3 whatever ``precision`` says (the core has one DOT constexpr; the
+    policy is not plugged in yet)."""
+    from ..runtime import backends
+    from ..runtime import chunk_dplr as runtime
+    from ..runtime.rule import Rule
+    from . import chunk_dplr
+    full = Rule(rule)
+    if backends._family_of(full, backends._BY_NAME["chunk"]) != "dplr" \
+            or runtime.problem(full) is not None:
+        return []
+    return [chunk_dplr.aot_module(k, v, rows) for k, v, rows in runtime.core_shapes(full, sizes)]
+
+
 def _kernel_args(source: str) -> dict:
     """Function name -> its non-constexpr argument names, read from generated source."""
     import ast as pyast
@@ -154,15 +170,17 @@ def derived_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
     if derived is None:
         return []
     inner = {d: sizes.get(d, 1) for d in derived.ir.dims}
-    modules = [m for make in (chunk_delta_modules, chunk_diagonal_modules, scan_modules,
-                              derived_modules) for m in make(derived.ir, inner, precision)]
+    modules = [m for make in (chunk_delta_modules, chunk_diagonal_modules, chunk_dplr_modules,
+                              scan_modules, derived_modules)
+               for m in make(derived.ir, inner, precision)]
     return modules
 
 
 # Each generator gives a list of modules for (checked rule, sizes, the chunk kernels'
 # ``recdsl.codegen.precision.Precision`` or None): empty where it does not apply.
 GENERATORS = (lambda rule, sizes, precision=None: [recurrent_module(rule, sizes)],
-              chunk_delta_modules, chunk_diagonal_modules, scan_modules, derived_modules)
+              chunk_delta_modules, chunk_diagonal_modules, chunk_dplr_modules, scan_modules,
+              derived_modules)
 
 
 def generated_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:

@@ -26,7 +26,8 @@ class Backend:
 
 
 BACKENDS = (
-    Backend("chunk", True, (("delta", "chunk_delta"), ("diagonal", "chunk_diagonal"))),
+    Backend("chunk", True, (("delta", "chunk_delta"), ("diagonal", "chunk_diagonal"),
+                            ("dplr", "chunk_dplr"))),
     Backend("scan", True, (("scan", "scan"),)),
     Backend("torch-chunk", False, (("delta", "torch_chunk_delta"),
                                    ("diagonal", "torch_chunk_diagonal"),

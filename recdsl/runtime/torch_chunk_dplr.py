@@ -395,13 +395,17 @@ def _token_values(values, sub, shape_k, shape_v, dt, dev):
     return g, neg, a, b, xs, ys
 
 
-def run(rule, call, chunk_size: Optional[int] = None):
-    """Outputs ``[B, T, H, *shape]`` and final states ``[N, H, *dims]`` (compute dtype)."""
+def run(rule, call, chunk_size: Optional[int] = None, core=None, backend="torch-chunk"):
+    """Outputs ``[B, T, H, *shape]`` and final states ``[N, H, *dims]`` (compute dtype).
+    ``core``: the chunk recurrence run on each state's canonical tensors, with
+    ``chunk_dplr``'s signature (default ``chunk_dplr``; ``recdsl.runtime.chunk_dplr`` passes
+    its Triton core), so both backends build those tensors from the rule here."""
     chunk = chunk_size or CHUNK_SIZE
+    core = core or chunk_dplr
     try:
         the_plan = dplr.plan(rule.analysis)
     except dplr.NotDplr as e:
-        raise BackendError(f"backend 'torch-chunk' cannot run rule '{rule.name}': "
+        raise BackendError(f"backend '{backend}' cannot run rule '{rule.name}': "
                            f"{e.reason}") from None
     values = _Values(rule, call)
     layout = _Chunks(call, chunk)
@@ -458,7 +462,7 @@ def run(rule, call, chunk_size: Optional[int] = None):
         if sp.orientation == "right":
             S0 = S0.transpose(-1, -2)
         S0 = S0.reshape(N * H, Kd, Vd)
-        o, S = chunk_dplr(g, neg, a, b, x, y, q, S0, m)
+        o, S = core(g, neg, a, b, x, y, q, S0, m)
         for i, (name, _) in enumerate(readers):
             parts[name].append(layout.merge(o[:, :, :, i].reshape(nc, N * H, chunk, Vd)))
         S = S.reshape(N, H, Kd, Vd)

@@ -23,7 +23,6 @@ import pytest
 import torch
 
 import recdsl
-from recdsl.errors import BackendError
 from recdsl.runtime import torch_chunk_delta
 from tests.helpers import random_args, rms_ratio, rule_results
 
@@ -265,15 +264,18 @@ def test_chunk_two_erases_the_first_beside_a_decay():
 
 def test_chunk_refuses_a_later_erase_beside_a_decay():
     """A later erase beside a decay would read a state the core has already decayed by it
-    (undoing that is a division): refused with a one-line reason; torch-chunk runs it."""
+    (undoing that is a division): the delta core refuses it with a one-line reason; chunk runs
+    it through the DPLR family's core, torch-chunk through the delta family's PyTorch path."""
     from recdsl.runtime import chunk_delta
     rule = recdsl.compile(TWO_ERASES.replace("S = exp(h) * S\n", "").replace(
         "S = exp(g) * S - beta *", "S = S - beta *").replace(
         "S = S - beta2 *", "S = exp(g) * S - beta2 *").replace(", h,", ","))
     reason = chunk_delta.problem(rule)
     assert reason is not None and "\n" not in reason and "first erase" in reason
-    with pytest.raises(BackendError):
-        rule(**_inputs(rule, 5, sizes=CHUNK_SIZES[0])[0], backend="chunk")
+    from recdsl.runtime import backends
+    assert backends._family_of(rule, backends._BY_NAME["chunk"]) == "dplr"
+    tensors, initial = _inputs(rule, 20, B=1, sizes=CHUNK_SIZES[0])
+    _check(rule, tensors, initial, backend="chunk")
 
 
 def test_non_scalar_decay_beside_an_erase_stays_recurrent():
