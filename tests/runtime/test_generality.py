@@ -175,9 +175,6 @@ output o = (q @ S) / (abs(dot(q, n)) + 1)
 """,
 }
 
-# the rules whose GPU path is still the recurrent kernel: the DPLR family's Triton kernels
-# are what they need (the others have Triton chunk or scan kernels)
-DPLR_ONLY = {"ttt_linear", "ttt_decay", "householder_erase", "kda_outgate", "delta_normalised"}
 SIZES = {"K": 6, "V": 5, "D": 6, "N": 6, "P": 5}
 
 
@@ -203,8 +200,7 @@ def _inputs(rule, T, seed=0):
 def test_every_rule_has_a_parallel_path_first(name):
     rule = _rule(name)
     assert rule.backends()[0] in ("torch-chunk", "torch-scan")
-    if name not in DPLR_ONLY:
-        assert rule.backends("cuda")[0] in ("chunk", "scan")
+    assert rule.backends("cuda")[0] in ("chunk", "scan")
 
 
 @pytest.mark.parametrize("T", [1, 37, 65])
