@@ -67,22 +67,30 @@ def test_chunk_comes_first_on_cuda(name):
     ("kda_fla_gate", 1), ("kda_fla_gate", 37), pytest.param("kda_fla_gate", 63, marks=SLOW),
     pytest.param("kda_fla_gate", 64, marks=SLOW), pytest.param("kda_fla_gate", 65, marks=SLOW),
     pytest.param("kda_fla_gate", 130, marks=SLOW),
-    ("rwkv7", 1), ("rwkv7", 37), pytest.param("rwkv7", 65, marks=SLOW),
+    ("rwkv7", 1), ("rwkv7", 37), pytest.param("rwkv7", 63, marks=SLOW),
+    pytest.param("rwkv7", 64, marks=SLOW), pytest.param("rwkv7", 65, marks=SLOW),
     pytest.param("rwkv7", 130, marks=SLOW),
     ("dplr", 37), ("iplr", 37), ("gdn2", 37), ("comba", 37), ("deltaproduct", 37),
-    pytest.param("deltaproduct", 65, marks=SLOW),
+    # the issue's other lengths for the other rules (slow: interpreted, K=48, V=40)
+    *[pytest.param(name, time, marks=SLOW)
+      for name in ("dplr", "iplr", "gdn2", "comba", "deltaproduct")
+      for time in (1, 63, 64, 65, 130)],
 ])
 def test_matches_naive_and_torch_chunk(name, time):
     _compare(recdsl.compile(RULES[name]), name, time)
 
 
 @pytest.mark.parametrize("gate", ["zero", "mixed"])
-@pytest.mark.parametrize("name", ["kda", "rwkv7"])
+@pytest.mark.parametrize("name", ["kda", "rwkv7",
+                                  *[pytest.param(n, marks=SLOW) for n in ("dplr", "gdn2",
+                                                                          "deltaproduct")]])
 def test_gates_zero_and_mixed(name, gate):
     _compare(recdsl.compile(RULES[name]), name, 40, gate=gate)
 
 
-@pytest.mark.parametrize("name", ["kda", "rwkv7"])
+@pytest.mark.parametrize("name", ["kda", "rwkv7",
+                                  *[pytest.param(n, marks=SLOW) for n in ("dplr", "gdn2",
+                                                                          "deltaproduct")]])
 def test_gates_of_minus_1e4(name):
     """Every decay exactly 0: the gate's gradient is exactly 0 in the loop, rounding here."""
     rule = recdsl.compile(RULES[name])

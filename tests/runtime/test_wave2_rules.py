@@ -79,5 +79,8 @@ def test_rwkv7_in_its_own_orientation_is_affine_with_a_right_rank_one_factor():
     verdict = rule.family_info.verdicts["delta"]
     assert not verdict.accepted and "a rank-one factor on the right of S" in verdict.reason
     assert (verdict.pos.line, verdict.pos.column) == (6, 9)
+    # the DPLR family takes it, on the CPU and with its Triton kernels on a GPU
+    assert rule.family_info.accepts("dplr")
+    assert rule.backends()[0] == "torch-chunk" and rule.backends("cuda")[0] == "chunk"
     tensors, initial = _inputs(rule, 9)
     assert_matches_naive(rule, tensors, initial, backend=rule.backends()[0])
