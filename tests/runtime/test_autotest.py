@@ -142,7 +142,7 @@ def test_float16_is_forward_only():
 def test_bad_arguments_are_recdsl_errors():
     rule = load("gated_delta")
     with pytest.raises(RecdslError, match="unknown backend 'fast'; choose from: chunk, scan, "
-                                          "torch-chunk, torch-scan, recurrent, naive"):
+                                          "torch-chunk, torch-scan, newton, recurrent, naive"):
         run_autotest(rule, backends=["fast"], progress=None)
     with pytest.raises(RecdslError, match="rule 'gated_delta' has no dim 'M'"):
         run_autotest(rule, backends=["naive"], dims={"M": 4}, progress=None)
