@@ -189,11 +189,14 @@ def test_compiled_mixer_matches_eager_aot_eager(name):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [n for n in RULES if n != "gated_delta"])
 def test_compiled_mixer_matches_eager_all_rules(name):
-    """The rest of the ten: no graph break, and both backends (aot_eager for the fast ones
-    is above)."""
+    """The rest of the ten: no graph break, and aot_eager against eager (the fast ones' is
+    above). Inductor runs on gated_delta's mixer and on CausalLM: its cold compile takes
+    1-2 minutes a mixer on two cores, too long to repeat for every rule in CI; the op it
+    compiles around is the same for every rule."""
     count, reasons = graph_breaks(load(name).mixer(64, 2, seed=0), torch.randn(2, 20, 64))
     assert count == 0, reasons
-    check_compiled_mixer(name, ["inductor"] if name in FAST else ["aot_eager", "inductor"])
+    if name not in FAST:
+        check_compiled_mixer(name, ["aot_eager"])
 
 
 def test_compiled_mixer_decodes_with_the_cache():
