@@ -166,10 +166,12 @@ def _shaper(rule_name, gate):
     return shape
 
 
-def _args(rule, name, time, gate="soft", batch=2, heads=2, initial=True, sequences=None):
+def _args(rule, name, time, gate="soft", batch=2, heads=2, initial=True, sequences=None,
+          sizes=None):
     shaper = _shaper(name, gate)
+    sizes = sizes or SIZES
     inputs, params, states = random_args(
-        rule, batch=batch, time=time, heads=heads, sizes={d: SIZES[d] for d in rule.dims},
+        rule, batch=batch, time=time, heads=heads, sizes={d: sizes[d] for d in rule.dims},
         initial_state=initial, sequences=sequences,
         shape_values={v.name: (lambda n: lambda x: shaper(n, x))(v.name)
                       for v in list(rule.inputs) + list(rule.params)})
