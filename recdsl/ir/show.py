@@ -352,7 +352,11 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
             out.append(f"  {family.lowered.family} with its reads lowered: yes")
     newton = family.verdicts.get("newton")
     if newton is not None:  # the state Jacobian (recdsl.ir.jacobian) and the newton backend's plan
-        out += ["", "newton: " + (newton.reason if newton.accepted else f"no Newton form: {newton.reason}")]
+        line = newton.reason if newton.accepted else f"no Newton form: {newton.reason}"
+        if newton.accepted and (family.staged is not None or any(
+                family.accepts(f) for f in ("delta", "diagonal", "dplr", "scan"))):
+            line += " (not run: the rule has a parallel form)"
+        out += ["", "newton: " + line]
     if family.staged is not None:
         out += ["", "stages:"] + [f"  {line}" for line in family.staged.describe().splitlines()]
     elif family.name == "recurrent":

@@ -70,3 +70,11 @@ def test_no_newton_form_for_a_dense_jacobian_over_a_matrix_state():
     verdict = rule.family_info.verdicts["newton"]
     assert not verdict.accepted and "dense over the matrix state C" in verdict.reason
     assert "newton" not in rule.backends()
+
+
+def test_show_says_newton_does_not_run_a_rule_with_a_parallel_form(capsys):
+    assert main(["show", str(EXAMPLES / "gated_delta.rec")]) == 0
+    newton = [line for line in capsys.readouterr().out.splitlines() if line.startswith("newton:")]
+    assert newton == ["newton: Jacobian block-diagonal: one K x K block per channel of (V) over "
+                      "(S); Newton iterations, each scans of K x K blocks over T (not run: the "
+                      "rule has a parallel form)"]
