@@ -335,9 +335,16 @@ def test_torch_chunk_packed_sequences(name):
     _check(name, 130, packed=[0, 1, 38, 40, 105, 130])
 
 
-def test_chunk_delta_kernel_refuses_two_reads():
+def test_two_reads_of_a_delta_state_run_chunk_through_the_dplr_core():
+    """The delta chunk kernel takes one output; the derived rule's two reads (before and after
+    the update) go to the DPLR family's Triton core, which takes several."""
+    from recdsl.runtime import backends, rule as rule_module
     rule = _rule("gated_delta_read_first")
-    assert lowered.problem(rule, "chunk") == "the delta chunk kernel takes one output"
+    derived = rule_module.of_derived(rule.family_info.lowered.derived)
+    assert backends._family_of(derived, backends._BY_NAME["chunk"]) == "dplr"
+    assert lowered.problem(rule, "chunk") is None
+    _check("gated_delta_read_first", 21, packed=[0, 5, 6, 21], sizes={"K": 16, "V": 16},
+           backend="chunk")
 
 
 @pytest.mark.parametrize("name", ["delta_read_first", "delta_gated_out", "mlstm_sigmoid",
