@@ -336,7 +336,7 @@ def _staged(rule, staging, kinds, tensors, initial, split, options):
     rule through ``_affine`` with them as inputs."""
     from .call import BoundCall
     from .rule import of_derived
-    from .staged import _broadcast, leading_values
+    from .staged import _broadcast, derived_inputs, leading_values
     from .tokenwise import Tokenwise
     wide = torch.float64
     layout, rank, device = split.layout, split.rank, split.device
@@ -401,13 +401,7 @@ def _staged(rule, staging, kinds, tensors, initial, split, options):
     call = BoundCall(rule.ir, (), dict(tensors), tuple(leading_initial),
                      _local_cu(split, skip_head=False))
     values = leading_values(rule, call, staging)
-    derived_tensors = dict(tensors)
-    for lead in staging.leading:
-        before, after = values[lead.name]
-        if lead.before:
-            derived_tensors[lead.before] = before
-        if lead.after:
-            derived_tensors[lead.after] = after
+    derived_tensors = derived_inputs(staging, tensors, values)
     derived = of_derived(staging.derived)
     outputs, finals, last = _affine(derived, kinds, derived_tensors,
                                     {n: initial[n] for n in staging.rest}, split, options,

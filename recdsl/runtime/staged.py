@@ -47,6 +47,19 @@ def _staged(rule) -> Staged:
     return cached
 
 
+def derived_inputs(staged, tensors: dict, values: dict) -> dict:
+    """The derived rule's inputs: ``tensors`` plus each leading state's values before and
+    after every token (``values``: name -> (before, after), from ``leading_values``)."""
+    tensors = dict(tensors)
+    for lead in staged.leading:
+        before, after = values[lead.name]
+        if lead.before:
+            tensors[lead.before] = before
+        if lead.after:
+            tensors[lead.after] = after
+    return tensors
+
+
 def leading_values(rule, call, staged: Staged | None = None, force_sequential=False) -> dict:
     """Every leading state before and after each token's updates: name -> (before, after),
     each ``[B, T, H, *dims]`` in the compute dtype."""
@@ -144,13 +157,8 @@ def run(rule, call, backend: str = "torch-chunk", staged: Staged | None = None,
     ir = rule.ir
     values = leading_values(rule, call, staged, force_sequential)
 
-    tensors = {v.name: call.tensors[v.name] for v in ir.inputs + ir.params}
-    for lead in staged.leading:
-        before, after = values[lead.name]
-        if lead.before:
-            tensors[lead.before] = before
-        if lead.after:
-            tensors[lead.after] = after
+    tensors = derived_inputs(staged, {v.name: call.tensors[v.name] for v in ir.inputs + ir.params},
+                             values)
     initial = None
     if call.initial:
         initial = tuple(call.initial.get(name) for name in staged.rest)
