@@ -23,7 +23,7 @@ _UNARY = {
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "logsigmoid": F.logsigmoid,
     # softplus exactly, log(1 + e^x), without torch's linear cut-off above 20.
     "softplus": lambda x: torch.logaddexp(x, torch.zeros_like(x)),
-    "silu": F.silu, "relu": torch.relu,
+    "silu": F.silu, "relu": torch.relu, "cos": torch.cos, "sin": torch.sin,
 }
 
 

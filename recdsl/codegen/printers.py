@@ -52,6 +52,12 @@ class _ExprPrinter(StrPrinter):
     def _print_tanh(self, expr):
         return self._call("tanh", expr.args[0])
 
+    def _print_cos(self, expr):
+        return self._call("cos", expr.args[0])
+
+    def _print_sin(self, expr):
+        return self._call("sin", expr.args[0])
+
     def _print_Abs(self, expr):
         return self._call("abs", expr.args[0])
 
@@ -103,7 +109,7 @@ class TorchPrinter(_ExprPrinter):
         "sigmoid": "torch.sigmoid({0})", "logsigmoid": "_rt.logsigmoid({0})",
         "softplus": "_rt.softplus({0})", "silu": "_rt.silu({0})", "relu": "torch.relu({0})",
         "max": "_rt.maximum({0}, {1})", "min": "_rt.minimum({0}, {1})", "sign": "torch.sign({0})",
-        "heaviside": "_rt.heaviside({0}, {1})",
+        "heaviside": "_rt.heaviside({0}, {1})", "cos": "torch.cos({0})", "sin": "torch.sin({0})",
     }
 
 
@@ -121,6 +127,7 @@ class TritonPrinter(_ExprPrinter):
         "max": "tl.maximum({0}, {1})", "min": "tl.minimum({0}, {1})",
         "sign": "tl.where(({0}) > 0, 1.0, tl.where(({0}) < 0, -1.0, 0.0))",
         "heaviside": "tl.where(({0}) > 0, 1.0, tl.where(({0}) == 0, {1}, 0.0))",
+        "cos": "tl.cos({0})", "sin": "tl.sin({0})",
     }
 
     def power(self, base, e):

@@ -6,7 +6,7 @@ from .shapes import Diag
 
 # Elementwise functions of one argument: any shape in, the same shape out.
 UNARY = ("exp", "log", "sqrt", "rsqrt", "abs", "tanh", "sigmoid", "logsigmoid", "softplus",
-         "silu", "relu")
+         "silu", "relu", "cos", "sin")
 # Elementwise functions of two arguments (scalars broadcast).
 BINARY = ("max", "min")
 # Functions over a whole vector.

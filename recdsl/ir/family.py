@@ -200,12 +200,11 @@ def _affine(analysis: Analysis):
                 break
             seen.add(nxt.name)
             root = nxt
-        coupled = root.problem.kind == "cross" and all(
-            states[s].affine for s in root.problem.states if s in states)
-        if coupled:  # affine in the states together, which no family takes (yet)
+        coupled = root.problem.kind in ("cross", "stale", "write", "gate") and _jointly_affine(analysis)
+        if coupled:  # affine in the states together, which no family takes
             reason = (f"the states are coupled: {root.problem.message} (affine in the states "
                       f"together, but each parallel family takes a state's update in that "
-                      f"state alone)")
+                      f"state alone; newton solves them together)")
         else:
             reason = f"the update of {root.name} is not affine in the states: {root.problem.message}"
         fed = [s.name for s in states.values() if s is not root and not s.affine
@@ -214,6 +213,18 @@ def _affine(analysis: Analysis):
             verb = "depends" if len(fed) == 1 else "depend"
             reason += f"; the update{'s' if len(fed) > 1 else ''} of {_and(fed)} {verb} on {root.name}"
         raise _Recurrent(reason, root.problem.pos)
+
+
+def _jointly_affine(analysis: Analysis) -> bool:
+    """Whether the updates are affine in all the states together (``ir.jacobian``), once per
+    analysis: every planner asks."""
+    if not hasattr(analysis, "jointly_affine"):
+        from .jacobian import jointly_affine
+        try:
+            analysis.jointly_affine = jointly_affine(analysis.rule)
+        except NotImplementedError:  # a form the per-token program does not lower
+            analysis.jointly_affine = False
+    return analysis.jointly_affine
 
 
 def _form(sa: StateAnalysis) -> str:

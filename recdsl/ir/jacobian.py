@@ -156,6 +156,37 @@ def structure(rule: CheckedRule, dim_sizes: dict | None = None) -> Structure:
     return Structure(kind, names, tuple(channels), free, frozenset(pairs), dims)
 
 
+def jointly_affine(rule: CheckedRule) -> bool:
+    """Whether the token's new states are affine in the old states taken together: states that
+    read each other linearly (an LRU's real and imaginary parts, LinOSS's position and
+    velocity, Titans' memory and momentum) are coupled, not nonlinear. Each value is state-free
+    (0), affine in the states (1) or not (2); an elementwise op is affine when its derivative in
+    each affine leaf reads no affine leaf, a product of two matrices when one is state-free."""
+    program = lower(rule, {d: 2 for d in rule.loop_dims()})
+    degree = {}
+    for op in program.ops:
+        if isinstance(op, Source):
+            degree[op.out.id] = 1 if op.kind == "state" else 0
+        elif isinstance(op, Elementwise):
+            for out, expr in zip(op.outs, op.exprs):
+                used = [leaf for leaf in op.leaves if leaf.sym in expr.free_symbols]
+                if any(degree[leaf.val.id] == 2 for leaf in used):
+                    degree[out.id] = 2
+                    continue
+                linear = {leaf.sym for leaf in used if degree[leaf.val.id] == 1}
+                nonlinear = any(linear & sympy.diff(expr, x).free_symbols for x in linear)
+                degree[out.id] = 2 if nonlinear else int(bool(linear))
+        elif isinstance(op, Reduce):
+            arg = degree[op.arg.id]
+            degree[op.out.id] = 2 if arg and op.kind != "sum" else arg
+        elif isinstance(op, MatMul):
+            a, b = degree[op.a.id], degree[op.b.id]
+            degree[op.out.id] = 2 if (a and b) else max(a, b)
+        else:  # TopkMask: a selection among state-dependent entries is not affine
+            degree[op.out.id] = 2 if degree[op.arg.id] else 0
+    return all(degree[v.id] <= 1 for v in program.states_out.values())
+
+
 def _reaches(program, start, target) -> bool:
     """Does value ``start`` feed value ``target`` in the program?"""
     live = {start.id}

@@ -1,6 +1,6 @@
 """The elementwise vocabulary of the language as sympy functions.
 
-exp, log, sqrt, tanh, abs, max and min are sympy's own. sigmoid, logsigmoid, softplus, silu,
+exp, log, sqrt, tanh, abs, cos, sin, max and min are sympy's own. sigmoid, logsigmoid, softplus, silu,
 relu and rsqrt are small Function classes: sympy would otherwise expand them into forms that
 overflow when printed (``log(1 + exp(x))`` at x = 100). Each class states its defining
 expression (``definition``) and its derivative written in the same stable vocabulary
@@ -92,7 +92,8 @@ STABLE = (sigmoid, logsigmoid, softplus, silu, rsqrt, relu)
 FUNCTIONS = {
     "exp": sympy.exp, "log": sympy.log, "sqrt": sympy.sqrt, "abs": sympy.Abs, "tanh": sympy.tanh,
     "sigmoid": sigmoid, "logsigmoid": logsigmoid, "softplus": softplus, "silu": silu,
-    "rsqrt": rsqrt, "relu": relu, "max": sympy.Max, "min": sympy.Min,
+    "rsqrt": rsqrt, "relu": relu, "max": sympy.Max, "min": sympy.Min, "cos": sympy.cos,
+    "sin": sympy.sin,
 }
 
 

@@ -56,7 +56,7 @@ from .sample import NORMAL, value_kinds
 CONV_KERNEL = 4
 ROLES = ("decay", "step", "forget", "raw", "sigmoid", "2sigmoid", "logsigmoid", "vector")
 _NONLINEAR = {"sigmoid", "softplus", "logsigmoid", "tanh", "silu", "relu", "keep_topk",
-              "log", "sqrt", "rsqrt", "abs", "max", "min"}
+              "log", "sqrt", "rsqrt", "abs", "max", "min", "cos", "sin"}
 
 
 # ----------------------------------------------------------------------------- rule analysis

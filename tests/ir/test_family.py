@@ -143,7 +143,7 @@ def test_coupled_affine_states_are_called_coupled_not_non_affine():
     assert f.name == "recurrent"
     assert f.reason == ("the states are coupled: the update of S reads state M (affine in the "
                         "states together, but each parallel family takes a state's update in "
-                        "that state alone)")
+                        "that state alone; newton solves them together)")
     assert (f.pos.line, f.pos.column) == (7, 23)
     assert f.staged is None
 
@@ -199,3 +199,41 @@ def test_vector_states_scan_and_mixed_forms_are_recurrent():
     assert f.name == "dplr"  # both states are DPLR (T with no rank-one factor)
     assert f.verdicts["delta"].reason == ("state S has the delta form and state T the diagonal "
                                           "form: no single chunkwise form fits both")
+
+
+COUPLED = {
+    # LRU (Orvieto et al. 2023): a complex diagonal transition as real and imaginary parts
+    "lru": ("rule lru\ndims D\nstate hr[D], hi[D]\ninput x[D]\nparam nu[D], th[D]\n"
+            "let r = exp(-exp(nu))\nlet nr = r * cos(th) * hr - r * sin(th) * hi + x\n"
+            "let ni = r * sin(th) * hr + r * cos(th) * hi\nhr = nr\nhi = ni\noutput y = hr\n",
+            "the states are coupled: 'ni' holds the value of state hr from before its update "
+            "on line 9 (affine in the states together, but each parallel family takes a "
+            "state's update in that state alone; newton solves them together); the update of "
+            "hr depends on hi", (10, 6)),
+    # LinOSS (Rusch and Rus 2025), implicit-explicit: velocity z, then position y from the new z
+    "linoss": ("rule linoss\ndims D\nstate z[D], y[D]\ninput u[D], dt[D]\nparam A[D]\n"
+               "let s = sigmoid(dt)\nz = z - s * softplus(A) * y + s * u\ny = y + s * z\n"
+               "output o = y\n",
+               "the states are coupled: the update of y reads state z (affine in the states "
+               "together, but each parallel family takes a state's update in that state alone; "
+               "newton solves them together); the update of z depends on y", (8, 13)),
+    # Titans-style momentum: the momentum's write reads the memory, the memory adds the momentum
+    "titans": ("rule titans\ndims K, V\nstate M[K, V], P[K, V]\ninput k[K], v[V], eta, th\n"
+               "P = sigmoid(eta) * P - sigmoid(th) * outer(k, k @ M - v)\nM = M + P\n"
+               "output o = k @ M\n",
+               "the states are coupled: the write outer(k, k @ M - v) depends on state M (affine "
+               "in the states together, but each parallel family takes a state's update in that "
+               "state alone; newton solves them together); the update of M depends on P", (5, 38)),
+}
+
+
+@pytest.mark.parametrize("name", sorted(COUPLED))
+def test_states_that_read_each_other_linearly_are_called_coupled(name):
+    """Affine in the states together (a block transition per channel), however the coupling is
+    spelled: a read of the other state, of its value from before its update, or a write that
+    reads it. A product of two states stays "not affine" (the test above)."""
+    text, reason, (line, column) = COUPLED[name]
+    f = family(text)
+    assert f.name == "recurrent"
+    assert f.reason == reason
+    assert (f.pos.line, f.pos.column) == (line, column)

@@ -283,3 +283,47 @@ def test_hgrn2_matches_the_papers_loop():
     ref, ref_S = _hgrn2_loop(x["q"], x["f"], x["v"], S0)
     torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(S, ref_S, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- coupled states (newton)
+
+# LRU (Orvieto et al. 2023), written with cos and sin: a complex diagonal transition
+# lambda = exp(-exp(nu) + i exp(theta)) on h = hr + i hi, its real part read out
+LRU = """rule lru
+dims D
+state hr[D], hi[D]
+input x[D]
+param nu_log[D], theta_log[D], gamma_log[D]
+let r = exp(-exp(nu_log))
+let th = exp(theta_log)
+let nr = r * cos(th) * hr - r * sin(th) * hi + exp(gamma_log) * x
+let ni = r * sin(th) * hr + r * cos(th) * hi
+hr = nr
+hi = ni
+output y = hr
+"""
+
+
+def _lru_loop(x, nu_log, theta_log, gamma_log, h):
+    """The paper's recurrence in complex arithmetic: h_t = lambda h_{t-1} + gamma x_t."""
+    lam = torch.exp(torch.complex(-torch.exp(nu_log), torch.exp(theta_log)))
+    ys = []
+    for t in range(x.shape[1]):
+        h = lam * h + torch.exp(gamma_log) * x[:, t]
+        ys.append(h.real)
+    return torch.stack(ys, 1), h
+
+
+@pytest.mark.parametrize("T", [1, 37, 130])
+def test_lru_with_cos_and_sin_matches_the_complex_loop(T):
+    rule = recdsl.compile(LRU)
+    assert rule.backends()[0] == "newton"  # coupled real and imaginary parts: one linearisation
+    x, (hr0, hi0) = _inputs(rule, T)
+    out, (hr, hi) = rule(**x, initial_state=(hr0, hi0), output_final_state=True, backend="newton")
+    ref, h = _lru_loop(x["x"], x["nu_log"], x["theta_log"], x["gamma_log"], torch.complex(hr0, hi0))
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(hr, h.real, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(hi, h.imag, rtol=1e-10, atol=1e-10)
+    assert_matches_naive(rule, x, (hr0, hi0), backend="newton")
+    if T == 37:  # the fused kernel prints cos, sin and their derivatives (interpreted)
+        assert_matches_naive(rule, x, (hr0, hi0), backend="recurrent")
