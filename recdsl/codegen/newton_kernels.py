@@ -41,9 +41,10 @@ BLOCK_MAX = 16
 # two registers each), so neither spills whatever K is
 TILE = 2048
 # narrow the channel block of block_solve until a launch has about this many programs (2 per
-# SM of an H100: each program's loop is latency-bound); at most NARROWINGS halvings
+# SM of an H100: each program's loop is latency-bound; not tuned on a GPU), down to blocks of
+# MIN_VALUES values of A (one warp, 4 a thread)
 TARGET_PROGRAMS = 264
-NARROWINGS = 3
+MIN_VALUES = 128
 
 
 @triton.jit
@@ -102,8 +103,10 @@ def padded(k: int) -> int:
 def block_choices(k: int) -> list:
     """The channel blocks (BLOCK_M) ``launch_config`` may pick for block_solve at width k,
     widest first."""
-    widest = max(1, TILE // padded(k) ** 2)
-    return [widest >> n for n in range(NARROWINGS + 1) if widest >> n >= 1]
+    per_channel = padded(k) ** 2
+    widest = max(1, TILE // per_channel)
+    return [widest >> n for n in range(widest.bit_length())
+            if n == 0 or (widest >> n) * per_channel >= MIN_VALUES]
 
 
 def warps(values: int) -> int:
