@@ -224,8 +224,8 @@ def test_solve_kernels_build_without_spills(arch):
     assert [(b.kernel, b.variant) for b in builds] == [
         ("block_solve", "k=2, BLOCK_M=512"), ("block_solve", "k=2, BLOCK_M=256"),
         ("block_solve", "k=2, BLOCK_M=128"), ("block_solve", "k=2, BLOCK_M=64"),
-        ("block_solve", "k=2, BLOCK_M=32"), ("tiled_solve", "k=64, BLOCK_R=32"), ("tiled_solve", "k=128, BLOCK_R=16"),
-        ("tiled_solve", "k=256, BLOCK_R=8")]
+        ("block_solve", "k=2, BLOCK_M=32"), ("tiled_solve", "k=64, BLOCK_R=32"),
+        ("tiled_solve", "k=128, BLOCK_R=16"), ("tiled_solve", "k=256, BLOCK_R=8")]
     for b in builds:
         assert b.source_of_figures == "ptxas log"
         assert (b.spill_stores, b.spill_loads, b.stack) == (0, 0, 0), b
