@@ -176,11 +176,33 @@ def derived_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
     return modules
 
 
+def newton_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:
+    """The linear-solve kernels of the newton backend for a rule it runs: the elementwise scan
+    over a head's entries for a diagonal Jacobian (its forward kernels: the backward solves
+    the transposed recurrence forward again), else the k x k solve at the rule's block width
+    (``recdsl.codegen.newton_kernels``); none for other rules."""
+    import math
+
+    from ..ir.jacobian import structure
+    from ..runtime import newton
+    from ..runtime.rule import Rule
+    from . import newton_kernels, scan_kernels
+    full = Rule(rule)
+    if newton.problem(full) is not None:
+        return []
+    s = structure(rule, sizes)
+    if s.kind == "diagonal":
+        scan = scan_kernels.aot_module(math.prod(sizes[d] for d in s.channels) * s.block_size(sizes))
+        return [aot.GeneratedModule("newton", scan.filename, scan.source,
+                                    [k for k in scan.kernels if k.name.startswith("linear_scan_fwd")])]
+    return [newton_kernels.aot_module([s.block_size(sizes)])]
+
+
 # Each generator gives a list of modules for (checked rule, sizes, the chunk kernels'
 # ``recdsl.codegen.precision.Precision`` or None): empty where it does not apply.
 GENERATORS = (lambda rule, sizes, precision=None: [recurrent_module(rule, sizes)],
               chunk_delta_modules, chunk_diagonal_modules, chunk_dplr_modules, scan_modules,
-              derived_modules)
+              derived_modules, newton_modules)
 
 
 def generated_modules(rule: CheckedRule, sizes: dict, precision=None) -> list:

@@ -167,10 +167,13 @@ def available(rule, device=None, dim_sizes=None) -> list:
 
 def _auto(rule, call) -> str:
     # the best backend for the call's device and dims; interpreted Triton (CPU) is for tests
-    if call.device.type == "cuda":
-        return available(rule, "cuda", call.dim_sizes)[0]
-    names = available(rule, call.device, call.dim_sizes)
     from .newton import pays_off  # newton only where measured faster (long T, narrow blocks)
+    if call.device.type == "cuda":
+        names = available(rule, "cuda", call.dim_sizes)
+        if names[0] == "recurrent" and "newton" in names and pays_off(rule, call):
+            return "newton"
+        return names[0]
+    names = available(rule, call.device, call.dim_sizes)
     return next(n for n in names if not _BY_NAME[n].triton and (n != "newton" or pays_off(rule, call)))
 
 

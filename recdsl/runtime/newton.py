@@ -36,8 +36,9 @@ stays under ``TEMP_BUDGET`` entries (a dense Jacobian multiplies the step's work
 Packed sequences reset at their starts: there the previous state is the sequence's initial
 state, so the linear recurrence has ``J = 0`` and the reverse one stops at the boundary.
 
-PyTorch only (the CPU or any device); no Triton kernels yet. The backward is not itself
-differentiable (``once_differentiable``: a second derivative raises).
+The solves run in PyTorch on the CPU and in Triton kernels on CUDA (``newton_triton``); the
+step and its Jacobian stay PyTorch. The backward is not itself differentiable
+(``once_differentiable``: a second derivative raises).
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ from ..codegen.naive import run_naive
 from ..codegen.torch_step import step_source
 from ..ir.jacobian import structure
 from ..ir.ssa import Elementwise, Reduce
+from . import newton_triton
 from .scan_core import scan as elementwise_scan
 
 MAX_ITERATIONS = 30  # per window of T
@@ -93,16 +95,20 @@ def problem(rule):
 # forward-mode tangents per token: the sequential loop keeps those, short sequences, decoding.
 AUTO_MIN_TOKENS = 1024
 AUTO_MAX_BLOCK = 2
+# The same threshold on CUDA (solves in Triton, recdsl.codegen.newton_kernels), against the
+# fused recurrent kernel: not measured on a GPU yet, so None: "auto" keeps the fused kernel.
+AUTO_MIN_TOKENS_CUDA = None
 
 
 def pays_off(rule, call) -> bool:
     """Whether newton beats the sequential loop for ``call`` (what "auto" asks)."""
-    if call.device.type != "cpu":
-        return False  # no Triton kernels for newton yet: the fused recurrent kernel wins
+    least = {"cpu": AUTO_MIN_TOKENS, "cuda": AUTO_MIN_TOKENS_CUDA}.get(call.device.type)
+    if least is None:
+        return False
     tensors = list(call.tensors.values()) + list(call.initial.values())
     if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
         return False
-    if max(b - a for a, b in call.segments()) < AUTO_MIN_TOKENS:
+    if max(b - a for a, b in call.segments()) < least:
         return False
     plan = _plan(rule, call.dim_sizes)
     return plan.diagonal or plan.k <= AUTO_MAX_BLOCK
@@ -261,6 +267,8 @@ def _sequential(A, c, h0):
 
 def _solve(plan: _Plan, A, c, h0):
     """The linear recurrence over dim 1 with the solver the structure allows."""
+    if newton_triton.wanted(c.device):  # CUDA: the Triton kernels (recdsl.codegen.newton_kernels)
+        return newton_triton.solve(A, c, h0, plan.diagonal)
     if plan.diagonal:
         return elementwise_scan(A, c, h0)
     if plan.k <= BLOCK_SCAN_MAX:
