@@ -95,6 +95,7 @@ class _RecurrentGenerator:
     # the token-parallel generators that reuse the loads and stores never tile
     kernel_tiling = tiling.Tiling()
     block_of = staticmethod(block)
+    sums_held = True  # param gradients summed in registers (``__init__`` decides for a rule)
 
     def __init__(self, rule: CheckedRule, dim_sizes: dict):
         self.rule = rule
@@ -106,6 +107,8 @@ class _RecurrentGenerator:
         self.adjoint = adjoint(self.forward)  # its first ops are the forward's own: same names
         self.forward_tiling = tiling.forward_tiling(rule, self.forward, self.sizes, self.blocks)
         self.backward_plan = tiling.backward_plan(rule, self.adjoint, self.sizes, self.blocks)
+        # the param gradients' sums in registers, or (too large) in memory
+        self.sums_held = self.holds_params(self.backward_plan.tiling, sums=False)
 
     # ------------------------------------------------------------ shared pieces
 
@@ -117,6 +120,28 @@ class _RecurrentGenerator:
 
     def block_sizes(self, tiles: tiling.Tiling) -> dict:
         return {d: tiles.tiles.get(d, b) for d, b in self.blocks.items()}
+
+    def state_elements(self, tiles: tiling.Tiling) -> int:
+        """Entries of the state blocks one program holds."""
+        sizes = self.block_sizes(tiles)
+        return sum(math.prod(sizes[d] for d in s.dims) for s in self.rule.states)
+
+    def param_elements(self) -> int:
+        """Entries of the params (loaded whole by every program): an LSTM's R[D, D]s are 128
+        times its states."""
+        return sum(math.prod(self.blocks[d] for d in p.dims) for p in self.rule.params)
+
+    def holds_params(self, tiles: tiling.Tiling, sums: bool) -> bool:
+        """Whether a program can keep the params (and with ``sums`` their gradients' sums) in
+        registers for its whole walk beside its states; if not, they are loaded at every
+        token (from cache) and the sums kept in memory."""
+        held = self.state_elements(tiles) + self.param_elements() * (2 if sums else 1)
+        return held <= HELD_ELEMENTS
+
+    def held_elements(self, tiles: tiling.Tiling, sums: bool) -> int:
+        """Elements live in a program's registers while it walks (what sets num_warps)."""
+        held = self.state_elements(tiles) + self.param_elements() * (2 if sums else 1)
+        return min(held, HELD_ELEMENTS)
 
     def prologue(self, e: _Emitter):
         """Program ids, sequence bounds, lanes and masks of every dim: a tiled dim's lanes
@@ -210,7 +235,9 @@ class _RecurrentGenerator:
           "STORE_FINAL: tl.constexpr, IS_VARLEN: tl.constexpr, CKPT: tl.constexpr):")
         e.depth = 1
         self.prologue(e)
-        self.load_params(e, prog)
+        hold = self.holds_params(self.forward_tiling, sums=False)
+        if hold:
+            self.load_params(e, prog)
         for s in rule.states:
             val = prog.states_in[s.name]
             e("if USE_INITIAL:")
@@ -224,6 +251,8 @@ class _RecurrentGenerator:
         e("    if t % CKPT == 0:")
         for s in rule.states:
             e("        " + self._store(self.ckpt_base(s.name, "t // CKPT"), s.dims, prog.states_in[s.name].id))
+        if not hold:
+            self.load_params(e, prog)
         self.load_token(e, prog)
         e.block(self.emit(prog.ops))
         for o in rule.outputs:
@@ -266,7 +295,9 @@ class _RecurrentGenerator:
           "IS_VARLEN: tl.constexpr, CKPT: tl.constexpr):")
         e.depth = 1
         self.prologue(e)
-        self.load_params(e, fwd)
+        reload = not self.holds_params(plan.tiling, sums=self.sums_held)
+        if not reload:
+            self.load_params(e, fwd)
         # gradient accumulators of params (summed over the sequence in the program)
         self.init_param_gradients(e)
         # the state gradient walked backwards: dS after the last token
@@ -293,6 +324,8 @@ class _RecurrentGenerator:
         e("tok = bos + t")
         for s in rule.states:
             e(self.scratch(s, "t - start", fwd.states_in[s.name].id))
+        if reload:
+            self.load_params(e, fwd)
         self.load_token(e, recompute)
         self.load_residuals(e, plan.recompute)
         e.block(self.emit(plan.recompute, prefix="r"))
@@ -308,6 +341,8 @@ class _RecurrentGenerator:
         for s in rule.states:
             if s.name in prog.states_in:
                 e(self.scratch(s, "t - start", prog.states_in[s.name].id, load=True))
+        if reload:
+            self.load_params(e, fwd)
         self.load_token(e, prog)
         self.load_residuals(e, plan.ops)
         for op in plan.ops:
@@ -333,9 +368,7 @@ class _RecurrentGenerator:
             seed = adj.grad_states_out[s.name].id
             missing = set(plan.tiling.tiles) - set(s.dims) - plan.carried[s.name]
             e(self._store(self._partial_base("dh0", s.name, s.dims), s.dims, self.first_tiles(missing, seed)))
-        for name in adj.program.params:
-            var = rule.var(name)
-            e(self._store(self._partial_base("dpar", name, var.dims), var.dims, f"acc_{name}"))
+        self.store_param_gradients(e)
         return args, e.lines
 
     def first_tiles(self, dims, value) -> str:
@@ -353,14 +386,30 @@ class _RecurrentGenerator:
         return self.first_tiles(across - self.backward_plan.partial.get(grad, frozenset()), grad.id)
 
     def init_param_gradients(self, e: _Emitter):
-        """Accumulators of the param gradients, summed over the tokens a program walks."""
+        """Accumulators of the param gradients, summed over the tokens a program walks (in
+        registers, or where they do not fit, in the program's own zeroed partial-sum slot)."""
+        if not self.sums_held:
+            return
         for name in self.adjoint.program.params:  # every one is stored, zero if no gradient
             e(f"acc_{name} = {self.zeros(self.rule.var(name).dims)}")
 
     def accumulate_param_gradients(self, e: _Emitter):
         for name, grad in self.adjoint.grad_params.items():
-            if grad is not None:
-                e(f"acc_{name} += {self.whole_or_share(grad, self.rule.var(name).dims)}")
+            if grad is None:
+                continue
+            dims = self.rule.var(name).dims
+            share = self.whole_or_share(grad, dims)
+            if self.sums_held:
+                e(f"acc_{name} += {share}")
+            else:
+                e(self._accumulate(self._partial_base("dpar", name, dims), dims, share))
+
+    def store_param_gradients(self, e: _Emitter):
+        if not self.sums_held:
+            return  # summed in place
+        for name in self.adjoint.program.params:
+            var = self.rule.var(name)
+            e(self._store(self._partial_base("dpar", name, var.dims), var.dims, f"acc_{name}"))
 
     def store_input_gradients(self, e: _Emitter, prog: Program):
         """Input gradients of this token; an input used whole and as slices k[j] gets the
@@ -438,15 +487,12 @@ class _RecurrentGenerator:
             blocks += [f"{kernel}B_{d} = tl.constexpr({b})" for d, b in self.block_sizes(tiles).items()]
         source = "\n".join(header + blocks + [TOPK_HELPER, ""] + fwd_lines + ["", ""] + bwd_lines) + "\n"
 
-        def elements(tiles):
-            sizes = self.block_sizes(tiles)
-            return sum(math.prod(sizes[d] for d in s.dims) for s in rule.states)
 
         return KernelSpec(
             rule_name=rule.name, source=source, dim_sizes=self.sizes,
             forward_tiles=dict(self.forward_tiling.tiles), backward_tiles=dict(plan.tiling.tiles),
-            num_warps=launch_widths(elements(self.forward_tiling))[0],
-            backward_num_warps=launch_widths(elements(plan.tiling))[1],
+            num_warps=launch_widths(self.held_elements(self.forward_tiling, sums=False))[0],
+            backward_num_warps=launch_widths(self.held_elements(plan.tiling, sums=self.sums_held))[1],
             forward_programs=self.forward_tiling.programs, backward_programs=plan.tiling.programs,
             gradient_whole={v.name: plan.tiling.covers(v.dims) for v in rule.inputs + rule.params + rule.states},
             scratch_numel={s.name: math.prod(self.block_sizes(plan.tiling)[d] for d in s.dims) for s in rule.states},
@@ -458,9 +504,14 @@ class _RecurrentGenerator:
             grad_states={name: adj.grad_states_in.get(name) is not None for name in adj.program.states_in})
 
 
+# Elements a program may hold in registers: launch_widths' widest launches (16 warps of 32
+# elements a thread forward, 32 warps of 16 backward).
+HELD_ELEMENTS = 16 * 32 * 32
+
+
 def launch_widths(state_elements: int) -> tuple:
-    """num_warps of the forward and backward kernels for states of this many elements (block
-    sizes, all states) held by one program. Measured with ``recdsl compile --arch sm_90
+    """num_warps of the forward and backward kernels for this many elements (block sizes of
+    all states, and params) held by one program. Measured with ``recdsl compile --arch sm_90
     --report`` on the canonical rules: the forward needs about 4 registers per state
     element, the backward (several state-sized temporaries live at once) about 16, and a
     program has 64K registers, at most 255 per thread. So about 32 elements per thread
