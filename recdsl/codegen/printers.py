@@ -159,39 +159,48 @@ def torch_program(program: Program, fn_name: str, args: list, results: list,
     body = []
     given = {a.id for a in args}
     for k, op in enumerate(program.ops):
-        if isinstance(op, Source):
-            if op.out.id not in given:
-                raise ValueError(f"{op.out.id} is not among the arguments")
-        elif isinstance(op, Elementwise):
-            rank = len(op.shape)
-            names = {leaf.sym: _torch_view(leaf.val, leaf.axes, rank) for leaf in op.leaves}
-            printer = TorchPrinter(names)
-            exprs = [substitute_dims(e, dim_sizes) for e in op.exprs]
-            temps, reduced = cse_lines(exprs, f"c{k}_")
-            for sym, e in temps:
-                body.append(f"{sym.name} = {printer.doprint(e)}")
-            for out, e, original in zip(op.outs, reduced, exprs):
-                text = printer.doprint(e)
-                if not _covers(op, original):  # e.g. a constant, or a vector broadcast to a matrix
-                    text = f"_rt.broadcast({text}, {args[0].id}, {_dims_text(out, dim_sizes)})"
-                body.append(f"{out.id} = {text}")
-        elif isinstance(op, Reduce):
-            rank = len(op.arg.shape)
-            axes = tuple(2 + a for a in range(rank) if a not in op.keep)
-            if op.kind == "sum":
-                body.append(f"{op.out.id} = {op.arg.id}.sum(dim={axes})" if axes else f"{op.out.id} = {op.arg.id}")
-            else:
-                body.append(f"{op.out.id} = {op.arg.id}.amax(dim={axes})" if axes else f"{op.out.id} = {op.arg.id}")
-        elif isinstance(op, TopkMask):
-            body.append(f"{op.out.id} = _rt.topk_mask({op.arg.id}, {op.count})")
-        elif isinstance(op, MatMul):
-            a = f"{op.a.id}.transpose(-1, -2)" if op.ta else op.a.id
-            b = f"{op.b.id}.transpose(-1, -2)" if op.tb else op.b.id
-            body.append(f"{op.out.id} = {a} @ {b}")
-        else:
-            raise AssertionError(op)
+        if isinstance(op, Source) and op.out.id not in given:
+            raise ValueError(f"{op.out.id} is not among the arguments")
+        body.extend(torch_op_lines(op, k, args[0].id, dim_sizes))
     body.append("return (" + "".join(f"{r.id if r is not None else 'None'}, " for r in results) + ")")
     return "\n".join(lines + ["    " + line for line in body]) + "\n"
+
+
+def torch_op_lines(op, k: int, ref: str, dim_sizes: dict | None) -> list:
+    """The PyTorch lines computing op number ``k`` (none for a Source: an argument); ``ref``
+    names a batched argument (B and H of broadcast constants)."""
+    body = []
+    if isinstance(op, Source):
+        return body
+    if isinstance(op, Elementwise):
+        rank = len(op.shape)
+        names = {leaf.sym: _torch_view(leaf.val, leaf.axes, rank) for leaf in op.leaves}
+        printer = TorchPrinter(names)
+        exprs = [substitute_dims(e, dim_sizes) for e in op.exprs]
+        temps, reduced = cse_lines(exprs, f"c{k}_")
+        for sym, e in temps:
+            body.append(f"{sym.name} = {printer.doprint(e)}")
+        for out, e, original in zip(op.outs, reduced, exprs):
+            text = printer.doprint(e)
+            if not _covers(op, original):  # e.g. a constant, or a vector broadcast to a matrix
+                text = f"_rt.broadcast({text}, {ref}, {_dims_text(out, dim_sizes)})"
+            body.append(f"{out.id} = {text}")
+    elif isinstance(op, Reduce):
+        rank = len(op.arg.shape)
+        axes = tuple(2 + a for a in range(rank) if a not in op.keep)
+        if op.kind == "sum":
+            body.append(f"{op.out.id} = {op.arg.id}.sum(dim={axes})" if axes else f"{op.out.id} = {op.arg.id}")
+        else:
+            body.append(f"{op.out.id} = {op.arg.id}.amax(dim={axes})" if axes else f"{op.out.id} = {op.arg.id}")
+    elif isinstance(op, TopkMask):
+        body.append(f"{op.out.id} = _rt.topk_mask({op.arg.id}, {op.count})")
+    elif isinstance(op, MatMul):
+        a = f"{op.a.id}.transpose(-1, -2)" if op.ta else op.a.id
+        b = f"{op.b.id}.transpose(-1, -2)" if op.tb else op.b.id
+        body.append(f"{op.out.id} = {a} @ {b}")
+    else:
+        raise AssertionError(op)
+    return body
 
 
 def _covers(op: Elementwise, expr) -> bool:

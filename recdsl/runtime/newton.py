@@ -52,6 +52,7 @@ from torch.func import jvp, vjp, vmap
 
 from ..codegen.loader import load_function
 from ..codegen.naive import run_naive
+from ..codegen.jacobian_step import jacobian_source
 from ..codegen.torch_step import step_source
 from ..ir.jacobian import structure
 from ..ir.ssa import Elementwise, Reduce
@@ -117,6 +118,9 @@ class _Plan:
     def __init__(self, rule, dim_sizes: dict):
         src = step_source(rule.ir, dim_sizes, grad=False)
         self.step = load_function(src.source, src.name)
+        jac = jacobian_source(rule.ir, dim_sizes)
+        self.jacobian = load_function(jac.source, jac.name)
+        self.blocks = jac.blocks
         self.sources = src.sources
         self.n_outputs = len(src.program.outputs)
         self.structure = s = structure(rule.ir, dim_sizes)
@@ -161,9 +165,7 @@ class _Plan:
         return max(1, TEMP_BUDGET // (tangents * heads * self.widest))
 
     # one call of the generated step: every token of a slice at once
-    def evaluate(self, tokens: dict, params: dict, prev: torch.Tensor):
-        """``(new states packed, outputs)`` for tokens ``[N, H, ...]`` whose previous states
-        are ``prev`` (``[N, H, C, k]``); params ``[H, ...]``."""
+    def _arguments(self, tokens: dict, params: dict, prev: torch.Tensor) -> list:
         states = dict(zip(self.states, self.unpack(prev)))
         n = prev.shape[0]
         args = []
@@ -176,22 +178,40 @@ class _Plan:
                 args.append(p.unsqueeze(0).expand(n, *p.shape))
             else:
                 args.append(states[op.name])
-        results = self.step(*args)
+        return args
+
+    def evaluate(self, tokens: dict, params: dict, prev: torch.Tensor):
+        """``(new states packed, outputs)`` for tokens ``[N, H, ...]`` whose previous states
+        are ``prev`` (``[N, H, C, k]``); params ``[H, ...]``."""
+        results = self.step(*self._arguments(tokens, params, prev))
         outs = results[:self.n_outputs]
         return self.pack(list(results[self.n_outputs:])), tuple(outs)
 
     def linearise(self, tokens, params, prev):
-        """``(J, f, outputs)`` at ``prev``: ``J`` ``[N, H, C, k]`` (diagonal) or
-        ``[N, H, C, k, k]`` (one forward-mode tangent per column of a block)."""
-        fn = lambda p: self.evaluate(tokens, params, p)  # noqa: E731
+        """``(J, f, outputs)`` at ``prev``, from the generated Jacobian step (one pass): ``J``
+        ``[N, H, C, k]`` (diagonal) or ``[N, H, C, k, k]`` (rows: new states, columns: old)."""
+        results = self.jacobian(*self._arguments(tokens, params, prev))
+        n_out, n_states = self.n_outputs, len(self.states)
+        outs = tuple(results[:n_out])
+        f = self.pack(list(results[n_out:n_out + n_states]))
+        blocks = dict(zip(self.blocks, results[n_out + n_states:]))
         if self.diagonal:
-            f, jac, outs = jvp(fn, (prev,), (torch.ones_like(prev),), has_aux=True)
-            return jac, f, outs
-        eye = torch.eye(self.k, dtype=prev.dtype, device=prev.device)
-        basis = eye.reshape(self.k, 1, 1, 1, self.k).expand(self.k, *prev.shape)
-        columns = vmap(lambda t: jvp(fn, (prev,), (t,), has_aux=True)[1])(basis)
-        f, outs = fn(prev)
-        return columns.permute(1, 2, 3, 4, 0), f, outs
+            parts = [blocks.get((s, s)) for s in self.states]
+            news = results[n_out:n_out + n_states]
+            return self.pack([torch.zeros_like(v) if b is None else b for b, v in zip(parts, news)]), f, outs
+        N, H = prev.shape[:2]
+        rows = []
+        for (order, _free, width), new in zip(self.packing, self.states):
+            row = []
+            for (_o, _f, w_old), old in zip(self.packing, self.states):
+                b = blocks.get((new, old))
+                if b is None:
+                    row.append(prev.new_zeros(N, H, self.C, width, w_old))
+                    continue
+                b = b.permute(0, 1, *(2 + a for a in order), *range(2 + len(order), b.dim()))
+                row.append(b.reshape(N, H, self.C, width, w_old))
+            rows.append(torch.cat(row, -1))
+        return torch.cat(rows, -2), f, outs
 
 
 _PLANS = {}
