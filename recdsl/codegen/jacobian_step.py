@@ -25,6 +25,7 @@ as ``[B, H, *s's dims, *o's free dims]`` (``JacobianSource.blocks`` lists the pa
 from __future__ import annotations
 
 from dataclasses import dataclass
+from math import prod
 
 import sympy
 
@@ -43,12 +44,14 @@ class JacobianSource:
     states: list  # state names, in order (the new states returned)
     blocks: list  # (new state, old state) per returned block, in order
     structure: Structure
+    widest: int  # entries per batch row of the largest tangent (or block) it computes
 
 
 @dataclass
 class _Tan:
     name: str  # the variable holding it
     ties: tuple  # per free axis of the state: the value axis it is tied to, or None (a column)
+    one: bool = False  # the state's own tangent: 1 (a product with it is the coefficient)
 
     def cols(self):
         return [a for a, t in enumerate(self.ties) if t is None]
@@ -67,7 +70,14 @@ class _Generator:
         self.lines = []
         self.tan = {}  # (val id, state) -> _Tan
         self.count = 0
+        self.widest = 1
         self.ref = program.sources()[0].out.id
+
+    def note(self, shape, state, ties):
+        """Track the largest tangent: its value's entries times its columns'."""
+        size = prod(self.sizes[d] for d in shape)
+        size *= prod(n for n, t in zip(self.free_sizes(state), ties) if t is None)
+        self.widest = max(self.widest, size)
 
     def var(self, hint):
         self.count += 1
@@ -99,7 +109,8 @@ class _Generator:
             self.lines.append(f"{name} = torch.ones(({ones},), dtype={self.ref}.dtype, "
                               f"device={self.ref}.device)")
             dims = self.s.dims[op.name]
-            self.tan[(op.out.id, op.name)] = _Tan(name, tuple(dims.index(d) for d in self.s.free[op.name]))
+            self.tan[(op.out.id, op.name)] = _Tan(name, tuple(dims.index(d) for d in self.s.free[op.name]),
+                                                  one=True)
 
     def elementwise(self, op: Elementwise, k):
         rank = len(op.shape)
@@ -136,7 +147,7 @@ class _Generator:
                     if oi != i or t is None:
                         continue
                     ties = tuple(leaf.axes[x] if x is not None else None for x in t.ties)
-                    terms.append((coef, leaf, _Tan(t.name, ties)))
+                    terms.append((coef, leaf, _Tan(t.name, ties, t.one)))
                 if terms:
                     self.combine(out, state, terms, rank)
 
@@ -148,16 +159,21 @@ class _Generator:
         parts = []
         for coef, leaf, t in terms:
             # the operand's tangent, viewed in the op's axes (its ties already mapped)
-            view = _Tan(f"{t.name}{_index(leaf.axes, rank)}", t.ties)
+            view = _Tan(f"{t.name}{_index(leaf.axes, rank)}", t.ties, t.one)
             for a in range(free):
                 if ties[a] is None and view.ties[a] is not None:
                     view = self.untie(view, state, a, rank)
             pad = len(view.cols())
-            c = f"{coef}[..., {', '.join(['None'] * pad)}]" if pad and not coef.startswith("(") else coef
+            number = coef.startswith("(")
+            if view.one and not number:  # times the seed 1: the coefficient (its shape broadcasts)
+                parts.append(coef)
+                continue
+            c = f"{coef}[..., {', '.join(['None'] * pad)}]" if pad and not number else coef
             parts.append(f"{c} * {view.name}")
         name = self.var(f"d_{out.id}_{state}")
         self.lines.append(f"{name} = {' + '.join(parts)}")
         self.tan[(out.id, state)] = _Tan(name, ties)
+        self.note(out.shape, state, ties)
 
     def reduce(self, op: Reduce):
         if op.kind != "sum":
@@ -177,11 +193,15 @@ class _Generator:
                 cols[a] = 2 + left.index(x)
             perm = [0, 1] + [2 + left.index(x) for x in op.keep] + [cols[a] for a in sorted(cols)]
             sizes = [self.sizes[op.arg.shape[x]] for x in summed]
+            ties = tuple(op.keep.index(x) if x is not None and x in op.keep else None for x in t.ties)
+            if not summed and perm == list(range(len(perm))):  # the same tensor, renamed
+                self.tan[(op.out.id, state)] = _Tan(t.name, ties)
+                continue
             name = self.var(f"d_{op.out.id}_{state}")
             self.lines.append(f"{name} = _rt.tangent_sum({t.name}, {tuple(2 + x for x in summed)}, "
                               f"{sizes}, {perm})")
-            ties = tuple(op.keep.index(x) if x is not None and x in op.keep else None for x in t.ties)
             self.tan[(op.out.id, state)] = _Tan(name, ties)
+            self.note(op.out.shape, state, ties)
 
     def matmul(self, op: MatMul):
         shape_a = [self.sizes[d] for d in op.a.shape]
@@ -201,6 +221,8 @@ class _Generator:
                 name = self.var(f"d_{op.out.id}_{state}")
                 self.lines.append(f"{name} = {' + '.join(parts)}")
                 self.tan[(op.out.id, state)] = _Tan(name, (None,) * len(self.s.free[state]))
+                for shape in (op.out.shape, op.a.shape, op.b.shape):  # the factors untied
+                    self.note(shape, state, self.tan[(op.out.id, state)].ties)
 
     def block(self, new, old) -> str | None:
         """The returned block d new / d old: untied, expanded to its full shape."""
@@ -210,6 +232,7 @@ class _Generator:
             return None
         t = self.untie_all(t, old, len(val.shape))
         dims = [self.sizes[d] for d in val.shape] + self.free_sizes(old)
+        self.note(val.shape, old, (None,) * len(dims[len(val.shape):]))
         name = self.var(f"J_{new}_{old}")
         self.lines.append(f"{name} = _rt.full({t.name}, {self.ref}, {tuple(dims)})")
         return name
@@ -248,4 +271,5 @@ def jacobian_source(rule: CheckedRule, dim_sizes: dict) -> JacobianSource:
               + ", ".join(f"{d}={n}" for d, n in dim_sizes.items()) + "\n")
     text = (header + f"def {fn}({args}):\n" + "".join(f"    {line}\n" for line in gen.lines)
             + "    return (" + "".join(f"{r}, " for r in results) + ")\n")
-    return JacobianSource(text, fn, sources, len(program.outputs), list(s.states), blocks, s)
+    return JacobianSource(text, fn, sources, len(program.outputs), list(s.states), blocks, s,
+                          gen.widest)

@@ -48,7 +48,7 @@ from math import prod
 
 import torch
 from torch.autograd.function import once_differentiable
-from torch.func import jvp, vjp, vmap
+from torch.func import vjp
 
 from ..codegen.loader import load_function
 from ..codegen.naive import run_naive
@@ -121,6 +121,7 @@ class _Plan:
         jac = jacobian_source(rule.ir, dim_sizes)
         self.jacobian = load_function(jac.source, jac.name)
         self.blocks = jac.blocks
+        self.jacobian_widest = jac.widest
         self.sources = src.sources
         self.n_outputs = len(src.program.outputs)
         self.structure = s = structure(rule.ir, dim_sizes)
@@ -129,7 +130,8 @@ class _Plan:
         self.C = prod(self.channel_sizes)
         self.k = s.block_size(dim_sizes)
         self.diagonal = s.kind == "diagonal"
-        self.tangents = 1 if self.diagonal else self.k
+        # dense J, or blocks too wide for a parallel scan: the forward is the sequential pass
+        self.sequential = s.kind == "dense" or self.k > BLOCK_SCAN_MAX
         self.packing = []  # per state: (permutation of its axes, free sizes, width)
         for name in self.states:
             dims = s.dims[name]
@@ -139,7 +141,9 @@ class _Plan:
         shapes = [op.shape if isinstance(op, Elementwise) else op.arg.shape
                   if isinstance(op, Reduce) else op.out.shape for op in src.program.ops]
         widest = max((prod(dim_sizes[d] for d in shape) for shape in shapes), default=1)
-        self.widest = max(widest, self.C * self.k)
+        # per batch row and token: the largest of the step's values, the generated Jacobian's
+        # tangents and the packed J
+        self.widest = max(widest, jac.widest, self.C * (self.k if self.diagonal else self.k * self.k))
 
     def pack(self, values: list) -> torch.Tensor:
         """States ``[*lead, *dims]`` (in declaration order) -> ``[*lead, C, k]``."""
@@ -161,8 +165,8 @@ class _Plan:
             start += width
         return out
 
-    def tokens_per_call(self, heads: int, tangents: int) -> int:
-        return max(1, TEMP_BUDGET // (tangents * heads * self.widest))
+    def tokens_per_call(self, heads: int) -> int:
+        return max(1, TEMP_BUDGET // (heads * self.widest))
 
     # one call of the generated step: every token of a slice at once
     def _arguments(self, tokens: dict, params: dict, prev: torch.Tensor) -> list:
@@ -321,10 +325,10 @@ class _Solve:
             self.init_tok = init.unsqueeze(1).expand(B, T, *init.shape[1:])
         self.reset = layout.reset.to(init.device)
 
-    def _slices(self, tangents, a=0, b=None):
-        """Token ranges of ``[a, b)`` small enough for one step call with ``tangents``."""
+    def _slices(self, a=0, b=None):
+        """Token ranges of ``[a, b)`` small enough for one call of the Jacobian step."""
         b = self.layout.T if b is None else b
-        per = max(1, self.plan.tokens_per_call(self.heads, tangents) // self.layout.B)
+        per = max(1, self.plan.tokens_per_call(self.heads) // self.layout.B)
         return [(t0, min(t0 + per, b)) for t0 in range(a, b, per)]
 
     def _previous(self, H, a, b):
@@ -343,9 +347,45 @@ class _Solve:
             start += width
         return out
 
+    def sequential(self):
+        """The sequential pass: one call of the generated step per token, batched over B and H
+        (no autograd; the backward is the transposed recurrence all the same)."""
+        plan, T = self.plan, self.layout.T
+        args = [None] * len(plan.sources)
+        slots = {}  # state -> argument position
+        for i, op in enumerate(plan.sources):
+            if op.kind == "param":
+                p = self.params[op.name]
+                args[i] = p.unsqueeze(0).expand(self.layout.B, *p.shape)
+            elif op.kind == "state":
+                slots[op.name] = i
+        inputs = [(i, self.tokens[op.name], op.index) for i, op in enumerate(plan.sources)
+                  if op.kind == "input"]
+        n_out = plan.n_outputs
+        states, outs = [], []
+        current, resets = None, self.reset.tolist()
+        for t in range(T):
+            if t == 0 or resets[t]:
+                current = plan.unpack(self.init_tok[:, t])
+            for i, x, j in inputs:
+                args[i] = x[:, t] if j is None else x[:, t].select(2, j)
+            for name, value in zip(plan.states, current):
+                args[slots[name]] = value
+            results = plan.step(*args)
+            current = results[n_out:]
+            states.append(plan.pack(list(current)))
+            outs.append(results[:n_out])
+        self.states = torch.stack(states, 1)
+        self.outputs = [torch.stack(o, 1) for o in zip(*outs)]
+        self.prev = self._previous(self.states, 0, T)
+        self.window = None
+        return 0
+
     def forward(self):
         """Newton iterations, over windows of T that shrink where a linearisation overshoots;
         returns the number of linearisations used, or None if it did not converge."""
+        if self.plan.sequential:
+            return self.sequential()
         T = self.layout.T
         H = self.init_tok.clone()  # the guess: every state at its initial value
         self.states = torch.empty_like(H)
@@ -397,7 +437,7 @@ class _Solve:
         B = self.layout.B
         new, fs, outs = torch.empty_like(prev), torch.empty_like(prev), []
         carry = torch.zeros_like(prev[:, 0]) if carry is None else carry
-        for t0, t1 in self._slices(self.plan.tangents, a, b):
+        for t0, t1 in self._slices(a, b):
             p = prev[:, t0 - a:t1 - a].flatten(0, 1)
             J, f, o = self.plan.linearise(_tokens(self.tokens, self.tokens, t0, t1), self.params, p)
             Jp = J * p if self.plan.diagonal else _matvec(J, p)
@@ -442,7 +482,7 @@ class _Solve:
         # the state entering token t keeps flowing back unless t starts a sequence
         flows = ~self.reset
         carry = torch.zeros_like(self.states[:, 0])  # flows_{t1} * w_{t1} from the later slice
-        for t0, t1 in reversed(self._slices(plan.tangents + 1)):
+        for t0, t1 in reversed(self._slices()):
             n = t1 - t0
             tokens = _tokens(self.tokens, self.tokens, t0, t1)
             prev = self.prev[:, t0:t1].flatten(0, 1)
