@@ -32,7 +32,7 @@ import sympy
 from ..ir.checked import CheckedRule
 from ..ir.jacobian import Structure, structure
 from ..ir.ssa import Elementwise, MatMul, Reduce, Source, TopkMask, lower
-from .printers import TorchPrinter, _torch_view, cse_lines, substitute_dims, torch_op_lines
+from .printers import TorchPrinter, _torch_view, cse_lines, fused_sums, substitute_dims, torch_op_lines
 
 
 @dataclass
@@ -244,8 +244,9 @@ def jacobian_source(rule: CheckedRule, dim_sizes: dict) -> JacobianSource:
     s = structure(rule, dim_sizes)
     gen = _Generator(program, s, dim_sizes)
     sources = program.sources()
+    fused = fused_sums(program)  # the product's own value is then never needed
     for k, op in enumerate(program.ops):
-        gen.lines.extend(torch_op_lines(op, k, gen.ref, dim_sizes))
+        gen.lines.extend(fused[id(op)] if id(op) in fused else torch_op_lines(op, k, gen.ref, dim_sizes))
         if isinstance(op, Source):
             gen.source(op)
         elif isinstance(op, Elementwise):

@@ -152,18 +152,56 @@ def _torch_view(val: Val, axes: tuple, rank: int) -> str:
 
 
 def torch_program(program: Program, fn_name: str, args: list, results: list,
-                  dim_sizes: dict | None = None) -> str:
+                  dim_sizes: dict | None = None, fuse: bool = False) -> str:
     """PyTorch source of ``def fn_name(*args)`` running ``program`` on batched tensors
-    ([B, H, *shape] per value) and returning ``results`` (a Val, or None for no gradient)."""
+    ([B, H, *shape] per value) and returning ``results`` (a Val, or None for no gradient).
+    ``fuse``: a sum of a product of two operands is one einsum (``fused_sums``)."""
     lines = [f"def {fn_name}({', '.join(a.id for a in args)}):"]
     body = []
     given = {a.id for a in args}
+    fused = fused_sums(program) if fuse else {}
     for k, op in enumerate(program.ops):
         if isinstance(op, Source) and op.out.id not in given:
             raise ValueError(f"{op.out.id} is not among the arguments")
-        body.extend(torch_op_lines(op, k, args[0].id, dim_sizes))
+        body.extend(fused[id(op)] if id(op) in fused else torch_op_lines(op, k, args[0].id, dim_sizes))
     body.append("return (" + "".join(f"{r.id if r is not None else 'None'}, " for r in results) + ")")
     return "\n".join(lines + ["    " + line for line in body]) + "\n"
+
+
+def fused_sums(program: Program) -> dict:
+    """id(op) -> its lines, for the ops a sum of a two-operand product becomes: the product
+    (used only by the sum) prints nothing and the sum is ``torch.einsum`` (``R @ h`` as one
+    batched matrix product, not an [R's shape] temporary per token). Operands broadcast over
+    B and H (a param may come as [1, H, ...])."""
+    uses = {}
+    for op in program.ops:
+        for v in ([leaf.val for leaf in op.leaves] if isinstance(op, Elementwise) else
+                  [op.arg] if isinstance(op, (Reduce, TopkMask)) else
+                  [op.a, op.b] if isinstance(op, MatMul) else []):
+            uses[v.id] = uses.get(v.id, 0) + 1
+    for v in list(program.outputs.values()) + list(program.states_out.values()):
+        uses[v.id] = uses.get(v.id, 0) + 1
+    producers = {op.outs[0].id: op for op in program.ops
+                 if isinstance(op, Elementwise) and len(op.outs) == 1}
+    out = {}
+    for op in program.ops:
+        if not (isinstance(op, Reduce) and op.kind == "sum" and uses.get(op.arg.id) == 1):
+            continue
+        prod = producers.get(op.arg.id)
+        if prod is None:
+            continue
+        expr = prod.exprs[0]
+        leaves = {leaf.sym: leaf for leaf in prod.leaves}
+        if not (isinstance(expr, sympy.Mul) and len(expr.args) == 2
+                and all(a in leaves for a in expr.args)):
+            continue
+        letters = "ijklmnopqrstuvw"
+        a, b = (leaves[x] for x in expr.args)
+        spec = (f"bh{''.join(letters[x] for x in a.axes)},bh{''.join(letters[x] for x in b.axes)}"
+                f"->bh{''.join(letters[x] for x in op.keep)}")
+        out[id(prod)] = []
+        out[id(op)] = [f"{op.out.id} = torch.einsum({spec!r}, {a.val.id}, {b.val.id})"]
+    return out
 
 
 def torch_op_lines(op, k: int, ref: str, dim_sizes: dict | None) -> list:

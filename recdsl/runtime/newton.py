@@ -116,7 +116,7 @@ class _Plan:
     at given dim sizes."""
 
     def __init__(self, rule, dim_sizes: dict):
-        src = step_source(rule.ir, dim_sizes, grad=False)
+        src = step_source(rule.ir, dim_sizes, grad=False, fuse=True)
         self.step = load_function(src.source, src.name)
         jac = jacobian_source(rule.ir, dim_sizes)
         self.jacobian = load_function(jac.source, jac.name)
@@ -171,15 +171,13 @@ class _Plan:
     # one call of the generated step: every token of a slice at once
     def _arguments(self, tokens: dict, params: dict, prev: torch.Tensor) -> list:
         states = dict(zip(self.states, self.unpack(prev)))
-        n = prev.shape[0]
         args = []
         for op in self.sources:
             if op.kind == "input":
                 x = tokens[op.name]
                 args.append(x if op.index is None else x.select(2, op.index))
             elif op.kind == "param":
-                p = params[op.name]
-                args.append(p.unsqueeze(0).expand(n, *p.shape))
+                args.append(params[op.name].unsqueeze(0))  # broadcast over the batch
             else:
                 args.append(states[op.name])
         return args
@@ -187,14 +185,14 @@ class _Plan:
     def evaluate(self, tokens: dict, params: dict, prev: torch.Tensor):
         """``(new states packed, outputs)`` for tokens ``[N, H, ...]`` whose previous states
         are ``prev`` (``[N, H, C, k]``); params ``[H, ...]``."""
-        results = self.step(*self._arguments(tokens, params, prev))
+        results = _rows(self.step(*self._arguments(tokens, params, prev)), prev.shape[0])
         outs = results[:self.n_outputs]
         return self.pack(list(results[self.n_outputs:])), tuple(outs)
 
     def linearise(self, tokens, params, prev):
         """``(J, f, outputs)`` at ``prev``, from the generated Jacobian step (one pass): ``J``
         ``[N, H, C, k]`` (diagonal) or ``[N, H, C, k, k]`` (rows: new states, columns: old)."""
-        results = self.jacobian(*self._arguments(tokens, params, prev))
+        results = _rows(self.jacobian(*self._arguments(tokens, params, prev)), prev.shape[0])
         n_out, n_states = self.n_outputs, len(self.states)
         outs = tuple(results[:n_out])
         f = self.pack(list(results[n_out:n_out + n_states]))
@@ -216,6 +214,12 @@ class _Plan:
                 row.append(b.reshape(N, H, self.C, width, w_old))
             rows.append(torch.cat(row, -1))
         return torch.cat(rows, -2), f, outs
+
+
+def _rows(results, n):
+    """Results with ``n`` batch rows (one that reads only params comes with one: params are
+    passed as [1, H, ...] and broadcast)."""
+    return [r if r.shape[0] == n else r.expand(n, *r.shape[1:]) for r in results]
 
 
 _PLANS = {}
@@ -355,8 +359,7 @@ class _Solve:
         slots = {}  # state -> argument position
         for i, op in enumerate(plan.sources):
             if op.kind == "param":
-                p = self.params[op.name]
-                args[i] = p.unsqueeze(0).expand(self.layout.B, *p.shape)
+                args[i] = self.params[op.name].unsqueeze(0)
             elif op.kind == "state":
                 slots[op.name] = i
         inputs = [(i, self.tokens[op.name], op.index) for i, op in enumerate(plan.sources)
@@ -371,7 +374,7 @@ class _Solve:
                 args[i] = x[:, t] if j is None else x[:, t].select(2, j)
             for name, value in zip(plan.states, current):
                 args[slots[name]] = value
-            results = plan.step(*args)
+            results = _rows(plan.step(*args), self.layout.B)
             current = results[n_out:]
             states.append(plan.pack(list(current)))
             outs.append(results[:n_out])

@@ -105,7 +105,8 @@ def test_generated_jacobian_is_jvp_and_finite_differences(name):
 def test_a_state_read_through_R_costs_no_matrix_product():
     """sigmoid(x + R @ h)'s tangent in h is sigmoid' * R: R's entries, no matmul over k."""
     rule = recdsl.compile(CASES["lstm"][0])
-    text = jacobian_source(rule.ir, SIZES).source
-    assert "einsum" not in text and "tangent_mm" not in text and "@" not in text
+    tangents = [line for line in jacobian_source(rule.ir, SIZES).source.splitlines()
+                if line.strip().startswith("d_")]
+    assert tangents and not any("einsum" in t or "tangent_mm" in t or "@" in t for t in tangents)
     diag = jacobian_source(recdsl.compile(CASES["para_gru"][0]).ir, SIZES).source
     assert "untie" not in diag and "tangent_sum" not in diag  # elementwise only
