@@ -202,18 +202,21 @@ class _Plan:
             news = results[n_out:n_out + n_states]
             return self.pack([torch.zeros_like(v) if b is None else b for b, v in zip(parts, news)]), f, outs
         N, H = prev.shape[:2]
-        rows = []
+        J = prev.new_empty(N, H, self.C, self.k, self.k)
+        r0 = 0
         for (order, _free, width), new in zip(self.packing, self.states):
-            row = []
+            c0 = 0
             for (_o, _f, w_old), old in zip(self.packing, self.states):
+                part = J[..., r0:r0 + width, c0:c0 + w_old]
                 b = blocks.get((new, old))
                 if b is None:
-                    row.append(prev.new_zeros(N, H, self.C, width, w_old))
-                    continue
-                b = b.permute(0, 1, *(2 + a for a in order), *range(2 + len(order), b.dim()))
-                row.append(b.reshape(N, H, self.C, width, w_old))
-            rows.append(torch.cat(row, -1))
-        return torch.cat(rows, -2), f, outs
+                    part.zero_()
+                else:
+                    b = b.permute(0, 1, *(2 + a for a in order), *range(2 + len(order), b.dim()))
+                    part.copy_(b.reshape(N, H, self.C, width, w_old))
+                c0 += w_old
+            r0 += width
+        return J, f, outs
 
 
 def _rows(results, n):
@@ -464,6 +467,22 @@ class _Solve:
                 for s, (a, b) in enumerate(self.layout.segments)]
         return torch.stack(rows, 0)
 
+    def _reverse(self, t0, t1, b, flows):
+        """``g_t = b_t + flows_{t+1} J_{t+1}^T g_{t+1}`` over ``[t0, t1)`` token by token (from
+        the last, ``g = b``), with the slice's ``J`` from the generated Jacobian step in one
+        batched call, time-major so each token's ``J`` is one contiguous batch of matrices."""
+        plan, n, k = self.plan, t1 - t0, self.plan.k
+        tokens = {name: _time_major(x, t0, t1) for name, x in self.tokens.items()}
+        J = plan.linearise(tokens, self.params, _time_major(self.prev, t0, t1))[0]
+        J = J.reshape(n, -1, k, k).transpose(-1, -2)
+        bt = b.transpose(0, 1).reshape(n, -1, k, 1)
+        g = torch.empty_like(bt)
+        h = g[n - 1] = bt[n - 1]
+        keep = flows[t0 + 1:t1].tolist()
+        for t in range(n - 2, -1, -1):
+            h = g[t] = torch.baddbmm(bt[t], J[t + 1], h) if keep[t] else bt[t]
+        return g.reshape(n, b.shape[0], *b.shape[2:]).transpose(0, 1)
+
     def backward(self, d_outputs: list, d_finals: torch.Tensor):
         """Gradients of the token inputs (dict), params (dict) and initial states (packed)."""
         plan, lay = self.plan, self.layout
@@ -489,7 +508,6 @@ class _Solve:
             n = t1 - t0
             tokens = _tokens(self.tokens, self.tokens, t0, t1)
             prev = self.prev[:, t0:t1].flatten(0, 1)
-            J = plan.linearise(tokens, self.params, prev)[0]
             names = list(tokens)
             fn = lambda p, xs, ps: plan.evaluate(dict(zip(names, xs)),  # noqa: E731
                                                  dict(zip(self.params, ps)), p)
@@ -498,14 +516,18 @@ class _Solve:
                           for o, d in zip(outs, d_outputs))
             u = pullback((torch.zeros_like(f), d_out))[0].unflatten(0, (B, n))
             # g_t = d_t + flows_{t+1} (J_{t+1}^T g_{t+1} + u_{t+1}); the last of the slice: + carry
-            JT = J if plan.diagonal else J.transpose(-1, -2)
-            JT = JT.unflatten(0, (B, n))
-            keep = flows[t0 + 1:t1].view(1, -1, *([1] * (JT.dim() - 2)))
-            A = torch.zeros_like(JT)
-            A[:, :-1] = torch.where(keep, JT[:, 1:], A[:, :-1])
             tail = u[:, 1:] * flows[t0 + 1:t1].view(1, -1, 1, 1, 1)
             b = d_tok[:, t0:t1] + torch.cat([tail, carry.unsqueeze(1)], 1)
-            g = _solve(plan, A.flip(1), b.flip(1), torch.zeros_like(carry)).flip(1)
+            if plan.sequential:
+                g = self._reverse(t0, t1, b, flows)
+            else:
+                J = plan.linearise(tokens, self.params, prev)[0]
+                JT = J if plan.diagonal else J.transpose(-1, -2)
+                JT = JT.unflatten(0, (B, n))
+                keep = flows[t0 + 1:t1].view(1, -1, *([1] * (JT.dim() - 2)))
+                A = torch.zeros_like(JT)
+                A[:, :-1] = torch.where(keep, JT[:, 1:], A[:, :-1])
+                g = _solve(plan, A.flip(1), b.flip(1), torch.zeros_like(carry)).flip(1)
             d_prev, d_xs, d_ps = pullback((g.flatten(0, 1), d_out))
             for name, dx in zip(names, d_xs):
                 grads_tokens[name][:, t0:t1] = dx.unflatten(0, (B, n))
@@ -520,6 +542,10 @@ class _Solve:
                     else:
                         d_init = w[:, 0]
         return grads_tokens, grads_params, d_init
+
+
+def _time_major(x, t0, t1):
+    return x[:, t0:t1].transpose(0, 1).flatten(0, 1)
 
 
 class _Newton(torch.autograd.Function):
