@@ -51,6 +51,7 @@ from torch.autograd.function import once_differentiable
 from torch.func import vjp
 
 from ..codegen.loader import load_function
+from ..codegen.printers import fused_sums
 from ..codegen.naive import run_naive
 from ..codegen.jacobian_step import jacobian_source
 from ..codegen.torch_step import step_source
@@ -64,7 +65,8 @@ WINDOW_SHRINK = 4  # a window where a linearisation overshoots is cut to 1/4
 TOLERANCE_ULPS = 64  # residual allowed, in units of the state's rounding (eps * its max)
 GROWTH = 1e3  # an update this many times beyond f's largest value is an overshoot
 BLOCK_SCAN_MAX = 16  # blocks up to this wide: a parallel scan; wider: token by token
-TEMP_BUDGET = 1 << 24  # entries of one step call's largest temporary (sets the slice of T)
+TEMP_BUDGET = 1 << 22  # entries of one step call's largest temporary (sets the slice of T)
+JACOBIAN_BUDGET = 1 << 20  # the same for a Jacobian step call (small: its passes stay in cache)
 
 # iterations and structure of the last call (the benchmark prints them)
 last_run = {}
@@ -121,7 +123,6 @@ class _Plan:
         jac = jacobian_source(rule.ir, dim_sizes)
         self.jacobian = load_function(jac.source, jac.name)
         self.blocks = jac.blocks
-        self.jacobian_widest = jac.widest
         self.sources = src.sources
         self.n_outputs = len(src.program.outputs)
         self.structure = s = structure(rule.ir, dim_sizes)
@@ -138,12 +139,15 @@ class _Plan:
             order = [dims.index(d) for d in s.channels] + [dims.index(d) for d in s.free[name]]
             free = [dim_sizes[d] for d in s.free[name]]
             self.packing.append((order, free, prod(free)))
+        fused = fused_sums(src.program)  # products summed by an einsum: never materialised
         shapes = [op.shape if isinstance(op, Elementwise) else op.arg.shape
-                  if isinstance(op, Reduce) else op.out.shape for op in src.program.ops]
-        widest = max((prod(dim_sizes[d] for d in shape) for shape in shapes), default=1)
-        # per batch row and token: the largest of the step's values, the generated Jacobian's
-        # tangents and the packed J
-        self.widest = max(widest, jac.widest, self.C * (self.k if self.diagonal else self.k * self.k))
+                  if isinstance(op, Reduce) else op.out.shape for op in src.program.ops
+                  if id(op) not in fused or isinstance(op, Reduce)]
+        # per batch row and token: the largest of the step's values; of the generated
+        # Jacobian's tangents and the packed J
+        self.widest = max((prod(dim_sizes[d] for d in shape) for shape in shapes), default=1)
+        self.jacobian_widest = max(self.widest, jac.widest,
+                                   self.C * (self.k if self.diagonal else self.k * self.k))
 
     def pack(self, values: list) -> torch.Tensor:
         """States ``[*lead, *dims]`` (in declaration order) -> ``[*lead, C, k]``."""
@@ -165,7 +169,9 @@ class _Plan:
             start += width
         return out
 
-    def tokens_per_call(self, heads: int) -> int:
+    def tokens_per_call(self, heads: int, jacobian: bool) -> int:
+        if jacobian:
+            return max(1, JACOBIAN_BUDGET // (heads * self.jacobian_widest))
         return max(1, TEMP_BUDGET // (heads * self.widest))
 
     # one call of the generated step: every token of a slice at once
@@ -332,10 +338,11 @@ class _Solve:
             self.init_tok = init.unsqueeze(1).expand(B, T, *init.shape[1:])
         self.reset = layout.reset.to(init.device)
 
-    def _slices(self, a=0, b=None):
-        """Token ranges of ``[a, b)`` small enough for one call of the Jacobian step."""
+    def _slices(self, a=0, b=None, jacobian=True):
+        """Token ranges of ``[a, b)`` small enough for one call of the Jacobian step (or of
+        the step)."""
         b = self.layout.T if b is None else b
-        per = max(1, self.plan.tokens_per_call(self.heads) // self.layout.B)
+        per = max(1, self.plan.tokens_per_call(self.heads, jacobian) // self.layout.B)
         return [(t0, min(t0 + per, b)) for t0 in range(a, b, per)]
 
     def _previous(self, H, a, b):
@@ -472,15 +479,16 @@ class _Solve:
         the last, ``g = b``), with the slice's ``J`` from the generated Jacobian step in one
         batched call, time-major so each token's ``J`` is one contiguous batch of matrices."""
         plan, n, k = self.plan, t1 - t0, self.plan.k
-        tokens = {name: _time_major(x, t0, t1) for name, x in self.tokens.items()}
-        J = plan.linearise(tokens, self.params, _time_major(self.prev, t0, t1))[0]
-        J = J.reshape(n, -1, k, k).transpose(-1, -2)
-        bt = b.transpose(0, 1).reshape(n, -1, k, 1)
+        bt = b.transpose(0, 1).reshape(n, -1, 1, k)  # row vectors: g^T J = (J^T g)^T
         g = torch.empty_like(bt)
         h = g[n - 1] = bt[n - 1]
         keep = flows[t0 + 1:t1].tolist()
-        for t in range(n - 2, -1, -1):
-            h = g[t] = torch.baddbmm(bt[t], J[t + 1], h) if keep[t] else bt[t]
+        for s0, s1 in reversed(self._slices(t0 + 1, t1)):  # J_{s0..s1-1}: g_{s0-1..s1-2}
+            tokens = {name: _time_major(x, s0, s1) for name, x in self.tokens.items()}
+            J = plan.linearise(tokens, self.params, _time_major(self.prev, s0, s1))[0]
+            J = J.reshape(s1 - s0, -1, k, k)
+            for t in range(s1 - 2 - t0, s0 - 2 - t0, -1):
+                h = g[t] = torch.baddbmm(bt[t], h, J[t + 1 - (s0 - t0)]) if keep[t] else bt[t]
         return g.reshape(n, b.shape[0], *b.shape[2:]).transpose(0, 1)
 
     def backward(self, d_outputs: list, d_finals: torch.Tensor):
@@ -504,7 +512,8 @@ class _Solve:
         # the state entering token t keeps flowing back unless t starts a sequence
         flows = ~self.reset
         carry = torch.zeros_like(self.states[:, 0])  # flows_{t1} * w_{t1} from the later slice
-        for t0, t1 in reversed(self._slices()):
+        # a diagonal or block J is formed with the vjp; a dense one in small slices (_reverse)
+        for t0, t1 in reversed(self._slices(jacobian=not plan.sequential)):
             n = t1 - t0
             tokens = _tokens(self.tokens, self.tokens, t0, t1)
             prev = self.prev[:, t0:t1].flatten(0, 1)
