@@ -32,6 +32,7 @@ import sympy
 from ..ir.checked import CheckedRule
 from ..ir.jacobian import Structure, structure
 from ..ir.ssa import Elementwise, MatMul, Reduce, Source, TopkMask, lower
+from ..ir.symbolic import symbol
 from .printers import TorchPrinter, _torch_view, cse_lines, fused_sums, substitute_dims, torch_op_lines
 
 
@@ -112,22 +113,27 @@ class _Generator:
             self.tan[(op.out.id, op.name)] = _Tan(name, tuple(dims.index(d) for d in self.s.free[op.name]),
                                                   one=True)
 
-    def elementwise(self, op: Elementwise, k):
+    def elementwise(self, op: Elementwise, k, computed=True):
+        """``computed``: the op's outputs exist (not a product an einsum consumed), so a
+        derivative reads them instead of recomputing (sigmoid' = s * (1 - s) from s)."""
         rank = len(op.shape)
         live = [leaf for leaf in op.leaves if any((leaf.val.id, s) in self.tan for s in self.s.states)]
         if not live:
             return
         pairs, exprs = [], []
+        known = {e: symbol(out.id) for out, e in zip(op.outs, op.exprs) if computed and not e.is_Symbol}
         for i, (out, expr) in enumerate(zip(op.outs, op.exprs)):
             for j, leaf in enumerate(live):
                 if leaf.sym in expr.free_symbols:
                     d = sympy.diff(expr, leaf.sym)
                     if d != 0:
                         pairs.append((i, leaf))
-                        exprs.append(substitute_dims(d, self.sizes))
+                        exprs.append(substitute_dims(d.xreplace(known), self.sizes))
         if not exprs:
             return
-        printer = TorchPrinter({leaf.sym: _torch_view(leaf.val, leaf.axes, rank) for leaf in op.leaves})
+        names = {leaf.sym: _torch_view(leaf.val, leaf.axes, rank) for leaf in op.leaves}
+        names.update({sym: out.id for out, sym in zip(op.outs, known.values())})
+        printer = TorchPrinter(names)
         temps, reduced = cse_lines(exprs, f"e{k}_")
         for sym, e in temps:
             self.lines.append(f"{sym.name} = {printer.doprint(e)}")
@@ -250,7 +256,7 @@ def jacobian_source(rule: CheckedRule, dim_sizes: dict) -> JacobianSource:
         if isinstance(op, Source):
             gen.source(op)
         elif isinstance(op, Elementwise):
-            gen.elementwise(op, k)
+            gen.elementwise(op, k, id(op) not in fused)
         elif isinstance(op, Reduce):
             gen.reduce(op)
         elif isinstance(op, MatMul):

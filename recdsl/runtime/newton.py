@@ -65,8 +65,8 @@ WINDOW_SHRINK = 4  # a window where a linearisation overshoots is cut to 1/4
 TOLERANCE_ULPS = 64  # residual allowed, in units of the state's rounding (eps * its max)
 GROWTH = 1e3  # an update this many times beyond f's largest value is an overshoot
 BLOCK_SCAN_MAX = 16  # blocks up to this wide: a parallel scan; wider: token by token
-TEMP_BUDGET = 1 << 22  # entries of one step call's largest temporary (sets the slice of T)
-JACOBIAN_BUDGET = 1 << 20  # the same for a Jacobian step call (small: its passes stay in cache)
+TEMP_BUDGET = 1 << 24  # entries of one step call's largest temporary (sets the slice of T)
+CACHE_BUDGET = 1 << 20  # the same for the dense backward's J slices (their passes stay in cache)
 
 # iterations and structure of the last call (the benchmark prints them)
 last_run = {}
@@ -169,10 +169,8 @@ class _Plan:
             start += width
         return out
 
-    def tokens_per_call(self, heads: int, jacobian: bool) -> int:
-        if jacobian:
-            return max(1, JACOBIAN_BUDGET // (heads * self.jacobian_widest))
-        return max(1, TEMP_BUDGET // (heads * self.widest))
+    def tokens_per_call(self, heads: int, jacobian: bool, budget: int = TEMP_BUDGET) -> int:
+        return max(1, budget // (heads * (self.jacobian_widest if jacobian else self.widest)))
 
     # one call of the generated step: every token of a slice at once
     def _arguments(self, tokens: dict, params: dict, prev: torch.Tensor) -> list:
@@ -338,11 +336,11 @@ class _Solve:
             self.init_tok = init.unsqueeze(1).expand(B, T, *init.shape[1:])
         self.reset = layout.reset.to(init.device)
 
-    def _slices(self, a=0, b=None, jacobian=True):
+    def _slices(self, a=0, b=None, jacobian=True, budget=TEMP_BUDGET):
         """Token ranges of ``[a, b)`` small enough for one call of the Jacobian step (or of
         the step)."""
         b = self.layout.T if b is None else b
-        per = max(1, self.plan.tokens_per_call(self.heads, jacobian) // self.layout.B)
+        per = max(1, self.plan.tokens_per_call(self.heads, jacobian, budget) // self.layout.B)
         return [(t0, min(t0 + per, b)) for t0 in range(a, b, per)]
 
     def _previous(self, H, a, b):
@@ -483,7 +481,7 @@ class _Solve:
         g = torch.empty_like(bt)
         h = g[n - 1] = bt[n - 1]
         keep = flows[t0 + 1:t1].tolist()
-        for s0, s1 in reversed(self._slices(t0 + 1, t1)):  # J_{s0..s1-1}: g_{s0-1..s1-2}
+        for s0, s1 in reversed(self._slices(t0 + 1, t1, budget=CACHE_BUDGET)):  # J_{s0..s1-1}: g_{s0-1..s1-2}
             tokens = {name: _time_major(x, s0, s1) for name, x in self.tokens.items()}
             J = plan.linearise(tokens, self.params, _time_major(self.prev, s0, s1))[0]
             J = J.reshape(s1 - s0, -1, k, k)
