@@ -255,6 +255,38 @@ def _matmul(A, P):
     return (A.unsqueeze(-1) * P.unsqueeze(-3)).sum(-2)
 
 
+def _small_block_scan(A, c, h0):
+    """``_block_scan`` for blocks up to 4 wide, with the block's entries as the outer dims
+    (planes ``[k, k, ...]``): each product is a few wide elementwise passes, not a broadcast
+    over trailing dims of 2."""
+    B, T = c.shape[:2]
+    k, rest = c.shape[-1], c.shape[2:-1]
+    L = max(1, math.isqrt(T))
+    n = -(-T // L)
+    if n * L != T:
+        eye = torch.eye(k, dtype=A.dtype, device=A.device).expand(B, n * L - T, *A.shape[2:])
+        A = torch.cat([A, eye], 1)
+        c = torch.cat([c, c.new_zeros(B, n * L - T, *c.shape[2:])], 1)
+    A = A.reshape(B, n, L, -1, k, k).permute(2, 4, 5, 0, 1, 3).contiguous()  # [L, k, k, B, n, R]
+    c = c.reshape(B, n, L, -1, k).permute(2, 4, 0, 1, 3).contiguous()  # [L, k, B, n, R]
+
+    def mv(M, x):
+        return (M * x.unsqueeze(0)).sum(1)
+
+    last, product = c[0].clone(), A[0].clone()
+    for i in range(1, L):
+        last = mv(A[i], last) + c[i]
+        product = (A[i].unsqueeze(2) * product.unsqueeze(0)).sum(1)
+    entering = [h0.reshape(B, -1, k).permute(2, 0, 1)]  # [k, B, R]
+    for j in range(1, n):
+        entering.append(mv(product[:, :, :, j - 1], entering[-1]) + last[:, :, j - 1])
+    h = torch.stack(entering, 2)
+    out = torch.empty_like(c)
+    for i in range(L):
+        h = out[i] = mv(A[i], h) + c[i]
+    return out.permute(2, 3, 0, 4, 1).reshape(B, n * L, *rest, k)[:, :T]
+
+
 def _block_scan(A, c, h0):
     """All ``h_t = A_t h_{t-1} + c_t`` for ``A`` ``[B, T, ..., k, k]``: chunks of about sqrt(T)
     tokens from a zero state with their transition products, the states entering the chunks,
@@ -267,21 +299,21 @@ def _block_scan(A, c, h0):
         eye = torch.eye(k, dtype=A.dtype, device=A.device).expand(B, n * L - T, *A.shape[2:])
         A = torch.cat([A, eye], 1)
         c = torch.cat([c, c.new_zeros(B, n * L - T, *c.shape[2:])], 1)
-    A = A.reshape(B, n, L, *A.shape[2:])
-    c = c.reshape(B, n, L, *c.shape[2:])
-    last, product = c[:, :, 0].clone(), A[:, :, 0].clone()
+    # position in the chunk first, one copy: every step below then reads contiguous memory
+    A = A.reshape(B, n, L, *A.shape[2:]).movedim(2, 0).contiguous()
+    c = c.reshape(B, n, L, *c.shape[2:]).movedim(2, 0).contiguous()
+    last, product = c[0].clone(), A[0].clone()
     for i in range(1, L):
-        last = _matvec(A[:, :, i], last) + c[:, :, i]
-        product = _matmul(A[:, :, i], product)
+        last = _matvec(A[i], last) + c[i]
+        product = _matmul(A[i], product)
     entering = [h0]
     for j in range(1, n):
         entering.append(_matvec(product[:, j - 1], entering[-1]) + last[:, j - 1])
     h = torch.stack(entering, 1)
     out = torch.empty_like(c)
     for i in range(L):
-        h = _matvec(A[:, :, i], h) + c[:, :, i]
-        out[:, :, i] = h
-    return out.reshape(B, n * L, *c.shape[3:])[:, :T]
+        h = out[i] = _matvec(A[i], h) + c[i]
+    return out.movedim(0, 2).reshape(B, n * L, *c.shape[3:])[:, :T]
 
 
 def _sequential(A, c, h0):
@@ -298,6 +330,8 @@ def _solve(plan: _Plan, A, c, h0):
     """The linear recurrence over dim 1 with the solver the structure allows."""
     if plan.diagonal:
         return elementwise_scan(A, c, h0)
+    if plan.k <= 4:
+        return _small_block_scan(A, c, h0)
     if plan.k <= BLOCK_SCAN_MAX:
         return _block_scan(A, c, h0)
     return _sequential(A, c, h0)
