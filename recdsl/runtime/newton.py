@@ -1,6 +1,8 @@
-"""The Newton (ParaRNN) backend: any rule whose step is differentiable in its states, with
-every token's step evaluated in parallel over T and the sequential dependence left to a
-linear scan.
+"""The Newton (ParaRNN) backend: any rule whose step is differentiable in its states. For a
+diagonal or narrow block-diagonal Jacobian every token's step is evaluated in parallel over T
+and the sequential dependence is left to linear scans; for a dense one (or blocks wider than
+``BLOCK_SCAN_MAX``) the forward is the sequential pass and only the backward's Jacobians are
+formed in parallel.
 
 A rule's token is ``h_t = f(h_{t-1}, x_t)`` (all states stacked into ``h``). Guess every
 ``h_t`` (the initial state), then iterate: evaluate ``f`` and its Jacobian ``J_t`` at every
@@ -18,21 +20,32 @@ Only where ``f`` itself is not finite, or ``MAX_ITERATIONS`` pass in a one-token
 it warn and run the sequential loop.
 
 The structure of ``J`` comes from the symbolic analysis (``recdsl.ir.jacobian``): block-diagonal
-over channel dims with blocks of width k. Its numbers are forward-mode derivatives
-(``torch.func.jvp``) of the generated step (``recdsl.codegen.torch_step``): one tangent per
-column of a block, 1 on every channel at once, so a diagonal Jacobian costs one jvp and a
-dense one k. The scan is elementwise for a diagonal ``J`` (``scan_core``), a blocked scan of
-small matrices for blocks up to ``BLOCK_SCAN_MAX`` wide, and token by token (one batched
-matrix-vector product per token) for wider ones, where a parallel scan would cost k^3 per
-token instead of k^2.
+over channel dims with blocks of width k. Its numbers come from generated code
+(``recdsl.codegen.jacobian_step``): the step and ``J`` in one pass, by forward-mode tangent
+matrices (a diagonal ``J`` is elementwise expressions; ``sigmoid(x + R @ h)``'s tangent is
+``sigmoid' * R``, no product over k). The scan is elementwise for a diagonal ``J``
+(``scan_core``) and a chunked scan of small matrices for blocks up to ``BLOCK_SCAN_MAX`` wide
+(blocks up to 4 wide as planes of their entries).
+
+Dense ``J`` (``R @ h``) or wider blocks: a parallel scan of k x k matrices costs k^3 per token
+(ParaRNN itself keeps to diagonal and block-diagonal cells), and Newton would need several
+passes of it. So the forward is the sequential pass: one call of the generated step per token,
+batched over B and H, without autograd (exact, so no Newton iteration confirms it; its
+``iterations`` are reported as 0). The backward is sequential too, but cheap per token: the
+Jacobians are formed in parallel, a small slice of tokens at a time (``CACHE_BUDGET``: their
+passes stay in cache), time-major, and each token then costs one batched vector-matrix product
+(``_Solve._reverse``).
 
 Backward, at the converged states: ``g_t = dL/dh_t`` solves the reverse recurrence
 ``g_t = dfinal_t + J_{t+1}^T g_{t+1} + u_{t+1}`` (``u_t`` the outputs' gradient reaching
-``h_{t-1}``), the same scans over reversed time; then one vector-Jacobian product of the step per
-token, batched, gives the gradients of the inputs, params and initial states.
+``h_{t-1}``), the same scans over reversed time (dense: token by token, above); then one
+vector-Jacobian product of the step per token, batched over a slice of T, gives the gradients
+of the inputs, params and initial states.
 
-Tokens are processed in slices of T small enough that the largest temporary of a step call
-stays under ``TEMP_BUDGET`` entries (a dense Jacobian multiplies the step's work by k).
+Tokens are processed in slices of T small enough that the largest temporary of a call stays
+under ``TEMP_BUDGET`` entries (the Jacobian step's tangents and ``J`` count, see
+``_Plan.jacobian_widest``). The generated step sums products of two operands (``R @ h``) with
+one einsum (``printers.fused_sums``) and takes params as ``[1, H, ...]``, broadcast.
 Packed sequences reset at their starts: there the previous state is the sequence's initial
 state, so the linear recurrence has ``J = 0`` and the reverse one stops at the boundary.
 
@@ -169,7 +182,8 @@ class _Plan:
             start += width
         return out
 
-    def tokens_per_call(self, heads: int, jacobian: bool, budget: int = TEMP_BUDGET) -> int:
+    def tokens_per_call(self, heads: int, jacobian: bool, budget: int | None = None) -> int:
+        budget = TEMP_BUDGET if budget is None else budget
         return max(1, budget // (heads * (self.jacobian_widest if jacobian else self.widest)))
 
     # one call of the generated step: every token of a slice at once
@@ -370,7 +384,7 @@ class _Solve:
             self.init_tok = init.unsqueeze(1).expand(B, T, *init.shape[1:])
         self.reset = layout.reset.to(init.device)
 
-    def _slices(self, a=0, b=None, jacobian=True, budget=TEMP_BUDGET):
+    def _slices(self, a=0, b=None, jacobian=True, budget=None):
         """Token ranges of ``[a, b)`` small enough for one call of the Jacobian step (or of
         the step)."""
         b = self.layout.T if b is None else b

@@ -2,7 +2,10 @@
 autodiff of the generated step (torch.func.jvp, one tangent per column of a block) and against
 central finite differences, in float64, at random points, for diagonal, block and dense rules
 (the cells of test_newton, incl. sLSTM and the momentum delta rule) and forms that exercise
-sums over tied axes, broadcasts and matrix products."""
+sums over tied axes, broadcasts and matrix products. Then the dense path (the sequential pass
+forward, the transposed recurrence with generated Jacobians backward) against the naive loop
+at T = 1, 37, 65, 130 with its slices forced small, packed sequences, and blocks wider than
+the block scan."""
 import pytest
 import torch
 from torch.func import jvp, vmap
@@ -10,7 +13,8 @@ from torch.func import jvp, vmap
 import recdsl
 from recdsl.codegen.jacobian_step import jacobian_source
 from recdsl.runtime import newton
-from tests.runtime.test_newton import CASES, SIZES
+from tests.helpers import assert_matches_naive
+from tests.runtime.test_newton import CASES, SIZES, _args
 
 SIZES = {**SIZES, "E": 2}
 
@@ -110,3 +114,46 @@ def test_a_state_read_through_R_costs_no_matrix_product():
     assert tangents and not any("einsum" in t or "tangent_mm" in t or "@" in t for t in tangents)
     diag = jacobian_source(recdsl.compile(CASES["para_gru"][0]).ir, SIZES).source
     assert "untie" not in diag and "tangent_sum" not in diag  # elementwise only
+
+
+# ---------------------------------------------------------------- the dense path
+
+@pytest.fixture(scope="module")
+def dense_rules():
+    return {name: recdsl.compile(CASES[name][0]) for name in ("lstm", "gru", "slstm")}
+
+
+@pytest.mark.parametrize("T", [1, 37, 65, 130])
+@pytest.mark.parametrize("name", ["lstm", "gru", "slstm"])
+def test_dense_runs_the_sequential_pass_and_matches_the_naive_loop(dense_rules, name, T, monkeypatch):
+    """Forward: the generated step token by token (no Newton iteration); backward: J in
+    slices of a few tokens (forced small here, so slices and their seams are exercised)."""
+    monkeypatch.setattr(newton, "CACHE_BUDGET", 1)  # one token per J slice
+    monkeypatch.setattr(newton, "TEMP_BUDGET", 1)  # one token per vjp slice
+    rule = dense_rules[name]
+    tensors, initial = _args(rule, name, T, init=T != 37)
+    assert_matches_naive(rule, tensors, initial, backend="newton")
+    assert newton.last_run["iterations"] == 0 and newton.last_run["structure"] == "dense"
+
+
+def test_dense_slices_across_packed_sequences(dense_rules, monkeypatch):
+    monkeypatch.setattr(newton, "CACHE_BUDGET", 3 * 4 * 2 * 10 * 10)  # a few tokens per slice
+    rule = dense_rules["lstm"]
+    cu = torch.tensor([0, 1, 30, 30, 65])
+    tensors, initial = _args(rule, "lstm", 65, batch=1, sequences=4)
+    assert_matches_naive(rule, tensors, initial, backend="newton", cu_seqlens=cu)
+
+
+def test_blocks_wider_than_the_scan_take_the_sequential_pass(monkeypatch):
+    monkeypatch.setattr(newton, "BLOCK_SCAN_MAX", 4)  # momentum's 2K = 8 wide blocks
+    rule = recdsl.compile(CASES["momentum"][0])
+    tensors, initial = _args(rule, "momentum", 65)
+    assert_matches_naive(rule, tensors, initial, backend="newton")
+    assert newton.last_run["iterations"] == 0 and newton.last_run["structure"] == "block"
+
+
+def test_the_plan_says_what_newton_does_with_a_dense_jacobian(dense_rules):
+    reason = dense_rules["lstm"].family_info.verdicts["newton"].reason
+    assert reason.endswith("the sequential pass (the generated step, token by token), then backward "
+                           "the transposed recurrence with generated Jacobians (one batched "
+                           "2*D x 2*D product per token)")
