@@ -105,6 +105,13 @@ output o = q @ S
 SIZES = {"D": 5, "K": 4, "V": 3}
 
 
+@pytest.fixture(autouse=True)
+def newton_iterations(monkeypatch):
+    """These tests exercise Newton's iterations, which on the CPU the sequential pass replaces
+    (newton.SEQUENTIAL_DEVICES; test_newton_jacobian runs that)."""
+    monkeypatch.setattr(newton, "SEQUENTIAL_DEVICES", ())
+
+
 # ---------------------------------------------------------------- references (float64 loops)
 
 def _heads(x, h):

@@ -157,3 +157,16 @@ def test_the_plan_says_what_newton_does_with_a_dense_jacobian(dense_rules):
     assert reason.endswith("the sequential pass (the generated step, token by token), then backward "
                            "the transposed recurrence with generated Jacobians (one batched "
                            "2*D x 2*D product per token)")
+
+
+@pytest.mark.parametrize("T", [1, 37, 130])
+@pytest.mark.parametrize("name", ["para_gru", "para_lstm", "momentum"])
+def test_on_the_cpu_the_forward_is_the_sequential_pass(name, T):
+    """newton.SEQUENTIAL_DEVICES: a diagonal or block J still gets the parallel backward."""
+    rule = recdsl.compile(CASES[name][0])
+    tensors, initial = _args(rule, name, T, init=T != 37)
+    assert_matches_naive(rule, tensors, initial, backend="newton")
+    assert newton.last_run["iterations"] == 0
+    cu = torch.tensor([0, 1, 30, 30, 65])
+    tensors, initial = _args(rule, name, 65, batch=1, sequences=4)
+    assert_matches_naive(rule, tensors, initial, backend="newton", cu_seqlens=cu)
