@@ -437,9 +437,9 @@ class _Solve:
                 args[slots[name]] = value
             results = _rows(plan.step(*args), self.layout.B)
             current = results[n_out:]
-            states.append(plan.pack(list(current)))
+            states.append(current)
             outs.append(results[:n_out])
-        self.states = torch.stack(states, 1)
+        self.states = plan.pack([torch.stack(s, 1) for s in zip(*states)])
         self.outputs = [torch.stack(o, 1) for o in zip(*outs)]
         self.prev = self._previous(self.states, 0, T)
         self.window = None
