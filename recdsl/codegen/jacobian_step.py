@@ -53,6 +53,7 @@ class _Tan:
     name: str  # the variable holding it
     ties: tuple  # per free axis of the state: the value axis it is tied to, or None (a column)
     one: bool = False  # the state's own tangent: 1 (a product with it is the coefficient)
+    scale: str | None = None  # the tangent is scale (value-shaped) times this one: not yet formed
 
     def cols(self):
         return [a for a, t in enumerate(self.ties) if t is None]
@@ -153,31 +154,65 @@ class _Generator:
                     if oi != i or t is None:
                         continue
                     ties = tuple(leaf.axes[x] if x is not None else None for x in t.ties)
-                    terms.append((coef, leaf, _Tan(t.name, ties, t.one)))
+                    terms.append((coef, leaf, _Tan(t.name, ties, t.one, t.scale)))
                 if terms:
                     self.combine(out, state, terms, rank)
 
+    def form(self, t: _Tan, state, rank) -> _Tan:
+        """A scaled tangent multiplied out (one pass over it)."""
+        if t.scale is None:
+            return t
+        name = self.var("f")
+        pad = len(t.cols())
+        scale = f"{t.scale}[..., {', '.join(['None'] * pad)}]" if pad else t.scale
+        self.lines.append(f"{name} = {scale} * {t.name}")
+        return _Tan(name, t.ties)
+
     def combine(self, out, state, terms, rank):
-        """The tangent of ``out`` in ``state``: the sum of coefficient times operand tangent."""
+        """The tangent of ``out`` in ``state``: the sum of coefficient times operand tangent.
+        One term with a tensor coefficient stays a scaled tangent (a gate's ``sigmoid' * R``
+        is never formed: the next product folds its scale in); a sum is formed with addcmul."""
         free = len(self.s.free[state])
         ties = tuple(terms[0][2].ties[a] if all(t.ties[a] == terms[0][2].ties[a] for _, _, t in terms)
                      else None for a in range(free))
-        parts = []
+        parts = []  # (coefficient text or None, is a number, tangent text or None for the seed)
         for coef, leaf, t in terms:
             # the operand's tangent, viewed in the op's axes (its ties already mapped)
-            view = _Tan(f"{t.name}{_index(leaf.axes, rank)}", t.ties, t.one)
-            for a in range(free):
-                if ties[a] is None and view.ties[a] is not None:
-                    view = self.untie(view, state, a, rank)
-            pad = len(view.cols())
+            index = _index(leaf.axes, rank)
+            view = _Tan(f"{t.name}{index}", t.ties, t.one, t.scale and f"{t.scale}{index}")
             number = coef.startswith("(")
+            if any(ties[a] is None and view.ties[a] is not None for a in range(free)):
+                view = self.form(view, state, rank)
+                for a in range(free):
+                    if ties[a] is None and view.ties[a] is not None:
+                        view = self.untie(view, state, a, rank)
+            if view.scale is not None:  # fold the scale into the coefficient (value-shaped)
+                folded = self.var("k")
+                self.lines.append(f"{folded} = {coef} * {view.scale}")
+                coef, number = folded, False
             if view.one and not number:  # times the seed 1: the coefficient (its shape broadcasts)
-                parts.append(coef)
-                continue
-            c = f"{coef}[..., {', '.join(['None'] * pad)}]" if pad and not number else coef
-            parts.append(f"{c} * {view.name}")
+                parts.append((coef, number, None))
+            else:
+                parts.append((coef, number, view.name))
+        pad = len([a for a in ties if a is None])
+        padded = lambda c: f"{c}[..., {', '.join(['None'] * pad)}]" if pad else c  # noqa: E731
+        if len(parts) == 1 and parts[0][2] is not None and not parts[0][1]:
+            coef, _, tangent = parts[0]
+            self.tan[(out.id, state)] = _Tan(tangent, ties, scale=coef)
+            self.note(out.shape, state, ties)
+            return
+        text = None
+        for coef, number, tangent in parts:
+            if tangent is None:  # the seed: the coefficient itself
+                term = coef
+                text = term if text is None else f"{text} + {term}"
+            elif number:
+                text = f"{coef} * {tangent}" if text is None else f"{text} + {coef} * {tangent}"
+            else:
+                text = (f"{padded(coef)} * {tangent}" if text is None
+                        else f"torch.addcmul({text}, {padded(coef)}, {tangent})")
         name = self.var(f"d_{out.id}_{state}")
-        self.lines.append(f"{name} = {' + '.join(parts)}")
+        self.lines.append(f"{name} = {text}")
         self.tan[(out.id, state)] = _Tan(name, ties)
         self.note(out.shape, state, ties)
 
@@ -189,6 +224,7 @@ class _Generator:
             t = self.tan.get((op.arg.id, state))
             if t is None:
                 continue
+            t = self.form(t, state, rank)
             gone = [x for x in range(rank) if x not in op.keep]
             moved = {x: a for a, x in enumerate(t.ties) if x in gone}  # tied, summed: a column
             summed = [x for x in gone if x not in moved]
@@ -218,7 +254,7 @@ class _Generator:
                 t = self.tan.get((val.id, state))
                 if t is None:
                     continue
-                t = self.untie_all(t, state, 2)
+                t = self.untie_all(self.form(t, state, 2), state, 2)
                 full = f"({self.ref}.shape[0], {self.ref}.shape[1], {shape[0]}, {shape[1]})"
                 cols = len(t.cols())
                 parts.append(f"_rt.tangent_mm({t.name}, {op.b.id}, {full}, {cols}, True)" if left else
@@ -236,7 +272,7 @@ class _Generator:
         t = self.tan.get((val.id, old))
         if t is None:
             return None
-        t = self.untie_all(t, old, len(val.shape))
+        t = self.untie_all(self.form(t, old, len(val.shape)), old, len(val.shape))
         dims = [self.sizes[d] for d in val.shape] + self.free_sizes(old)
         self.note(val.shape, old, (None,) * len(dims[len(val.shape):]))
         name = self.var(f"J_{new}_{old}")
