@@ -143,6 +143,9 @@ class _Plan:
         self.blocks = jac.blocks
         self.sources = src.sources
         self.n_outputs = len(src.program.outputs)
+        # outputs that are a new state (output y = h): their gradient joins dL/dh_t directly
+        news = {v.id: name for name, v in src.program.states_out.items()}
+        self.aliases = [news.get(v.id) for v in src.program.outputs.values()]
         self.structure = s = structure(rule.ir, dim_sizes)
         self.states = list(s.states)
         self.channel_sizes = [dim_sizes[d] for d in s.channels]
@@ -547,12 +550,20 @@ class _Solve:
         plan, lay = self.plan, self.layout
         B, T = lay.B, lay.T
         d_tok = torch.zeros_like(self.states)  # dL/dh_t from the final states
+        d_outputs = list(d_outputs)
+        for i, state in enumerate(plan.aliases):  # an output that is a new state
+            if state is not None and d_outputs[i] is not None:
+                d = d_outputs[i].to(d_tok.dtype)
+                d_tok += plan.pack([d if s == state else d.new_zeros(d.shape[:3] + x.shape[3:])
+                                    for s, x in zip(plan.states, plan.unpack(self.states))])
+                d_outputs[i] = None
+        through = any(d is not None for d in d_outputs)  # an output gradient the step carries
         if lay.packed:
             for s, (a, b) in enumerate(lay.segments):
                 if b > a:
                     d_tok[0, b - 1] += d_finals[s]
         else:
-            d_tok[:, -1] = d_finals
+            d_tok[:, -1] += d_finals
         d_init = torch.zeros_like(self.init)
         if lay.packed:  # an empty sequence's final state is its initial state
             for s, (a, b) in enumerate(lay.segments):
@@ -574,7 +585,10 @@ class _Solve:
             (f, outs), pullback = vjp(fn, prev, tuple(tokens.values()), tuple(self.params.values()))
             d_out = tuple(torch.zeros_like(o) if d is None else d[:, t0:t1].flatten(0, 1).to(o.dtype)
                           for o, d in zip(outs, d_outputs))
-            u = pullback((torch.zeros_like(f), d_out))[0].unflatten(0, (B, n))
+            if through:
+                u = pullback((torch.zeros_like(f), d_out))[0].unflatten(0, (B, n))
+            else:
+                u = torch.zeros_like(d_tok[:, t0:t1])
             # g_t = d_t + flows_{t+1} (J_{t+1}^T g_{t+1} + u_{t+1}); the last of the slice: + carry
             tail = u[:, 1:] * flows[t0 + 1:t1].view(1, -1, 1, 1, 1)
             b = d_tok[:, t0:t1] + torch.cat([tail, carry.unsqueeze(1)], 1)
