@@ -106,14 +106,15 @@ def problem(rule):
 
 
 # "auto" picks newton on the CPU for training calls (some tensor needs a gradient) from this
-# many tokens per sequence, for a diagonal Jacobian or blocks up to AUTO_MAX_BLOCK wide.
-# Measured (benchmarks/bench_newton.py, B=2 H=4 D=64, forward+backward): ParaGRU 2.4x the
-# naive loop at T = 256, 6x at 1024; ParaLSTM (2 x 2 blocks) 0.7x at 256, 2.1x at 1024.
-# Forward alone it is no faster (0.9x at T = 4096: four linearisations, each a few passes
-# over every token, against one cheap pass of the loop), and a dense Jacobian costs 2D
-# forward-mode tangents per token: the sequential loop keeps those, short sequences, decoding.
-AUTO_MIN_TOKENS = 1024
-AUTO_MAX_BLOCK = 2
+# many tokens per sequence, for a diagonal Jacobian or blocks (or a dense J) up to
+# AUTO_MAX_WIDTH wide. Measured (benchmarks/bench_newton.py, B=2 H=4 D=64, forward+backward,
+# the CPU's sequential forward): ParaGRU 3x the naive loop at T = 16, 3x at 64, 5x at 256;
+# ParaLSTM (2 x 2 blocks) 3x at 16, 4.6x at 64, 4.9x at 256; the dense LSTM (2D = 128) 1.2x
+# at 16, 1.9x at 64, 3.8x at 256. Wider dense Jacobians are unmeasured (J is k^2 per token).
+# Forward alone measured faster too (2-4x from T = 16), but "auto" keeps the loop for
+# inference and decoding until the lead decides.
+AUTO_MIN_TOKENS = 16
+AUTO_MAX_WIDTH = 128
 
 
 def pays_off(rule, call) -> bool:
@@ -126,7 +127,7 @@ def pays_off(rule, call) -> bool:
     if max(b - a for a, b in call.segments()) < AUTO_MIN_TOKENS:
         return False
     plan = _plan(rule, call.dim_sizes)
-    return plan.diagonal or plan.k <= AUTO_MAX_BLOCK
+    return plan.diagonal or plan.k <= AUTO_MAX_WIDTH
 
 
 # ---------------------------------------------------------------- the plan of one rule and sizes
