@@ -5,10 +5,11 @@ A ParaGRU-style cell (diagonal recurrent weights: a diagonal Jacobian), a ParaLS
 (2x2 blocks per channel) and an LSTM with dense per-head recurrent matrices R[D, D] (a dense
 2D x 2D Jacobian), at B=2, H=4, D=64, fp32: the naive loop against backend="newton", forward
 (no_grad) and forward+backward, the median wall time of a few interleaved runs
-(``recdsl.bench.timed``), with newton's iteration count (0: the sequential pass). Every cell
+(``recdsl.bench.timed``), with newton's iteration count (0: the sequential pass, which is the
+forward on the CPU unless --iterations asks for Newton's iterations as on a GPU). Every cell
 runs at --T (the dense one at --dense-t if given); the naive loop is measured there too unless
 --loop-t asks for an extrapolation from fewer tokens (marked ~; its forward+backward grows
-faster than T, so an extrapolation flatters newton less than the truth). Then the crossover
+faster than T, so an extrapolation understates the loop's time). Then the crossover
 in T that ``newton.AUTO_MIN_TOKENS`` encodes (forward and forward+backward, both measured),
 and pararnn-torch's CPU path on the same cells where it imports.
 
@@ -160,8 +161,12 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="one timed run each")
     p.add_argument("--no-pararnn", action="store_true")
+    p.add_argument("--iterations", action="store_true",
+                   help="Newton's iterations forward on the CPU too (as on a GPU), not the sequential pass")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.iterations:
+        newton.SEQUENTIAL_DEVICES = ()
     reps = 1 if args.quick else 3
     print(f"newton against the naive loop, B={B} H={H} D={D}, fp32, {args.threads} thread(s)"
           + (f"; ~ = extrapolated from T={args.loop_t}" if args.loop_t else ""))
