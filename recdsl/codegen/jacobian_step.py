@@ -11,8 +11,11 @@ own tangent is the number 1, ``sigmoid(x + R @ h)``'s is ``sigmoid' * R`` (``R``
 no matrix product) and a diagonal Jacobian is elementwise expressions.
 
 - an elementwise op multiplies each operand's tangent by the operand's derivative (sympy's
-  ``diff``, printed by ``TorchPrinter`` after ``cse``) and adds; operands tied differently are
-  untied first (``_rt.untie``: times an identity);
+  ``diff``, printed by ``TorchPrinter`` after ``cse``, reading the op's own outputs where the
+  derivative contains them) and adds with ``addcmul``; operands tied differently are untied
+  first (``_rt.untie``: times an identity). A single product stays *scaled* (a value-shaped
+  factor times a tangent, not multiplied out): the next op folds the factor into its own
+  coefficient, so ``c * sigmoid'(.) * R`` is one pass over ``R``'s shape, not two;
 - a sum: a tied axis summed over becomes a column (the derivative of ``sum_j R[i, j] h[j]`` in
   ``h[f]`` is ``R[i, f]``), an untied one is summed (``_rt.tangent_sum``);
 - a matrix product ``A @ B``: ``dA @ B + A @ dB`` over untied tangents (``_rt.tangent_mm``);
