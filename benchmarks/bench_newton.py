@@ -1,15 +1,19 @@
-"""CPU benchmark of the newton backend (ParaRNN: Newton iterations, scans over T).
+"""CPU benchmark of the newton backend (ParaRNN: Newton iterations, scans over T; for a dense
+Jacobian the sequential pass and the transposed recurrence with generated Jacobians).
 
 A ParaGRU-style cell (diagonal recurrent weights: a diagonal Jacobian), a ParaLSTM-style cell
 (2x2 blocks per channel) and an LSTM with dense per-head recurrent matrices R[D, D] (a dense
-2D x 2D Jacobian; timed at --dense-t tokens), at B=2, H=4, D=64, fp32:
-the naive loop against backend="newton", forward (no_grad) and forward+backward, the median
-wall time of a few interleaved runs (``recdsl.bench.timed``), with newton's iteration count.
-The naive loop is timed at --loop-t tokens and extrapolated linearly (marked ~). Then the
-crossover in T that ``newton.AUTO_MIN_TOKENS`` encodes (forward+backward, both measured), and
-pararnn-torch's CPU path on the same cells where it imports.
+2D x 2D Jacobian), at B=2, H=4, D=64, fp32: the naive loop against backend="newton", forward
+(no_grad) and forward+backward, the median wall time of a few interleaved runs
+(``recdsl.bench.timed``), with newton's iteration count (0: the sequential pass, which is the
+forward on the CPU unless --iterations asks for Newton's iterations as on a GPU). Every cell
+runs at --T (the dense one at --dense-t if given); the naive loop is measured there too unless
+--loop-t asks for an extrapolation from fewer tokens (marked ~; its forward+backward grows
+faster than T, so an extrapolation understates the loop's time). Then the crossover
+in T that ``newton.AUTO_MIN_TOKENS`` encodes (forward and forward+backward, both measured),
+and pararnn-torch's CPU path on the same cells where it imports.
 
-    python3 benchmarks/bench_newton.py                # T = 4096
+    python3 benchmarks/bench_newton.py                # T = 4096, everything measured
     python3 benchmarks/bench_newton.py --T 1024 --quick --loop-t 256   # naive extrapolated
 """
 from __future__ import annotations
@@ -111,8 +115,11 @@ def crossover(rule, times, reps):
     rows = []
     for T in times:
         x = inputs_for(rule, T)
-        t = timed({b: run_once(call(rule, b), x, True) for b in ("newton", "naive")}, reps, budget=30)
-        rows.append((T, t["naive"][0], t["newton"][0], iterations(rule, x)))
+        for backward in (False, True):
+            t = timed({b: run_once(call(rule, b), x, backward) for b in ("newton", "naive")}, reps,
+                      budget=30)
+            rows.append((T, "fwd+bwd" if backward else "fwd", t["naive"][0], t["newton"][0],
+                         iterations(rule, x)))
     return rows
 
 
@@ -149,34 +156,35 @@ def main(argv=None) -> int:
     p.add_argument("--loop-t", type=int, default=0,
                    help="tokens the naive loop is timed at, then extrapolated (default: T, measured; "
                         "its forward+backward grows faster than T)")
-    p.add_argument("--dense-t", type=int, default=128,
-                   help="T for the dense-Jacobian LSTM (newton costs 2D jvps per token there)")
-    p.add_argument("--crossover", default="64,256,1024", help="T values of the crossover table")
+    p.add_argument("--dense-t", type=int, default=0, help="T for the dense-Jacobian LSTM (default: --T)")
+    p.add_argument("--crossover", default="16,64,256,1024", help="T values of the crossover table")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="one timed run each")
     p.add_argument("--no-pararnn", action="store_true")
+    p.add_argument("--iterations", action="store_true",
+                   help="Newton's iterations forward on the CPU too (as on a GPU), not the sequential pass")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.iterations:
+        newton.SEQUENTIAL_DEVICES = ()
     reps = 1 if args.quick else 3
     print(f"newton against the naive loop, B={B} H={H} D={D}, fp32, {args.threads} thread(s)"
           + (f"; ~ = extrapolated from T={args.loop_t}" if args.loop_t else ""))
     print(f"{'cell':<22} {'pass':<8} {'T':>6} {'naive':>10} {'newton':>9} {'speed-up':>9} {'iters':>6}")
     rules = {name: recdsl.compile(text) for name, text, _ in CELLS}
     for name, text, dense in CELLS:
-        T = args.dense_t if dense else args.T
+        T = (args.dense_t or args.T) if dense else args.T
         for row in speedups(name, rules[name], T, min(args.loop_t or T, T), reps):
             mark = "~" if args.loop_t and args.loop_t < row[2] else ""
             print(f"{row[0]:<22} {row[1]:<8} {row[2]:>6} {mark + '%.3f s' % row[3]:>10} "
                   f"{'%.3f s' % row[4]:>9} {row[5]:>8.1f}x {row[6]:>6}")
     times = [int(t) for t in args.crossover.split(",") if t]
     if times:
-        print("\ncrossover (forward+backward, both measured)")
-        print(f"{'cell':<22} {'T':>6} {'naive':>9} {'newton':>9} {'iters':>6}")
+        print("\ncrossover (both measured)")
+        print(f"{'cell':<22} {'pass':<8} {'T':>6} {'naive':>9} {'newton':>9} {'iters':>6}")
         for name, text, dense in CELLS:
-            if dense:
-                continue
-            for T, loop, fast, its in crossover(rules[name], times, reps):
-                print(f"{name:<22} {T:>6} {loop:>8.3f}s {fast:>8.3f}s {its:>6}")
+            for T, kind, loop, fast, its in crossover(rules[name], times, reps):
+                print(f"{name:<22} {kind:<8} {T:>6} {loop:>8.3f}s {fast:>8.3f}s {its:>6}")
     if not args.no_pararnn:
         print()
         for line in pararnn_rows(args.T, reps):

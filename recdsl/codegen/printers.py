@@ -159,46 +159,93 @@ def _torch_view(val: Val, axes: tuple, rank: int) -> str:
 
 
 def torch_program(program: Program, fn_name: str, args: list, results: list,
-                  dim_sizes: dict | None = None) -> str:
+                  dim_sizes: dict | None = None, fuse: bool = False) -> str:
     """PyTorch source of ``def fn_name(*args)`` running ``program`` on batched tensors
-    ([B, H, *shape] per value) and returning ``results`` (a Val, or None for no gradient)."""
+    ([B, H, *shape] per value) and returning ``results`` (a Val, or None for no gradient).
+    ``fuse``: a sum of a product of two operands is one einsum (``fused_sums``)."""
     lines = [f"def {fn_name}({', '.join(a.id for a in args)}):"]
     body = []
     given = {a.id for a in args}
+    fused = fused_sums(program) if fuse else {}
     for k, op in enumerate(program.ops):
-        if isinstance(op, Source):
-            if op.out.id not in given:
-                raise ValueError(f"{op.out.id} is not among the arguments")
-        elif isinstance(op, Elementwise):
-            rank = len(op.shape)
-            names = {leaf.sym: _torch_view(leaf.val, leaf.axes, rank) for leaf in op.leaves}
-            printer = TorchPrinter(names)
-            exprs = [substitute_dims(e, dim_sizes) for e in op.exprs]
-            temps, reduced = cse_lines(exprs, f"c{k}_")
-            for sym, e in temps:
-                body.append(f"{sym.name} = {printer.doprint(e)}")
-            for out, e, original in zip(op.outs, reduced, exprs):
-                text = printer.doprint(e)
-                if not _covers(op, original):  # e.g. a constant, or a vector broadcast to a matrix
-                    text = f"_rt.broadcast({text}, {args[0].id}, {_dims_text(out, dim_sizes)})"
-                body.append(f"{out.id} = {text}")
-        elif isinstance(op, Reduce):
-            rank = len(op.arg.shape)
-            axes = tuple(2 + a for a in range(rank) if a not in op.keep)
-            if op.kind == "sum":
-                body.append(f"{op.out.id} = {op.arg.id}.sum(dim={axes})" if axes else f"{op.out.id} = {op.arg.id}")
-            else:
-                body.append(f"{op.out.id} = {op.arg.id}.amax(dim={axes})" if axes else f"{op.out.id} = {op.arg.id}")
-        elif isinstance(op, TopkMask):
-            body.append(f"{op.out.id} = _rt.topk_mask({op.arg.id}, {op.count})")
-        elif isinstance(op, MatMul):
-            a = f"{op.a.id}.transpose(-1, -2)" if op.ta else op.a.id
-            b = f"{op.b.id}.transpose(-1, -2)" if op.tb else op.b.id
-            body.append(f"{op.out.id} = {a} @ {b}")
-        else:
-            raise AssertionError(op)
+        if isinstance(op, Source) and op.out.id not in given:
+            raise ValueError(f"{op.out.id} is not among the arguments")
+        body.extend(fused[id(op)] if id(op) in fused else torch_op_lines(op, k, args[0].id, dim_sizes))
     body.append("return (" + "".join(f"{r.id if r is not None else 'None'}, " for r in results) + ")")
     return "\n".join(lines + ["    " + line for line in body]) + "\n"
+
+
+def fused_sums(program: Program) -> dict:
+    """id(op) -> its lines, for the ops a sum of a two-operand product becomes: the product
+    (used only by the sum) prints nothing and the sum is ``torch.einsum`` (``R @ h`` as one
+    batched matrix product, not an [R's shape] temporary per token). Operands broadcast over
+    B and H (a param may come as [1, H, ...])."""
+    uses = {}
+    for op in program.ops:
+        for v in ([leaf.val for leaf in op.leaves] if isinstance(op, Elementwise) else
+                  [op.arg] if isinstance(op, (Reduce, TopkMask)) else
+                  [op.a, op.b] if isinstance(op, MatMul) else []):
+            uses[v.id] = uses.get(v.id, 0) + 1
+    for v in list(program.outputs.values()) + list(program.states_out.values()):
+        uses[v.id] = uses.get(v.id, 0) + 1
+    producers = {op.outs[0].id: op for op in program.ops
+                 if isinstance(op, Elementwise) and len(op.outs) == 1}
+    out = {}
+    for op in program.ops:
+        if not (isinstance(op, Reduce) and op.kind == "sum" and uses.get(op.arg.id) == 1):
+            continue
+        prod = producers.get(op.arg.id)
+        if prod is None:
+            continue
+        expr = prod.exprs[0]
+        leaves = {leaf.sym: leaf for leaf in prod.leaves}
+        if not (isinstance(expr, sympy.Mul) and len(expr.args) == 2
+                and all(a in leaves for a in expr.args)):
+            continue
+        letters = "ijklmnopqrstuvw"
+        a, b = (leaves[x] for x in expr.args)
+        spec = (f"bh{''.join(letters[x] for x in a.axes)},bh{''.join(letters[x] for x in b.axes)}"
+                f"->bh{''.join(letters[x] for x in op.keep)}")
+        out[id(prod)] = []
+        out[id(op)] = [f"{op.out.id} = torch.einsum({spec!r}, {a.val.id}, {b.val.id})"]
+    return out
+
+
+def torch_op_lines(op, k: int, ref: str, dim_sizes: dict | None) -> list:
+    """The PyTorch lines computing op number ``k`` (none for a Source: an argument); ``ref``
+    names a batched argument (B and H of broadcast constants)."""
+    body = []
+    if isinstance(op, Source):
+        return body
+    if isinstance(op, Elementwise):
+        rank = len(op.shape)
+        names = {leaf.sym: _torch_view(leaf.val, leaf.axes, rank) for leaf in op.leaves}
+        printer = TorchPrinter(names)
+        exprs = [substitute_dims(e, dim_sizes) for e in op.exprs]
+        temps, reduced = cse_lines(exprs, f"c{k}_")
+        for sym, e in temps:
+            body.append(f"{sym.name} = {printer.doprint(e)}")
+        for out, e, original in zip(op.outs, reduced, exprs):
+            text = printer.doprint(e)
+            if not _covers(op, original):  # e.g. a constant, or a vector broadcast to a matrix
+                text = f"_rt.broadcast({text}, {ref}, {_dims_text(out, dim_sizes)})"
+            body.append(f"{out.id} = {text}")
+    elif isinstance(op, Reduce):
+        rank = len(op.arg.shape)
+        axes = tuple(2 + a for a in range(rank) if a not in op.keep)
+        if op.kind == "sum":
+            body.append(f"{op.out.id} = {op.arg.id}.sum(dim={axes})" if axes else f"{op.out.id} = {op.arg.id}")
+        else:
+            body.append(f"{op.out.id} = {op.arg.id}.amax(dim={axes})" if axes else f"{op.out.id} = {op.arg.id}")
+    elif isinstance(op, TopkMask):
+        body.append(f"{op.out.id} = _rt.topk_mask({op.arg.id}, {op.count})")
+    elif isinstance(op, MatMul):
+        a = f"{op.a.id}.transpose(-1, -2)" if op.ta else op.a.id
+        b = f"{op.b.id}.transpose(-1, -2)" if op.tb else op.b.id
+        body.append(f"{op.out.id} = {a} @ {b}")
+    else:
+        raise AssertionError(op)
+    return body
 
 
 def _covers(op: Elementwise, expr) -> bool:

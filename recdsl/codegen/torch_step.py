@@ -25,7 +25,8 @@ class StepSource:
     program: object  # the ssa Program printed
 
 
-def step_source(rule: CheckedRule, dim_sizes: dict, grad: bool = True) -> StepSource:
+def step_source(rule: CheckedRule, dim_sizes: dict, grad: bool = True, fuse: bool = False) -> StepSource:
+    """``fuse``: sums of products as einsums (``printers.fused_sums``)."""
     forward = lower(rule, dim_sizes)
     if not grad:
         program = forward
@@ -44,7 +45,7 @@ def step_source(rule: CheckedRule, dim_sizes: dict, grad: bool = True) -> StepSo
                   + [f"{n}" for n in program.outputs] + [f"final {n}" for n in program.states_out])
         name = f"rule_{rule.name}_step_backward"
     sources = [op for op in program.ops if isinstance(op, Source)]
-    text = torch_program(program, name, [s.out for s in sources], results, dim_sizes)
+    text = torch_program(program, name, [s.out for s in sources], results, dim_sizes, fuse)
     header = (f"# rule {rule.name}: one token, batched [B, H, ...]; dims "
               + ", ".join(f"{d}={n}" for d, n in dim_sizes.items())
               + f"\n# returns: {', '.join(labels)}\n")

@@ -18,9 +18,10 @@ dependence. From the ties of the new states on the old ones:
   ``block``: channels with blocks of more than one entry (an LSTM's ``(c, h)`` pair per channel,
   a delta rule's ``K x K`` block per column); ``dense``: no channel at all (``R @ h``).
 
-The numbers of ``J`` are not derived here: the runtime (``recdsl.runtime.newton``) evaluates
-them as forward-mode derivatives of the generated step, one tangent per column of a block (a
-tangent that is 1 on every channel at once), which this structure is what makes exact.
+The numbers of ``J`` are not derived here: generated code (``recdsl.codegen.jacobian_step``)
+computes them with the step, by forward-mode tangents with one column per entry of a block (1
+on every channel at once), which this structure is what makes exact; the ties let it keep a
+tied tangent as a diagonal (no column) until a sum turns it into one.
 """
 from __future__ import annotations
 
@@ -214,7 +215,10 @@ def plan(rule: CheckedRule) -> str:
     if wide:  # (K*V)^2 Jacobian entries per token: far slower than the loop, and memory
         raise Refusal(f"the Jacobian is dense over the matrix state {wide[0]} (one {s.size_text()} "
                       f"x {s.size_text()} matrix per token): no Newton form")
+    if s.kind == "dense":  # a parallel scan of dense matrices would cost k^3 per token
+        return (f"{s.describe()}; the sequential pass (the generated step, token by token), then "
+                f"backward the transposed recurrence with generated Jacobians (one batched "
+                f"{s.size_text()} x {s.size_text()} product per token)")
     solve = {"diagonal": "elementwise scans over T",
-             "block": f"scans of {s.size_text()} x {s.size_text()} blocks over T",
-             "dense": f"a linear recurrence in {s.size_text()} x {s.size_text()} matrices over T"}[s.kind]
+             "block": f"scans of {s.size_text()} x {s.size_text()} blocks over T"}[s.kind]
     return f"{s.describe()}; Newton iterations, each {solve}"

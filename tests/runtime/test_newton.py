@@ -105,6 +105,13 @@ output o = q @ S
 SIZES = {"D": 5, "K": 4, "V": 3}
 
 
+@pytest.fixture(autouse=True)
+def newton_iterations(monkeypatch):
+    """These tests exercise Newton's iterations, which on the CPU the sequential pass replaces
+    (newton.SEQUENTIAL_DEVICES; test_newton_jacobian runs that)."""
+    monkeypatch.setattr(newton, "SEQUENTIAL_DEVICES", ())
+
+
 # ---------------------------------------------------------------- references (float64 loops)
 
 def _heads(x, h):
@@ -364,9 +371,9 @@ def test_newton_serves_the_rules_without_a_parallel_form():
     assert recdsl.compile(LSTM).backends()[:1] == ["newton"]
 
 
-def test_auto_takes_newton_for_long_training_calls(rules):
+def test_auto_takes_newton_for_long_training_calls(rules, monkeypatch):
     """Measured (benchmarks/bench_newton.py): newton pays off for forward+backward from about
-    1024 tokens with a diagonal Jacobian or 2 x 2 blocks; not forward alone, not dense."""
+    16 tokens, diagonal, 2 x 2 blocks and a dense 2D x 2D Jacobian (D = 64); not wider."""
     def pick(name, T, grad=True):
         rule = rules[name]
         tensors, _ = _args(rule, name, T, batch=1, heads=1, init=False)
@@ -374,9 +381,11 @@ def test_auto_takes_newton_for_long_training_calls(rules):
         return backends._auto(rule, rule.bind(**tensors))
     long = newton.AUTO_MIN_TOKENS
     assert pick("para_gru", long) == "newton" and pick("para_lstm", long) == "newton"
+    assert pick("lstm", long) == "newton"  # dense: the sequential pass, J only backward
     assert pick("para_gru", long - 1) == "naive"  # short: the loop (and decoding)
-    assert pick("para_gru", long, grad=False) == "naive"  # forward alone: no faster
-    assert pick("lstm", long) == "naive"  # dense 2D x 2D Jacobian: 2D tangents per token
+    assert pick("para_gru", long, grad=False) == "naive"  # inference keeps the loop
+    monkeypatch.setattr(newton, "AUTO_MAX_WIDTH", 2 * SIZES["D"] - 1)
+    assert pick("lstm", long) == "naive"  # wider than measured
 
 
 def test_a_step_that_is_not_differentiable_is_refused():
