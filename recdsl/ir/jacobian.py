@@ -215,10 +215,18 @@ def plan(rule: CheckedRule) -> str:
     if wide:  # (K*V)^2 Jacobian entries per token: far slower than the loop, and memory
         raise Refusal(f"the Jacobian is dense over the matrix state {wide[0]} (one {s.size_text()} "
                       f"x {s.size_text()} matrix per token): no Newton form")
+    size = f"{s.size_text()} x {s.size_text()}"
+    # what runtime.newton does with it: on the CPU the forward is the sequential pass of the
+    # generated step (measured faster there); on a GPU Newton iterations with Triton solves
     if s.kind == "dense":  # a parallel scan of dense matrices would cost k^3 per token
-        return (f"{s.describe()}; the sequential pass (the generated step, token by token), then "
-                f"backward the transposed recurrence with generated Jacobians (one batched "
-                f"{s.size_text()} x {s.size_text()} product per token)")
-    solve = {"diagonal": "elementwise scans over T",
-             "block": f"scans of {s.size_text()} x {s.size_text()} blocks over T"}[s.kind]
-    return f"{s.describe()}; Newton iterations, each {solve}"
+        cpu_back = f"the transposed recurrence token by token (one batched {size} product each)"
+        gpu = f"a kernel walking T with one {size} matrix-vector product per token"
+    else:
+        cpu_back = {"diagonal": "an elementwise scan over T",
+                    "block": f"a scan of {size} blocks over T (token by token for wide blocks)"}[s.kind]
+        gpu = {"diagonal": "the elementwise scan kernel",
+               "block": f"a kernel carrying the {size} blocks' vectors over T"}[s.kind]
+    return (f"{s.describe()}. On the CPU: the sequential pass of the generated step forward, "
+            f"backward {cpu_back} with generated Jacobians; on a GPU: Newton iterations, each "
+            f"linearised recurrence solved by {gpu} (Triton), backward the same in the "
+            f"transposed Jacobians")

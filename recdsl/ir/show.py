@@ -355,7 +355,8 @@ def render(checked: CheckedRule, grad_code: Optional[str] = None,
         line = newton.reason if newton.accepted else f"no Newton form: {newton.reason}"
         if newton.accepted and (family.staged is not None or any(
                 family.accepts(f) for f in ("delta", "diagonal", "dplr", "scan"))):
-            line += " (not run: the rule has a parallel form)"
+            # the structure alone (the plan's first sentence): the plan is not carried out
+            line = line.split(". ", 1)[0] + " (not run: the rule has a parallel form)"
         out += ["", "newton: " + line]
     if family.staged is not None:
         out += ["", "stages:"] + [f"  {line}" for line in family.staged.describe().splitlines()]

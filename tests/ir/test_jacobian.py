@@ -52,7 +52,11 @@ def test_show_prints_the_structure_and_the_plan(tmp_path, capsys):
     assert main(["show", str(path)]) == 0
     out = capsys.readouterr().out
     assert ("newton: Jacobian block-diagonal: one 2 x 2 block per channel of (D) over (c, h); "
-            "coupled: c<-h, h<-c; Newton iterations, each scans of 2 x 2 blocks over T") in out
+            "coupled: c<-h, h<-c. On the CPU: the sequential pass of the generated step forward, "
+            "backward a scan of 2 x 2 blocks over T (token by token for wide blocks) with "
+            "generated Jacobians; on a GPU: Newton iterations, each linearised recurrence solved "
+            "by a kernel carrying the 2 x 2 blocks' vectors over T (Triton), backward the same in "
+            "the transposed Jacobians") in out
     assert "  newton       yes" in out.split("backends:", 1)[1]
 
 
@@ -76,5 +80,4 @@ def test_show_says_newton_does_not_run_a_rule_with_a_parallel_form(capsys):
     assert main(["show", str(EXAMPLES / "gated_delta.rec")]) == 0
     newton = [line for line in capsys.readouterr().out.splitlines() if line.startswith("newton:")]
     assert newton == ["newton: Jacobian block-diagonal: one K x K block per channel of (V) over "
-                      "(S); Newton iterations, each scans of K x K blocks over T (not run: the "
-                      "rule has a parallel form)"]
+                      "(S) (not run: the rule has a parallel form)"]

@@ -154,9 +154,12 @@ def test_blocks_wider_than_the_scan_take_the_sequential_pass(monkeypatch):
 
 def test_the_plan_says_what_newton_does_with_a_dense_jacobian(dense_rules):
     reason = dense_rules["lstm"].family_info.verdicts["newton"].reason
-    assert reason.endswith("the sequential pass (the generated step, token by token), then backward "
-                           "the transposed recurrence with generated Jacobians (one batched "
-                           "2*D x 2*D product per token)")
+    assert reason.endswith("On the CPU: the sequential pass of the generated step forward, backward "
+                           "the transposed recurrence token by token (one batched 2*D x 2*D "
+                           "product each) with generated Jacobians; on a GPU: Newton iterations, "
+                           "each linearised recurrence solved by a kernel walking T with one "
+                           "2*D x 2*D matrix-vector product per token (Triton), backward the "
+                           "same in the transposed Jacobians")
 
 
 @pytest.mark.parametrize("T", [1, 37, 130])
