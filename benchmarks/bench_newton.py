@@ -15,6 +15,7 @@ and pararnn-torch's CPU path on the same cells where it imports.
 
     python3 benchmarks/bench_newton.py                # T = 4096, everything measured
     python3 benchmarks/bench_newton.py --T 1024 --quick --loop-t 256   # naive extrapolated
+    python3 benchmarks/bench_newton.py --slstm --T 1024 --quick --no-pararnn  # sLSTM too
 """
 from __future__ import annotations
 
@@ -73,10 +74,29 @@ h = o * tanh(c)
 output y = h
 """
 
+SLSTM = """rule slstm
+dims D
+state c[D], n[D], m[D], h[D]
+input zx[D], ix[D], fx[D], ox[D]
+param Rz[D, D], Ri[D, D], Rf[D, D], Ro[D, D]
+let logi = ix + Ri @ h
+let logf = logsigmoid(fx + Rf @ h)
+let m1 = max(logf + m, logi)
+let ig = exp(logi - m1)
+let fg = exp(logf + m - m1)
+c = fg * c + ig * tanh(zx + Rz @ h)
+n = fg * n + ig
+m = m1
+h = sigmoid(ox + Ro @ h) * c / n
+output y = h
+"""
+
 B, H, D = 2, 4, 64
 # (label, rule, whether timed at --T or, dense, at --dense-t)
 CELLS = (("ParaGRU (diagonal J)", PARA_GRU, False), ("ParaLSTM (2x2 blocks)", PARA_LSTM, False),
          ("LSTM R[D,D] (dense J)", LSTM, True))
+# --slstm: xLSTM's sLSTM with its stabiliser (a dense 4D x 4D Jacobian, the widest "auto" takes)
+SLSTM_CELL = ("sLSTM R[D,D] (dense J)", SLSTM, True)
 
 
 def inputs_for(rule, T):
@@ -161,6 +181,7 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="one timed run each")
     p.add_argument("--no-pararnn", action="store_true")
+    p.add_argument("--slstm", action="store_true", help="also sLSTM (a 4D-wide dense Jacobian)")
     p.add_argument("--iterations", action="store_true",
                    help="Newton's iterations forward on the CPU too (as on a GPU), not the sequential pass")
     args = p.parse_args(argv)
@@ -171,8 +192,9 @@ def main(argv=None) -> int:
     print(f"newton against the naive loop, B={B} H={H} D={D}, fp32, {args.threads} thread(s)"
           + (f"; ~ = extrapolated from T={args.loop_t}" if args.loop_t else ""))
     print(f"{'cell':<22} {'pass':<8} {'T':>6} {'naive':>10} {'newton':>9} {'speed-up':>9} {'iters':>6}")
-    rules = {name: recdsl.compile(text) for name, text, _ in CELLS}
-    for name, text, dense in CELLS:
+    cells = CELLS + ((SLSTM_CELL,) if args.slstm else ())
+    rules = {name: recdsl.compile(text) for name, text, _ in cells}
+    for name, text, dense in cells:
         T = (args.dense_t or args.T) if dense else args.T
         for row in speedups(name, rules[name], T, min(args.loop_t or T, T), reps):
             mark = "~" if args.loop_t and args.loop_t < row[2] else ""
@@ -182,7 +204,7 @@ def main(argv=None) -> int:
     if times:
         print("\ncrossover (both measured)")
         print(f"{'cell':<22} {'pass':<8} {'T':>6} {'naive':>9} {'newton':>9} {'iters':>6}")
-        for name, text, dense in CELLS:
+        for name, text, dense in cells:
             for T, kind, loop, fast, its in crossover(rules[name], times, reps):
                 print(f"{name:<22} {kind:<8} {T:>6} {loop:>8.3f}s {fast:>8.3f}s {its:>6}")
     if not args.no_pararnn:

@@ -112,12 +112,14 @@ def problem(rule):
 # AUTO_MAX_WIDTH wide. Measured (benchmarks/bench_newton.py, B=2 H=4 D=64, forward+backward,
 # the CPU's sequential forward): ParaGRU 3x the naive loop at T = 16, 3x at 64, 5x at 256;
 # ParaLSTM (2 x 2 blocks) 3x at 16, 4.6x at 64, 4.9x at 256; the dense LSTM (2D = 128) 1.2x
-# at 16, 1.9x at 64, 3.8x at 256. Wider dense Jacobians are unmeasured (J is k^2 per token).
+# at 16, 1.9x at 64, 3.8x at 256; sLSTM (a dense 4D = 256 wide J, bench_newton.py --slstm)
+# 1.1x at 16, 1.2x at 64 and 256, 2.5x at 1024. Wider dense Jacobians are unmeasured (J is
+# k^2 per token).
 # Forward alone measured faster too (2-4x from T = 16, the same sequential pass without the
 # loop's autograd bookkeeping) but once, on a loaded machine: "auto" keeps the naive loop for
 # inference and decoding until a benchmark settles it.
 AUTO_MIN_TOKENS = 16
-AUTO_MAX_WIDTH = 128
+AUTO_MAX_WIDTH = 256
 # The same threshold on CUDA (solves in Triton, recdsl.codegen.newton_kernels), against the
 # fused recurrent kernel: not measured on a GPU yet, so None: "auto" keeps the fused kernel.
 AUTO_MIN_TOKENS_CUDA = None
