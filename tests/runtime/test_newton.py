@@ -382,6 +382,7 @@ def test_auto_takes_newton_for_long_training_calls(rules, monkeypatch):
     long = newton.AUTO_MIN_TOKENS
     assert pick("para_gru", long) == "newton" and pick("para_lstm", long) == "newton"
     assert pick("lstm", long) == "newton"  # dense: the sequential pass, J only backward
+    assert pick("slstm", long) == "newton"  # dense and 4D wide: measured faster too
     assert pick("para_gru", long - 1) == "naive"  # short: the loop (and decoding)
     assert pick("para_gru", long, grad=False) == "naive"  # inference keeps the loop
     monkeypatch.setattr(newton, "AUTO_MAX_WIDTH", 2 * SIZES["D"] - 1)
