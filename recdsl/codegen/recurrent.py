@@ -17,6 +17,7 @@ launcher needs.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 
 from ..ir.checked import CheckedRule
@@ -138,10 +139,15 @@ class _RecurrentGenerator:
         held = self.state_elements(tiles) + self.param_elements() * (2 if sums else 1)
         return held <= HELD_ELEMENTS
 
-    def held_elements(self, tiles: tiling.Tiling, sums: bool) -> int:
-        """Elements live in a program's registers while it walks (what sets num_warps)."""
+    def launch_width(self, tiles: tiling.Tiling, backward: bool) -> int:
+        """num_warps of a kernel: from the elements a program holds for its walk; a kernel
+        that streams its params gets STREAMING_WARPS (few threads, many registers each: the
+        [D, D] products it forms one at a time need them)."""
+        sums = backward and self.sums_held
+        if not self.holds_params(tiles, sums=sums):
+            return STREAMING_WARPS
         held = self.state_elements(tiles) + self.param_elements() * (2 if sums else 1)
-        return min(held, HELD_ELEMENTS)
+        return launch_widths(held)[1 if backward else 0]
 
     def prologue(self, e: _Emitter):
         """Program ids, sequence bounds, lanes and masks of every dim: a tiled dim's lanes
@@ -198,10 +204,29 @@ class _RecurrentGenerator:
             return f"tl.store({base}, {value})"
         return f"tl.store({base} + {_inner_offsets(dims, self.sizes)}, {value}, mask={mask_of(dims)})"
 
-    def load_params(self, e: _Emitter, program: Program):
+    def param_loads(self, program: Program) -> list:
+        """``(value name, its load line)`` per param of ``program``."""
+        out = []
         for name, val in program.params.items():
             var = self.rule.var(name)
-            e(self._load(val.id, f"p_par_{name} + i_h * {_numel(var.dims, self.sizes)}", var.dims))
+            out.append((val.id, self._load(val.id, f"p_par_{name} + i_h * {_numel(var.dims, self.sizes)}",
+                                           var.dims)))
+        return out
+
+    def load_params(self, e: _Emitter, program: Program):
+        for _, line in self.param_loads(program):
+            e(line)
+
+    def with_param_loads(self, lines: list, program: Program) -> list:
+        """``lines`` with each param loaded again just before every line that uses it: a
+        streamed param (an LSTM's R[D, D]) is live only while one product with it is formed,
+        not beside the others nor from the forward's recomputation to the backward's use."""
+        loads = self.param_loads(program)
+        out = []
+        for line in lines:
+            out += [load for name, load in loads if re.search(rf"\b{name}\b", line)]
+            out.append(line)
+        return out
 
     def state_base(self, kind, name, extra=""):
         var = self.rule.var(name)
@@ -251,10 +276,8 @@ class _RecurrentGenerator:
         e("    if t % CKPT == 0:")
         for s in rule.states:
             e("        " + self._store(self.ckpt_base(s.name, "t // CKPT"), s.dims, prog.states_in[s.name].id))
-        if not hold:
-            self.load_params(e, prog)
         self.load_token(e, prog)
-        e.block(self.emit(prog.ops))
+        e.block(self.emit(prog.ops) if hold else self.with_param_loads(self.emit(prog.ops), prog))
         for o in rule.outputs:
             e(self._store(self.token_base("out", o.name, o.dims), o.dims, prog.outputs[o.name].id,
                           f".to(p_out_{o.name}.dtype.element_ty)"))
@@ -324,11 +347,10 @@ class _RecurrentGenerator:
         e("tok = bos + t")
         for s in rule.states:
             e(self.scratch(s, "t - start", fwd.states_in[s.name].id))
-        if reload:
-            self.load_params(e, fwd)
         self.load_token(e, recompute)
         self.load_residuals(e, plan.recompute)
-        e.block(self.emit(plan.recompute, prefix="r"))
+        lines = self.emit(plan.recompute, prefix="r")
+        e.block(self.with_param_loads(lines, fwd) if reload else lines)
         for s in rule.states:
             e(f"{fwd.states_in[s.name].id} = {self.keep_padding_zero(s.name, fwd.states_out[s.name].id)}")
         e.depth = 2
@@ -341,15 +363,16 @@ class _RecurrentGenerator:
         for s in rule.states:
             if s.name in prog.states_in:
                 e(self.scratch(s, "t - start", prog.states_in[s.name].id, load=True))
-        if reload:
-            self.load_params(e, fwd)
         self.load_token(e, prog)
         self.load_residuals(e, plan.ops)
         for op in plan.ops:
             if isinstance(op, Source) and op.kind == "grad_output":
                 dims = rule.var(op.name).dims
                 e(self._load(op.out.id, self.token_base("do", op.name, dims), dims))
-        e.block(self.emit(plan.ops, prefix="b"))
+        lines = self.emit(plan.ops, prefix="b")
+        if not self.sums_held:
+            lines = self.with_param_sums(lines)
+        e.block(self.with_param_loads(lines, fwd) if reload else lines)
         self.store_input_gradients(e, prog)
         self.accumulate_param_gradients(e)
         # carry the state gradient to the previous token, a share where it is one
@@ -393,16 +416,37 @@ class _RecurrentGenerator:
         for name in self.adjoint.program.params:  # every one is stored, zero if no gradient
             e(f"acc_{name} = {self.zeros(self.rule.var(name).dims)}")
 
-    def accumulate_param_gradients(self, e: _Emitter):
+    def param_gradient_lines(self) -> list:
+        """``(gradient value name, the line adding this token's share to its sum)`` per param
+        with a gradient."""
+        out = []
         for name, grad in self.adjoint.grad_params.items():
             if grad is None:
                 continue
             dims = self.rule.var(name).dims
             share = self.whole_or_share(grad, dims)
-            if self.sums_held:
-                e(f"acc_{name} += {share}")
-            else:
-                e(self._accumulate(self._partial_base("dpar", name, dims), dims, share))
+            line = (f"acc_{name} += {share}" if self.sums_held
+                    else self._accumulate(self._partial_base("dpar", name, dims), dims, share))
+            out.append((grad.id, line))
+        return out
+
+    def accumulate_param_gradients(self, e: _Emitter):
+        if self.sums_held:  # else each is summed as soon as it is formed (with_param_sums)
+            for _, line in self.param_gradient_lines():
+                e(line)
+
+    def with_param_sums(self, lines: list) -> list:
+        """``lines`` with each param gradient's share added to its sum in memory right after
+        the line that forms it: one ``[D, D]`` share live at a time, not one per param."""
+        pending = dict(self.param_gradient_lines())
+        out = []
+        for line in lines:
+            out.append(line)
+            target = line.split(" = ", 1)[0].strip()
+            if target in pending:
+                out.append(pending.pop(target))
+        assert not pending, f"param gradients never formed: {sorted(pending)}"
+        return out
 
     def store_param_gradients(self, e: _Emitter):
         if not self.sums_held:
@@ -491,8 +535,8 @@ class _RecurrentGenerator:
         return KernelSpec(
             rule_name=rule.name, source=source, dim_sizes=self.sizes,
             forward_tiles=dict(self.forward_tiling.tiles), backward_tiles=dict(plan.tiling.tiles),
-            num_warps=launch_widths(self.held_elements(self.forward_tiling, sums=False))[0],
-            backward_num_warps=launch_widths(self.held_elements(plan.tiling, sums=self.sums_held))[1],
+            num_warps=self.launch_width(self.forward_tiling, backward=False),
+            backward_num_warps=self.launch_width(plan.tiling, backward=True),
             forward_programs=self.forward_tiling.programs, backward_programs=plan.tiling.programs,
             gradient_whole={v.name: plan.tiling.covers(v.dims) for v in rule.inputs + rule.params + rule.states},
             scratch_numel={s.name: math.prod(self.block_sizes(plan.tiling)[d] for d in s.dims) for s in rule.states},
@@ -507,6 +551,10 @@ class _RecurrentGenerator:
 # Elements a program may hold in registers: launch_widths' widest launches (16 warps of 32
 # elements a thread forward, 32 warps of 16 backward).
 HELD_ELEMENTS = 16 * 32 * 32
+# num_warps of kernels that stream their params. Measured (recdsl compile --report, an LSTM
+# with four R[D, D]): at 8 warps 0 spills at D = 64 and 128 on sm_80 and sm_90 (127-248
+# registers); at 32 warps the backward spilled 0.5-0.7 KB.
+STREAMING_WARPS = 8
 
 
 def launch_widths(state_elements: int) -> tuple:
