@@ -107,17 +107,17 @@ def problem(rule):
     return f"rule '{rule.name}' has no Newton form: {verdict.reason}{where}"
 
 
-# "auto" picks newton on the CPU for training calls (some tensor needs a gradient) from this
-# many tokens per sequence, for a diagonal Jacobian or blocks (or a dense J) up to
+# "auto" picks newton on the CPU for calls (training or not: the forward there is the
+# sequential pass, no iterations) from this many tokens per sequence, for a diagonal Jacobian or blocks (or a dense J) up to
 # AUTO_MAX_WIDTH wide. Measured (benchmarks/bench_newton.py, B=2 H=4 D=64, forward+backward,
 # the CPU's sequential forward): ParaGRU 3x the naive loop at T = 16, 3x at 64, 5x at 256;
 # ParaLSTM (2 x 2 blocks) 3x at 16, 4.6x at 64, 4.9x at 256; the dense LSTM (2D = 128) 1.2x
 # at 16, 1.9x at 64, 3.8x at 256; sLSTM (a dense 4D = 256 wide J, bench_newton.py --slstm)
 # 1.1x at 16, 1.2x at 64 and 256, 2.5x at 1024. Wider dense Jacobians are unmeasured (J is
 # k^2 per token).
-# Forward alone measured faster too (2-4x from T = 16, the same sequential pass without the
-# loop's autograd bookkeeping) but once, on a loaded machine: "auto" keeps the naive loop for
-# inference and decoding until a benchmark settles it.
+# Forward alone (no gradient) 2-3.5x: ParaGRU 3.3x at 256, 3.3x at 1024; the dense LSTM 2.1x
+# at 256 and at 4096 (the generated step without the loop's per-op dispatch). Decoding (one
+# token) keeps the loop.
 AUTO_MIN_TOKENS = 16
 AUTO_MAX_WIDTH = 256
 # The same threshold on CUDA (solves in Triton, recdsl.codegen.newton_kernels), against the
@@ -130,9 +130,10 @@ def pays_off(rule, call) -> bool:
     least = {"cpu": AUTO_MIN_TOKENS, "cuda": AUTO_MIN_TOKENS_CUDA}.get(call.device.type)
     if least is None:
         return False
-    tensors = list(call.tensors.values()) + list(call.initial.values())
-    if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
-        return False
+    if call.device.type not in SEQUENTIAL_DEVICES:  # Newton iterations: only where trained
+        tensors = list(call.tensors.values()) + list(call.initial.values())
+        if not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+            return False
     if max(b - a for a, b in call.segments()) < least:
         return False
     plan = _plan(rule, call.dim_sizes)

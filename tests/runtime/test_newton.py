@@ -371,20 +371,25 @@ def test_newton_serves_the_rules_without_a_parallel_form():
     assert recdsl.compile(LSTM).backends()[:1] == ["newton"]
 
 
-def test_auto_takes_newton_for_long_training_calls(rules, monkeypatch):
-    """Measured (benchmarks/bench_newton.py): newton pays off for forward+backward from about
-    16 tokens, diagonal, 2 x 2 blocks and a dense 2D x 2D Jacobian (D = 64); not wider."""
+def test_auto_takes_newton_from_16_tokens(rules, monkeypatch):
+    """Measured (benchmarks/bench_newton.py): newton pays off from about 16 tokens, diagonal,
+    2 x 2 blocks and dense Jacobians up to 256 wide, for forward+backward and (the CPU's
+    sequential pass) for the forward alone."""
     def pick(name, T, grad=True):
         rule = rules[name]
         tensors, _ = _args(rule, name, T, batch=1, heads=1, init=False)
         tensors = {k: v.float().requires_grad_(grad) for k, v in tensors.items()}
         return backends._auto(rule, rule.bind(**tensors))
     long = newton.AUTO_MIN_TOKENS
+    monkeypatch.setattr(newton, "SEQUENTIAL_DEVICES", ("cpu",))  # the default (see the fixture)
     assert pick("para_gru", long) == "newton" and pick("para_lstm", long) == "newton"
     assert pick("lstm", long) == "newton"  # dense: the sequential pass, J only backward
     assert pick("slstm", long) == "newton"  # dense and 4D wide: measured faster too
     assert pick("para_gru", long - 1) == "naive"  # short: the loop (and decoding)
-    assert pick("para_gru", long, grad=False) == "naive"  # inference keeps the loop
+    assert pick("para_gru", long, grad=False) == "newton"  # inference: the sequential pass
+    monkeypatch.setattr(newton, "SEQUENTIAL_DEVICES", ())
+    assert pick("para_gru", long, grad=False) == "naive"  # Newton iterations: training only
+    assert pick("para_gru", long) == "newton"
     monkeypatch.setattr(newton, "AUTO_MAX_WIDTH", 2 * SIZES["D"] - 1)
     assert pick("lstm", long) == "naive"  # wider than measured
 
