@@ -327,3 +327,43 @@ def test_lru_with_cos_and_sin_matches_the_complex_loop(T):
     assert_matches_naive(rule, x, (hr0, hi0), backend="newton")
     if T == 37:  # the fused kernel prints cos, sin and their derivatives (interpreted)
         assert_matches_naive(rule, x, (hr0, hi0), backend="recurrent")
+
+
+COUPLED = {
+    # LinOSS-IMEX (Rusch and Rus 2025): velocity z, then position y from the new z
+    "linoss": """rule linoss
+dims D
+state z[D], y[D]
+input u[D], dt[D]
+param A[D]
+let s = sigmoid(dt)
+z = z - s * softplus(A) * y + s * u
+y = y + s * z
+output o = y
+""",
+    # GateLoop (Katsch 2023): a complex per-channel gate on a [K, V] state, real and imaginary
+    "gateloop": """rule gateloop
+dims K, V
+state Sr[K, V], Si[K, V]
+input q[K], k[K], v[V], ar[K], th[K]
+let a = exp(logsigmoid(ar))
+let nr = diag(a * cos(th)) @ Sr - diag(a * sin(th)) @ Si + outer(k, v)
+let ni = diag(a * sin(th)) @ Sr + diag(a * cos(th)) @ Si
+Sr = nr
+Si = ni
+output o = q @ Sr
+""",
+}
+
+
+@pytest.mark.parametrize("T", [1, 37])
+@pytest.mark.parametrize("name", sorted(COUPLED))
+def test_coupled_affine_rules_run_on_newton(name, T):
+    """Coupled affine states: 2 x 2 blocks per channel, newton first on the CPU, matching the
+    naive loop (outputs, final states, every gradient)."""
+    rule = recdsl.compile(COUPLED[name])
+    assert rule.backends()[0] == "newton"
+    assert rule.family_info.verdicts["newton"].reason.startswith(
+        "Jacobian block-diagonal: one 2 x 2 block per channel")
+    x, init = _inputs(rule, T)
+    assert_matches_naive(rule, x, init, backend="newton")
