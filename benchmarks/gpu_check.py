@@ -18,6 +18,11 @@
     chunk_kda, chunk_rwkv7);
 (c) a markdown report (--out).
 
+The newton backend (rules without a parallel form: bench_newton.py's ParaGRU, ParaLSTM and
+LSTM with dense R) is in both: checked like the examples in float32 (its Triton solves have
+never run on a GPU), and timed fwd and fwd+bwd at bench_newton.py's B=2 H=4 D=64, T=4096,
+float32, against the fused recurrent kernel (what ``newton.AUTO_MIN_TOKENS_CUDA`` waits for).
+
     python benchmarks/gpu_check.py --out gpu_report.md            # on a CUDA machine
     python benchmarks/gpu_check.py --dry-run                      # anywhere: imports and plan
 
@@ -38,6 +43,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import recdsl  # noqa: E402
 from recdsl.bench import run_once, timed  # noqa: E402
@@ -58,10 +64,19 @@ TIMED_BACKENDS = ("chunk", "scan", "recurrent")
 POLICY_RULES = ("gated_delta", "gla")
 POLICIES = tuple(p for p in PRECISIONS if p not in ("auto", "mixed"))
 FLA_KERNELS = ("chunk_gated_delta_rule", "chunk_gla", "chunk_simple_gla", "chunk_kda", "chunk_rwkv7")
+# the newton cells: checked (float32, the same shapes) and timed against the fused kernel
+NEWTON_BACKENDS = ("newton", "recurrent")
+NEWTON_T = 4096
 
 
 def example_rules():
     return {p.stem: p for p in sorted((ROOT / "examples").glob("*.rec"))}
+
+
+def newton_cells():
+    """bench_newton.py's cells: name -> compiled rule (no parallel form: newton or the loop)."""
+    from bench_newton import CELLS
+    return {text.split()[1]: recdsl.compile(text) for _, text, _ in CELLS}
 
 
 def load(path):
@@ -89,6 +104,10 @@ def plan():
         if name in rules and "chunk" in load(rules[name]).backends("cuda"):
             timings += [(name, f"chunk@{p}") for p in POLICIES]
     timings += [("fla", k) for k in FLA_KERNELS]
+    for name in newton_cells():
+        for backend in NEWTON_BACKENDS:
+            checks.append((name, backend, "float32", "shapes as above"))
+            timings.append((f"newton-cell {name}", backend))
     return checks, timings
 
 
@@ -98,15 +117,16 @@ def plan():
 def correctness(deadline, log):
     """rows: (rule, backend, dtype, cases, failed, worst quantity, worst x ref, shape)."""
     rows, skipped = [], []
-    for name, path in example_rules().items():
-        rule = load(path)
-        backends = [b for b in rule.backends("cuda") if b in PARALLEL]
+    work = [(name, load(path), [b for b in load(path).backends("cuda") if b in PARALLEL], list(DTYPES))
+            for name, path in example_rules().items()]
+    work += [(name, rule, list(NEWTON_BACKENDS), ["float32"]) for name, rule in newton_cells().items()]
+    for name, rule, backends, dtypes in work:
         if time.perf_counter() > deadline:
             skipped.append(name)
             continue
         start = time.perf_counter()
         try:
-            report = run_autotest(rule, backends=backends, shapes=SHAPES, dtypes=list(DTYPES),
+            report = run_autotest(rule, backends=backends, shapes=SHAPES, dtypes=dtypes,
                                   device="cuda", progress=None)
         except Exception as err:  # noqa: BLE001 - a crash is a result
             rows.append((name, ",".join(backends), "-", 0, 1, f"crashed: {type(err).__name__}: "
@@ -195,6 +215,15 @@ def time_recdsl(name, backend):
     return {bw: timed({"f": run_once(fn, x, bw)}, 3, 30.0)["f"][0] for bw in (False, True)}
 
 
+def time_newton_cell(name, backend):
+    """A newton cell at bench_newton.py's shape, float32, T = NEWTON_T."""
+    from bench_newton import inputs_for
+    rule = newton_cells()[name]
+    x = {k: v.cuda() for k, v in inputs_for(rule, NEWTON_T).items()}
+    fn = lambda a: rule(**a, backend=backend)[0]  # noqa: E731
+    return {bw: timed({"f": run_once(fn, x, bw)}, 3, 30.0)["f"][0] for bw in (False, True)}
+
+
 def fla_inputs(kernel):
     """fn(inputs) and inputs of one fla Triton kernel at the timing shape, bfloat16."""
     import fla.ops as ops  # noqa: F401 - fails here when fla is missing
@@ -239,8 +268,11 @@ def timings(items, deadline, log):
             continue
         start = time.perf_counter()
         try:
-            t = time_fla(what) if who == "fla" else time_recdsl(who, what)
-            rows.append((who, what, t[False], t[True], ""))
+            t = (time_fla(what) if who == "fla" else time_newton_cell(who.split()[1], what)
+                 if who.startswith("newton-cell") else time_recdsl(who, what))
+            note = (f"B=2 H=4 D=64 T={NEWTON_T} float32 (bench_newton.py's cell)"
+                    if who.startswith("newton-cell") else "")
+            rows.append((who, what, t[False], t[True], note))
         except ImportError as err:
             rows.append((who, what, None, None, f"not installed ({err.name})"))
         except Exception as err:  # noqa: BLE001
